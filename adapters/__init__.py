@@ -1,0 +1,1 @@
+"""reflora.adapters"""

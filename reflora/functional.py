@@ -1,0 +1,495 @@
+r"""The pure functional core of RefLoRA (Zhang, Li, Giannakis, arXiv 2505.18877).
+
+Layout (PEFT / loralib): ``A`` is ``(..., r, m)`` (``lora_A.weight``), ``B`` is ``(..., n, r)``
+(``lora_B.weight``), the adapted weight is ``W = W0 + s * B @ A``. Every function takes arbitrary
+leading batch dimensions (broadcast between ``A`` and ``B``), never mutates its inputs, has no
+``.item()`` and no Python branch on tensor values, and therefore runs under
+``torch.func.vmap`` and ``torch.compile(fullgraph=True)``.
+
+The factorization ``(A, B)`` of ``B @ A`` is not unique: for any invertible ``P`` (r x r),
+``(P^T A, B P^{-T})`` gives the same product, but a gradient step from it changes ``W`` through
+the metric ``S = P P^T``. RefLoRA picks the ``S`` that balances the factors::
+
+    X = A A^T,  Y = B^T B,  S X S = Y  =>  S = X^{-1} # Y   (matrix geometric mean)
+
+computed as in the paper (two r x r symmetric eigendecompositions)::
+
+    eigh(A A^T)  = V_A diag(a^2) V_A^T
+    M            = B V_A diag(a)                    (n x r)
+    eigh(M^T M)  = V_M diag(sigma^2) V_M^T          (sigma: singular values of B A)
+    P            = V_A diag(1/a) V_M diag(sigma^{1/2})
+    P^{-T}       = V_A diag(a)   V_M diag(sigma^{-1/2})
+
+Numerics, and where this implementation deviates from the paper's formulas (stated once here,
+repeated in the README):
+
+* **Compute dtype.** float64 inputs are computed in float64; float32, bfloat16 and float16 in
+  float32 (``eigh`` has no half kernels). Results are cast back to the input dtype.
+* **eps.** Both eigenvalue spectra (``a^2`` and ``sigma^2``) are floored at
+  ``eps * lambda_max`` of their own matrix (default ``eps = 64 * machine_eps`` of the compute
+  dtype) before any inverse or root is taken; eigenvalues are first clamped at zero because
+  round-off makes them slightly negative. ``P`` and ``P^{-T}`` are built from the *same* floored
+  values, so they are exact inverses of each other and ``B' A' = B A`` holds to round-off even
+  when ``A`` or ``B A`` is rank deficient (``r > m``, ``r > n``, near-singular factors); only the
+  balance of the floored directions is approximate, at the level of the floor.
+* **Zero product (PEFT's init, B = 0).** The paper's ``S`` is then 0 (B would never move) and
+  ``S^{-1}`` is infinite. A pair is *degenerate* when ``A == 0`` or
+  ``sigma_max^2 <= eps * ||A||_2^2 * ||B||_F^2`` (its product is zero relative to its factors).
+  A degenerate pair gets ``P = I``: :func:`refactor` returns it unchanged and :func:`precondition`
+  returns its gradients unchanged (a plain LoRA step), so training starts from ``B = 0`` with no
+  warmup and no re-initialisation. The scalar variant does the same when ``A == 0`` or ``B == 0``.
+* **Non-finite input.** A pair holding NaN/Inf gets NaN outputs; the other pairs of the batch
+  are computed as usual (bad matrices are replaced before ``eigh``, which could otherwise raise).
+
+These functions are not meant to be differentiated through.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from reflora._linalg import compute_dtype, default_eps, floored_eigh
+
+__all__ = [
+    "Refactored",
+    "RefactoredWithGrads",
+    "Transform",
+    "apply_transform",
+    "map_first_moments",
+    "map_second_moments",
+    "precondition",
+    "preconditioner",
+    "refactor",
+    "refactor_transform",
+]
+
+Variant = Literal["full", "scalar"]
+SecondMomentRule = Literal["square", "keep", "reset"]
+_VARIANTS = ("full", "scalar")
+_SECOND_MOMENT_RULES = ("square", "keep", "reset")
+
+
+class Transform(NamedTuple):
+    r"""A refactoring ``(A, B) -> (left @ A, B @ right)``, with ``left = P^T``, ``right = P^{-T}``.
+
+    For ``variant="full"`` both are ``(..., r, r)``; for ``variant="scalar"`` both are
+    ``(..., 1, 1)`` (``left = p``, ``right = 1 / p``). They are in the compute dtype (float32, or
+    float64 for float64 inputs). Because ``left @ right^T = I``, ``B' A' = B A``.
+    """
+
+    left: Tensor
+    right: Tensor
+
+
+class Refactored(NamedTuple):
+    """The refactored pair ``(A', B')`` returned by :func:`refactor` when no gradients are given."""
+
+    A: Tensor
+    B: Tensor
+
+
+class RefactoredWithGrads(NamedTuple):
+    """``(A', B', grad_A', grad_B')``: the refactored pair and its gradients in the new coordinates."""
+
+    A: Tensor
+    B: Tensor
+    grad_A: Tensor
+    grad_B: Tensor
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; expected a real floating dtype "
+            "(float16, bfloat16, float32 or float64)"
+        )
+    return t
+
+
+def _broadcast_batch(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x = a[-i] if i <= len(a) else 1
+        y = b[-i] if i <= len(b) else 1
+        if x != y and x != 1 and y != 1:
+            return None
+        out.append(x if y == 1 else y)
+    return tuple(reversed(out))
+
+
+def _check_pair(A: object, B: object) -> tuple[Tensor, Tensor]:
+    A = _check_tensor("A", A)
+    B = _check_tensor("B", B)
+    if A.dim() < 2:
+        raise ValueError(
+            f"A must have at least 2 dimensions (..., r, m); got shape {_shape(A)}"
+        )
+    if B.dim() < 2:
+        raise ValueError(
+            f"B must have at least 2 dimensions (..., n, r); got shape {_shape(B)}"
+        )
+    if A.shape[-2] != B.shape[-1]:
+        raise ValueError(
+            f"A has rank {A.shape[-2]} (shape {_shape(A)}) but B has rank {B.shape[-1]} "
+            f"(shape {_shape(B)}); expected A of shape (..., r, m) and B of shape (..., n, r)"
+        )
+    if A.dtype != B.dtype:
+        raise TypeError(
+            f"A has dtype {A.dtype} but B has dtype {B.dtype}; cast both to one dtype"
+        )
+    if A.device != B.device:
+        raise ValueError(
+            f"A is on {A.device} but B is on {B.device}; move both to one device"
+        )
+    if _broadcast_batch(_shape(A)[:-2], _shape(B)[:-2]) is None:
+        raise ValueError(
+            f"batch shapes of A {_shape(A)[:-2]} and B {_shape(B)[:-2]} do not broadcast "
+            f"(A has shape {_shape(A)}, B has shape {_shape(B)})"
+        )
+    return A, B
+
+
+def _check_grads(A: Tensor, B: Tensor, grad_A: object, grad_B: object) -> tuple[Tensor, Tensor]:
+    grad_A = _check_tensor("grad_A", grad_A)
+    grad_B = _check_tensor("grad_B", grad_B)
+    for name, g, p in (("grad_A", grad_A, A), ("grad_B", grad_B, B)):
+        if g.shape != p.shape:
+            raise ValueError(
+                f"{name} has shape {_shape(g)} but {name[-1]} has shape {_shape(p)}; "
+                "a gradient must have the shape of its factor"
+            )
+        if g.device != p.device:
+            raise ValueError(f"{name} is on {g.device} but {name[-1]} is on {p.device}")
+    return grad_A, grad_B
+
+
+def _check_variant(variant: object) -> str:
+    if variant not in _VARIANTS:
+        raise ValueError(f"variant must be one of {_VARIANTS}; got {variant!r}")
+    return variant  # type: ignore[return-value]
+
+
+def _check_eps(eps: object, dtype: torch.dtype) -> float:
+    if eps is None:
+        return default_eps(dtype)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float or None; got {type(eps).__name__}")
+    if not (0.0 <= float(eps) < 1.0):
+        raise ValueError(f"eps must be in [0, 1); got {eps!r}")
+    return float(eps)
+
+
+def _check_transform(transform: object) -> Transform:
+    if not (isinstance(transform, tuple) and len(transform) == 2):
+        raise TypeError(
+            "transform must be a Transform(left, right) as returned by refactor_transform; "
+            f"got {type(transform).__name__}"
+        )
+    left, right = transform
+    for name, t in (("transform.left", left), ("transform.right", right)):
+        _check_tensor(name, t)
+        if t.dim() < 2 or t.shape[-1] != t.shape[-2]:
+            raise ValueError(f"{name} must be (..., r, r) or (..., 1, 1); got shape {_shape(t)}")
+    return Transform(left, right)
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def _finite_pair(A: Tensor, B: Tensor) -> Tensor:
+    """Per-pair mask ``(..., 1, 1)``: True where both factors are finite."""
+    fa = torch.isfinite(A).flatten(-2).all(-1)
+    fb = torch.isfinite(B).flatten(-2).all(-1)
+    return (fa & fb)[..., None, None]
+
+
+def _full_transform(A: Tensor, B: Tensor, eps: float) -> Transform:
+    cd = compute_dtype(A.dtype)
+    Ac, Bc = A.to(cd), B.to(cd)
+    finite = _finite_pair(Ac, Bc)
+    # Non-finite pairs are zeroed here (so no NaN reaches eigh) and set to NaN at the end.
+    Ac = torch.where(finite, Ac, 0.0)
+    Bc = torch.where(finite, Bc, 0.0)
+
+    lam_a, lam_a_floored, V_a = floored_eigh(Ac @ Ac.mT, eps)
+    a = lam_a_floored.sqrt()
+    M = Bc @ (V_a * a[..., None, :])
+    lam_m, lam_m_floored, V_m = floored_eigh(M.mT @ M, eps)
+    sigma = lam_m_floored.sqrt()
+    root = sigma.sqrt()
+
+    # left = P^T = diag(sigma^1/2) V_M^T diag(1/a) V_A^T ; right = P^-T = V_A diag(a) V_M diag(sigma^-1/2)
+    left = root[..., :, None] * (V_m.mT @ (V_a / a[..., None, :]).mT)
+    right = ((V_a * a[..., None, :]) @ V_m) / root[..., None, :]
+
+    tiny = torch.finfo(cd).tiny
+    lam_a_max = lam_a.amax(-1)
+    b_sq = (Bc * Bc).sum((-2, -1))
+    degenerate = (lam_a_max <= tiny) | (lam_m.amax(-1) <= eps * lam_a_max * b_sq)
+    degenerate = degenerate[..., None, None]
+    eye = torch.eye(A.shape[-2], dtype=cd, device=A.device)
+    left = torch.where(degenerate, eye, left)
+    right = torch.where(degenerate, eye, right)
+    nan = torch.full((), float("nan"), dtype=cd, device=A.device)
+    return Transform(torch.where(finite, left, nan), torch.where(finite, right, nan))
+
+
+def _scalar_transform(A: Tensor, B: Tensor) -> Transform:
+    cd = compute_dtype(A.dtype)
+    Ac, Bc = A.to(cd), B.to(cd)
+    finite = _finite_pair(Ac, Bc)
+    na = torch.linalg.vector_norm(Ac, dim=(-2, -1), keepdim=True)
+    nb = torch.linalg.vector_norm(Bc, dim=(-2, -1), keepdim=True)
+    # p = sqrt(||B|| / ||A||), taken as a ratio of square roots so that it cannot overflow.
+    p = nb.sqrt() / na.sqrt()
+    p = torch.where((na > 0) & (nb > 0), p, 1.0)
+    p = torch.where(finite, p, float("nan"))
+    return Transform(p, 1.0 / p)
+
+
+def _matmul_left(T: Tensor, X: Tensor) -> Tensor:
+    """``T @ X`` where ``T`` is ``(..., r, r)`` or a ``(..., 1, 1)`` scalar."""
+    return T * X if T.shape[-1] == 1 else T @ X
+
+
+def _matmul_right(X: Tensor, T: Tensor) -> Tensor:
+    """``X @ T`` where ``T`` is ``(..., r, r)`` or a ``(..., 1, 1)`` scalar."""
+    return X * T if T.shape[-1] == 1 else X @ T
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def refactor_transform(
+    A: Tensor, B: Tensor, *, variant: Variant = "full", eps: float | None = None
+) -> Transform:
+    r"""Compute the optimal refactoring of ``(A, B)`` without applying it.
+
+    .. code-block:: text
+
+        full:   left = P^T,  right = P^{-T},  P = V_A diag(1/a) V_M diag(sigma^{1/2})
+        scalar: left = p,    right = 1/p,     p = sqrt(||B||_F / ||A||_F)
+
+    Args:
+        A: ``(..., r, m)`` down-projection factor.
+        B: ``(..., n, r)`` up-projection factor; batch dimensions broadcast with ``A``'s.
+        variant: ``"full"`` (RefLoRA) or ``"scalar"`` (RefLoRA-S).
+        eps: relative eigenvalue floor (full variant only); ``None`` picks
+            ``64 * machine_eps`` of the compute dtype. See the module docstring.
+
+    Returns:
+        A :class:`Transform` in the compute dtype (float32, or float64 for float64 input).
+
+    Example:
+        >>> import torch
+        >>> from reflora.functional import refactor_transform, apply_transform
+        >>> A, B = torch.randn(4, 32), torch.randn(16, 4)
+        >>> T = refactor_transform(A, B)
+        >>> A2, B2 = apply_transform(T, A, B)
+        >>> torch.allclose(B2 @ A2, B @ A, atol=1e-4)
+        True
+
+    Reference: arXiv 2505.18877, Theorem 1 (optimal refactoring) and Sec. 4 (RefLoRA-S).
+    """
+    A, B = _check_pair(A, B)
+    variant = _check_variant(variant)
+    eps_ = _check_eps(eps, A.dtype)
+    if variant == "scalar":
+        return _scalar_transform(A, B)
+    return _full_transform(A, B, eps_)
+
+
+def apply_transform(transform: Transform, A: Tensor, B: Tensor) -> Refactored:
+    """Apply a :class:`Transform`: ``(left @ A, B @ right)``, cast back to the factors' dtype."""
+    left, right = _check_transform(transform)
+    A, B = _check_pair(A, B)
+    cd = left.dtype
+    A2 = _matmul_left(left, A.to(cd)).to(A.dtype)
+    B2 = _matmul_right(B.to(cd), right).to(B.dtype)
+    return Refactored(A2, B2)
+
+
+def map_first_moments(transform: Transform, m_A: Tensor, m_B: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Map gradients or first moments (covectors) into the refactored coordinates.
+
+    .. code-block:: text
+
+        A' = P^T A,  B' = B P^{-T}   =>   dL/dA' = P^{-1} dL/dA,   dL/dB' = dL/dB P
+
+    Exact for any ``P``: a first moment is a linear combination of past gradients. Returns
+    tensors in the dtype of ``m_A`` / ``m_B``.
+    """
+    left, right = _check_transform(transform)
+    for name, t in (("m_A", m_A), ("m_B", m_B)):
+        _check_tensor(name, t)
+    cd = left.dtype
+    mA = _matmul_left(right.mT, m_A.to(cd)).to(m_A.dtype)
+    mB = _matmul_right(m_B.to(cd), left.mT).to(m_B.dtype)
+    return mA, mB
+
+
+def map_second_moments(
+    transform: Transform, v_A: Tensor, v_B: Tensor, *, rule: SecondMomentRule = "square"
+) -> tuple[Tensor, Tensor]:
+    r"""Map element-wise second moments (Adam's ``exp_avg_sq``) into the refactored coordinates.
+
+    There is no exact map for a non-diagonal ``P``: ``E[(P^{-1} g)^2]`` needs the cross moments
+    ``E[g_i g_j]`` that Adam does not keep. Rules:
+
+    .. code-block:: text
+
+        "square": v_A' = (P^{-1})^{o2} v_A,  v_B' = v_B P^{o2}   (o2: element-wise square)
+        "keep":   unchanged
+        "reset":  zeros
+
+    ``"square"`` drops the cross moments (treats coordinates as uncorrelated). It keeps
+    ``v >= 0`` and is **exact** whenever ``P`` is diagonal, in particular for the scalar variant
+    (``v_A / p^2``, ``v_B * p^2``).
+    """
+    left, right = _check_transform(transform)
+    for name, t in (("v_A", v_A), ("v_B", v_B)):
+        _check_tensor(name, t)
+    if rule not in _SECOND_MOMENT_RULES:
+        raise ValueError(f"rule must be one of {_SECOND_MOMENT_RULES}; got {rule!r}")
+    if rule == "keep":
+        return v_A.clone(), v_B.clone()
+    if rule == "reset":
+        return torch.zeros_like(v_A), torch.zeros_like(v_B)
+    cd = left.dtype
+    vA = _matmul_left(right.mT.square(), v_A.to(cd)).to(v_A.dtype)
+    vB = _matmul_right(v_B.to(cd), left.mT.square()).to(v_B.dtype)
+    return vA, vB
+
+
+def refactor(
+    A: Tensor,
+    B: Tensor,
+    grads: tuple[Tensor, Tensor] | None = None,
+    *,
+    variant: Variant = "full",
+    eps: float | None = None,
+) -> Refactored | RefactoredWithGrads:
+    r"""Replace ``(A, B)`` by its optimal (balanced) factorization of the same product.
+
+    .. code-block:: text
+
+        A' = P^T A,   B' = B P^{-T},   B' A' = B A
+        full:   A' A'^T = B'^T B' = diag(sigma),  ||A'||_F^2 + ||B'||_F^2 = 2 ||B A||_*
+        scalar: P = p I,  ||A'||_F = ||B'||_F
+
+    Args:
+        A: ``(..., r, m)`` factor (``lora_A.weight``).
+        B: ``(..., n, r)`` factor (``lora_B.weight``); batch dimensions broadcast with ``A``'s.
+        grads: optional ``(grad_A, grad_B)``, shaped like ``A`` and ``B``. When given they are
+            mapped into the new coordinates (``P^{-1} grad_A``, ``grad_B P``).
+        variant: ``"full"`` (RefLoRA) or ``"scalar"`` (RefLoRA-S).
+        eps: relative eigenvalue floor, see the module docstring.
+
+    Returns:
+        ``Refactored(A', B')`` (a 2-tuple) without ``grads``;
+        ``RefactoredWithGrads(A', B', grad_A', grad_B')`` (a 4-tuple) with them. ``out[0]`` and
+        ``out[1]`` are always ``A'`` and ``B'``. Dtypes are preserved; the batch shape is the
+        broadcast of ``A``'s and ``B``'s. A degenerate pair (zero product, e.g. ``B = 0``) is
+        returned unchanged; a pair holding NaN/Inf comes back as NaN.
+
+    Example:
+        >>> import torch
+        >>> from reflora.functional import refactor
+        >>> A, B = 10 * torch.randn(8, 64), 0.01 * torch.randn(32, 8)
+        >>> A2, B2 = refactor(A, B)
+        >>> torch.allclose(A2 @ A2.T, B2.T @ B2, atol=1e-4)
+        True
+
+    Reference: arXiv 2505.18877, Theorem 1.
+    """
+    A, B = _check_pair(A, B)
+    if grads is not None:
+        if not (isinstance(grads, (tuple, list)) and len(grads) == 2):
+            raise TypeError(
+                f"grads must be a (grad_A, grad_B) tuple or None; got {type(grads).__name__}"
+            )
+        gA, gB = _check_grads(A, B, grads[0], grads[1])
+    T = refactor_transform(A, B, variant=variant, eps=eps)
+    A2, B2 = apply_transform(T, A, B)
+    if grads is None:
+        return Refactored(A2, B2)
+    gA2, gB2 = map_first_moments(T, gA, gB)
+    return RefactoredWithGrads(A2, B2, gA2, gB2)
+
+
+def preconditioner(
+    A: Tensor, B: Tensor, *, variant: Variant = "full", eps: float | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""The metric ``S = P P^T`` and its inverse, in the compute dtype.
+
+    ``S`` is the symmetric positive definite solution of ``S (A A^T) S = B^T B`` (the matrix
+    geometric mean ``(A A^T)^{-1} # (B^T B)``); ``S = I`` for an already balanced pair and for a
+    degenerate one (see the module docstring). For ``variant="scalar"`` both are ``(..., 1, 1)``:
+    ``(p^2, 1 / p^2)``.
+    """
+    left, right = refactor_transform(A, B, variant=variant, eps=eps)
+    if variant == "scalar":
+        return left.square(), right.square()
+    return left.mT @ left, right @ right.mT
+
+
+def precondition(
+    A: Tensor,
+    B: Tensor,
+    grad_A: Tensor,
+    grad_B: Tensor,
+    *,
+    variant: Variant = "full",
+    eps: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""The gradient-space form of RefLoRA: precondition the factor gradients.
+
+    .. code-block:: text
+
+        full:   grad_A' = S^{-1} grad_A,   grad_B' = grad_B S,   S = (A A^T)^{-1} # (B^T B)
+        scalar: grad_A' = grad_A / p^2,    grad_B' = grad_B p^2, p^2 = ||B||_F / ||A||_F
+
+    A plain gradient step with these gradients moves ``W = B A`` exactly as a step from the
+    refactored pair would (the reference code's default form). With Adam the two forms differ.
+    A degenerate pair (``B = 0`` at PEFT's init) gets its gradients back unchanged, so ``B``
+    still moves at step one.
+
+    Args:
+        A, B: the factors, ``(..., r, m)`` and ``(..., n, r)``.
+        grad_A, grad_B: their gradients, same shapes.
+        variant: ``"full"`` or ``"scalar"``.
+        eps: relative eigenvalue floor, see the module docstring.
+
+    Returns:
+        ``(grad_A', grad_B')`` in the gradients' dtypes.
+
+    Example:
+        >>> import torch
+        >>> from reflora.functional import precondition
+        >>> A, B = torch.randn(4, 32), torch.zeros(16, 4)
+        >>> gA, gB = torch.zeros(4, 32), torch.randn(16, 4)
+        >>> gA2, gB2 = precondition(A, B, gA, gB)  # B = 0: plain gradients
+        >>> torch.equal(gB2, gB)
+        True
+
+    Reference: arXiv 2505.18877, Sec. 3 (the preconditioned form).
+    """
+    A, B = _check_pair(A, B)
+    gA, gB = _check_grads(A, B, grad_A, grad_B)
+    S, S_inv = preconditioner(A, B, variant=variant, eps=eps)
+    cd = S.dtype
+    gA2 = _matmul_left(S_inv, gA.to(cd)).to(gA.dtype)
+    gB2 = _matmul_right(gB.to(cd), S).to(gB.dtype)
+    return gA2, gB2
