@@ -1,0 +1,1 @@
+"""Benchmarks behind the ``reflora`` command (``python -m reflora ...``)."""
