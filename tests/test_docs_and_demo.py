@@ -1,0 +1,62 @@
+"""The README's code runs, the docstring examples run, and the demo shows what it claims."""
+
+from __future__ import annotations
+
+import doctest
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import reflora.adapters
+import reflora.functional
+from reflora.bench import mf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_python_blocks_run() -> None:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+
+
+@pytest.mark.parametrize("module", [reflora.functional, reflora.adapters])
+def test_docstring_examples(module) -> None:
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_mf_reflora_beats_lora() -> None:
+    cfg = mf.MFConfig()
+    reflora_01 = mf.run("reflora", 0.01, cfg, seed=0)
+    lora_01 = mf.run("lora", 0.01, cfg, seed=0)
+    lora_03 = mf.run("lora", 0.03, cfg, seed=0)
+    reflora_03 = mf.run("reflora", 0.03, cfg, seed=0)
+    assert mf.iterations_to(reflora_01) is not None and mf.iterations_to(reflora_01) <= 45
+    assert mf.iterations_to(reflora_03) is not None and mf.iterations_to(reflora_03) <= 25
+    assert mf.iterations_to(lora_01) is None
+    assert len(lora_03) < cfg.iters + 1  # diverged and stopped early
+
+
+def test_demo_command_prints_the_comparison() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "reflora", "demo", "--seeds", "1", "--iters", "50"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    for method in mf.METHODS:
+        assert method in out
+    assert "diverged" in out  # plain LoRA at lr 0.03
+    row = next(line for line in out.splitlines() if line.split()[:2] == ["0.01", "reflora"])
+    assert float(row.split()[-2]) < 1e-3  # loss after 50 iterations
+
+
+def test_cli_rejects_bad_arguments() -> None:
+    res = subprocess.run([sys.executable, "-m", "reflora", "demo", "--seeds", "0"], capture_output=True, text=True)
+    assert res.returncode == 2 and "--seeds must be >= 1" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "reflora", "bogus"], capture_output=True, text=True)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
