@@ -157,4 +157,7 @@ def _owned_factor_finder(name: str, module: nn.Module) -> list[LoRAPair] | None:
     return None
 
 
+from reflora.adapters.peft import find_peft_lora  # noqa: E402  (imports peft lazily)
+
+register_finder("peft_lora", find_peft_lora, priority=100)
 register_finder("owned_factors", _owned_factor_finder, priority=-100)

@@ -6,18 +6,25 @@ imported lazily by the parts that need them.
 
 from __future__ import annotations
 
-from reflora import functional
+from reflora import functional, transport
+from reflora.attach import RefLoRAHandle, UnsupportedOptimizerError, attach
 from reflora.functional import precondition, preconditioner, refactor, refactor_transform
 from reflora.pairs import LoRAPair
+from reflora.transport import register_state_transport
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoRAPair",
+    "RefLoRAHandle",
+    "UnsupportedOptimizerError",
     "__version__",
+    "attach",
     "functional",
     "precondition",
     "preconditioner",
     "refactor",
     "refactor_transform",
+    "register_state_transport",
+    "transport",
 ]

@@ -53,6 +53,16 @@ class LoRAPair:
         """``B`` as an ``(n, r)`` view."""
         return self.B.mT if self.transposed[1] else self.B
 
+    def grad_a(self) -> Tensor | None:
+        """``A.grad`` as an ``(r, m)`` view (None when there is no gradient)."""
+        g = self.A.grad
+        return None if g is None else (g.mT if self.transposed[0] else g)
+
+    def grad_b(self) -> Tensor | None:
+        """``B.grad`` as an ``(n, r)`` view (None when there is no gradient)."""
+        g = self.B.grad
+        return None if g is None else (g.mT if self.transposed[1] else g)
+
     @property
     def rank(self) -> int:
         return self.a().shape[0]
