@@ -43,15 +43,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from reflora._linalg import default_eps
+from reflora._linalg import compute_dtype, default_eps
 from reflora.functional import (
     Transform,
     _check_eps,
     _check_variant,
-    _matmul_left,
-    _matmul_right,
-    map_first_moments,
-    refactor_transform,
+    _full_from_grams,
+    _scalar_from_sq_norms,
 )
 from reflora.pairs import LoRAPair
 from reflora.transport import TransportContext, get_state_transport, registered_optimizers
@@ -73,32 +71,58 @@ class UnsupportedOptimizerError(TypeError):
 
 
 # ------------------------------------------------------------------------------- kernels
-# Pure functions of stacked tensors: the only code that runs per group each step, and the code
-# that ``compile=True`` hands to torch.compile (static shapes per group, no recompiles).
+# Per same-shape group: the Grams (O((m + n) r^2)), one batched r x r kernel (two batched eighs
+# for the whole group instead of two per layer), and the r x r transforms applied to the factors /
+# gradients, written back with copy_. ``compile=True`` hands the
+# r x r kernel below to torch.compile (static shapes per group: no recompiles from step to step).
 
 
-def _gradient_kernel(A: Tensor, B: Tensor, variant: str, eps: float) -> tuple[Tensor, Tensor]:
-    """``(S, S^{-1})`` of a stack of pairs, in the compute dtype."""
-    left, right = refactor_transform(A, B, variant=variant, eps=eps)
-    if left.shape[-1] == 1:
-        return left.square(), right.square()
-    return left.mT @ left, right @ right.mT
+def _full_kernel(X: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(left, right, S, S^{-1})`` of a stack of pairs from their Grams (compute dtype)."""
+    left, right = _full_from_grams(X, Y, eps)
+    return left, right, left.mT @ left, right @ right.mT
 
 
-def _apply_metric(S: Tensor, S_inv: Tensor, gA: Tensor, gB: Tensor) -> tuple[Tensor, Tensor]:
-    cd = S.dtype
-    return _matmul_left(S_inv, gA.to(cd)).to(gA.dtype), _matmul_right(gB.to(cd), S).to(gB.dtype)
+# Above this many elements per factor the big ops are bandwidth-bound: stacking would add a copy
+# of every factor for nothing, so they run per pair in place; below it they are launch-bound and
+# one batched matmul over the stacked group is faster. (Measured on CPU, benchmarks/overhead.py.)
+_STACK_MAX_NUMEL = 1 << 16
 
 
-def _parameter_kernel(
-    A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, variant: str, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    left, right = refactor_transform(A, B, variant=variant, eps=eps)
-    cd = left.dtype
-    A2 = _matmul_left(left, A.to(cd)).to(A.dtype)
-    B2 = _matmul_right(B.to(cd), right).to(B.dtype)
-    gA2, gB2 = map_first_moments(Transform(left, right), gA, gB)
-    return A2, B2, gA2, gB2, left, right
+def _gram_stack(pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
+    cd = compute_dtype(pairs[0].A.dtype)
+    if pairs[0].A.numel() <= _STACK_MAX_NUMEL:
+        A = torch.stack([p.a() for p in pairs]).to(cd)
+        B = torch.stack([p.b() for p in pairs]).to(cd)
+        return A @ A.mT, B.mT @ B
+    X = torch.stack([(lambda a: a @ a.mT)(p.a().to(cd)) for p in pairs])
+    Y = torch.stack([(lambda b: b.mT @ b)(p.b().to(cd)) for p in pairs])
+    return X, Y
+
+
+def _sq_norms(tensors: list[Tensor]) -> Tensor:
+    cd = compute_dtype(tensors[0].dtype)
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=cd)).square()
+
+
+def _left_inplace(T: Tensor, xs: list[Tensor]) -> None:
+    """``x_i <- T[i] @ x_i`` for every ``x_i`` (computed in T's dtype, written back with copy_)."""
+    if xs[0].numel() <= _STACK_MAX_NUMEL:
+        out = T @ torch.stack(xs).to(T.dtype)
+        torch._foreach_copy_(xs, list(out.unbind(0)))
+        return
+    for t, x in zip(T.unbind(0), xs):
+        x.copy_(t @ x.to(t.dtype))
+
+
+def _right_inplace(xs: list[Tensor], T: Tensor) -> None:
+    """``x_i <- x_i @ T[i]``."""
+    if xs[0].numel() <= _STACK_MAX_NUMEL:
+        out = torch.stack(xs).to(T.dtype) @ T
+        torch._foreach_copy_(xs, list(out.unbind(0)))
+        return
+    for t, x in zip(T.unbind(0), xs):
+        x.copy_(x.to(t.dtype) @ t)
 
 
 # ------------------------------------------------------------------------------- input handling
@@ -199,12 +223,7 @@ class RefLoRAHandle:
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}
         self._transport = get_state_transport(optimizer) if space == "parameter" else None
         self._groups = self._make_groups()
-        if compile:
-            self._grad_kernel = torch.compile(_gradient_kernel, fullgraph=True, dynamic=False)
-            self._param_kernel = torch.compile(_parameter_kernel, fullgraph=True, dynamic=False)
-        else:
-            self._grad_kernel = _gradient_kernel
-            self._param_kernel = _parameter_kernel
+        self._kernel = torch.compile(_full_kernel, fullgraph=True, dynamic=False) if compile else _full_kernel
         self._hooks: list[RemovableHandle] = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
@@ -254,45 +273,57 @@ class RefLoRAHandle:
     def _members(self, group: list[int]) -> list[int]:
         return [i for i in group if self.pairs[i].A.grad is not None and self.pairs[i].B.grad is not None]
 
+    def _metric(self, pairs: list[LoRAPair]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(left, right, S, S^{-1})`` for a group; scalar variant: ``(G, 1, 1)`` tensors."""
+        if self.variant == "scalar":
+            left, right = _scalar_from_sq_norms(_sq_norms([p.A for p in pairs]), _sq_norms([p.B for p in pairs]))
+            return left, right, left.square(), right.square()
+        X, Y = _gram_stack(pairs)
+        return self._kernel(X, Y, self._eps_for(pairs[0].A.dtype))
+
     def _gradient_step(self, refresh: bool) -> None:
         for group in self._groups:
             members = self._members(group)
             if not members:
                 continue
             pairs = [self.pairs[i] for i in members]
-            gA = torch.stack([p.grad_a() for p in pairs])
-            gB = torch.stack([p.grad_b() for p in pairs])
-            missing = [i for i in members if i not in self._cache]
-            if refresh or missing:
-                A = torch.stack([p.a() for p in pairs])
-                B = torch.stack([p.b() for p in pairs])
-                S, S_inv = self._grad_kernel(A, B, self.variant, self._eps_for(A.dtype))
+            if refresh or any(i not in self._cache for i in members):
+                _, _, S, S_inv = self._metric(pairs)
                 if self.interval > 1:
                     for k, i in enumerate(members):
                         self._cache[i] = (S[k], S_inv[k])
             else:
                 S = torch.stack([self._cache[i][0] for i in members])
                 S_inv = torch.stack([self._cache[i][1] for i in members])
-            gA2, gB2 = _apply_metric(S, S_inv, gA, gB)
-            torch._foreach_copy_([p.grad_a() for p in pairs], list(gA2.unbind(0)))
-            torch._foreach_copy_([p.grad_b() for p in pairs], list(gB2.unbind(0)))
+            gA = [p.grad_a() for p in pairs]
+            gB = [p.grad_b() for p in pairs]
+            if self.variant == "scalar":
+                torch._foreach_mul_(gA, list(S_inv.flatten().to(gA[0].dtype).unbind(0)))
+                torch._foreach_mul_(gB, list(S.flatten().to(gB[0].dtype).unbind(0)))
+            else:
+                _left_inplace(S_inv, gA)
+                _right_inplace(gB, S)
 
     def _parameter_step(self) -> None:
-        opt = self.optimizer
         for group in self._groups:
             members = self._members(group)
             if not members:
                 continue
             pairs = [self.pairs[i] for i in members]
-            A = torch.stack([p.a() for p in pairs])
-            B = torch.stack([p.b() for p in pairs])
-            gA = torch.stack([p.grad_a() for p in pairs])
-            gB = torch.stack([p.grad_b() for p in pairs])
-            A2, B2, gA2, gB2, left, right = self._param_kernel(A, B, gA, gB, self.variant, self._eps_for(A.dtype))
-            torch._foreach_copy_([p.a() for p in pairs], list(A2.unbind(0)))
-            torch._foreach_copy_([p.b() for p in pairs], list(B2.unbind(0)))
-            torch._foreach_copy_([p.grad_a() for p in pairs], list(gA2.unbind(0)))
-            torch._foreach_copy_([p.grad_b() for p in pairs], list(gB2.unbind(0)))
+            left, right, _, _ = self._metric(pairs)
+            As, Bs = [p.a() for p in pairs], [p.b() for p in pairs]
+            gA, gB = [p.grad_a() for p in pairs], [p.grad_b() for p in pairs]
+            if self.variant == "scalar":
+                p_, inv = left.flatten(), right.flatten()
+                torch._foreach_mul_(As, list(p_.to(As[0].dtype).unbind(0)))
+                torch._foreach_mul_(Bs, list(inv.to(Bs[0].dtype).unbind(0)))
+                torch._foreach_mul_(gA, list(inv.to(gA[0].dtype).unbind(0)))  # P^-1 grad_A
+                torch._foreach_mul_(gB, list(p_.to(gB[0].dtype).unbind(0)))  # grad_B P
+            else:
+                _left_inplace(left, As)
+                _right_inplace(Bs, right)
+                _left_inplace(right.mT, gA)
+                _right_inplace(gB, left.mT)
             self._transport_state(pairs, Transform(left, right))
 
     def _transport_state(self, pairs: list[LoRAPair], T: Transform) -> None:

@@ -208,55 +208,69 @@ def _check_transform(transform: object) -> Transform:
 # ----------------------------------------------------------------------------- the math
 
 
-def _finite_pair(A: Tensor, B: Tensor) -> Tensor:
-    """Per-pair mask ``(..., 1, 1)``: True where both factors are finite."""
-    fa = torch.isfinite(A).flatten(-2).all(-1)
-    fb = torch.isfinite(B).flatten(-2).all(-1)
-    return (fa & fb)[..., None, None]
-
-
-def _full_transform(A: Tensor, B: Tensor, eps: float) -> Transform:
+def _grams(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """``(A A^T, B^T B)`` in the compute dtype: the only O((m + n) r^2) work of the full variant."""
     cd = compute_dtype(A.dtype)
     Ac, Bc = A.to(cd), B.to(cd)
-    finite = _finite_pair(Ac, Bc)
-    # Non-finite pairs are zeroed here (so no NaN reaches eigh) and set to NaN at the end.
-    Ac = torch.where(finite, Ac, 0.0)
-    Bc = torch.where(finite, Bc, 0.0)
+    return Ac @ Ac.mT, Bc.mT @ Bc
 
-    lam_a, lam_a_floored, V_a = floored_eigh(Ac @ Ac.mT, eps)
+
+def _full_from_grams(X: Tensor, Y: Tensor, eps: float) -> Transform:
+    """The full-variant transform from the Gram matrices alone (all work is r x r).
+
+    ``M^T M = diag(a) V_A^T (B^T B) V_A diag(a)``, so ``M = B V_A diag(a)`` is never formed.
+    A non-finite factor shows up as a non-finite Gram (NaN/Inf propagate through the product);
+    such pairs get NaN transforms and are kept away from ``eigh``.
+    """
+    cd = X.dtype
+    finite = (torch.isfinite(X).flatten(-2).all(-1) & torch.isfinite(Y).flatten(-2).all(-1))
+    finite = finite[..., None, None]
+    Y = torch.where(finite, Y, 0.0)
+
+    lam_a, lam_a_floored, V_a = floored_eigh(X, eps)
     a = lam_a_floored.sqrt()
-    M = Bc @ (V_a * a[..., None, :])
-    lam_m, lam_m_floored, V_m = floored_eigh(M.mT @ M, eps)
-    sigma = lam_m_floored.sqrt()
-    root = sigma.sqrt()
+    Va_a = V_a * a[..., None, :]
+    lam_m, lam_m_floored, V_m = floored_eigh(Va_a.mT @ Y @ Va_a, eps)
+    root = lam_m_floored.sqrt().sqrt()  # sigma^{1/2}
 
     # left = P^T = diag(sigma^1/2) V_M^T diag(1/a) V_A^T ; right = P^-T = V_A diag(a) V_M diag(sigma^-1/2)
     left = root[..., :, None] * (V_m.mT @ (V_a / a[..., None, :]).mT)
-    right = ((V_a * a[..., None, :]) @ V_m) / root[..., None, :]
+    right = (Va_a @ V_m) / root[..., None, :]
 
     tiny = torch.finfo(cd).tiny
     lam_a_max = lam_a.amax(-1)
-    b_sq = (Bc * Bc).sum((-2, -1))
+    b_sq = Y.diagonal(dim1=-2, dim2=-1).sum(-1)  # ||B||_F^2 = trace(B^T B)
     degenerate = (lam_a_max <= tiny) | (lam_m.amax(-1) <= eps * lam_a_max * b_sq)
     degenerate = degenerate[..., None, None]
-    eye = torch.eye(A.shape[-2], dtype=cd, device=A.device)
+    eye = torch.eye(X.shape[-1], dtype=cd, device=X.device)
     left = torch.where(degenerate, eye, left)
     right = torch.where(degenerate, eye, right)
-    nan = torch.full((), float("nan"), dtype=cd, device=A.device)
+    nan = torch.full((), float("nan"), dtype=cd, device=X.device)
     return Transform(torch.where(finite, left, nan), torch.where(finite, right, nan))
+
+
+def _full_transform(A: Tensor, B: Tensor, eps: float) -> Transform:
+    X, Y = _grams(A, B)
+    return _full_from_grams(X, Y, eps)
+
+
+def _scalar_from_sq_norms(a_sq: Tensor, b_sq: Tensor) -> Transform:
+    """RefLoRA-S from ``||A||_F^2`` and ``||B||_F^2`` (shape ``(...)``, compute dtype)."""
+    na = a_sq.sqrt()[..., None, None]
+    nb = b_sq.sqrt()[..., None, None]
+    # p = sqrt(||B|| / ||A||), taken as a ratio of square roots so that it cannot overflow.
+    p = nb.sqrt() / na.sqrt()
+    p = torch.where((na > 0) & (nb > 0), p, 1.0)
+    p = torch.where(torch.isfinite(na) & torch.isfinite(nb), p, float("nan"))
+    return Transform(p, 1.0 / p)
 
 
 def _scalar_transform(A: Tensor, B: Tensor) -> Transform:
     cd = compute_dtype(A.dtype)
     Ac, Bc = A.to(cd), B.to(cd)
-    finite = _finite_pair(Ac, Bc)
-    na = torch.linalg.vector_norm(Ac, dim=(-2, -1), keepdim=True)
-    nb = torch.linalg.vector_norm(Bc, dim=(-2, -1), keepdim=True)
-    # p = sqrt(||B|| / ||A||), taken as a ratio of square roots so that it cannot overflow.
-    p = nb.sqrt() / na.sqrt()
-    p = torch.where((na > 0) & (nb > 0), p, 1.0)
-    p = torch.where(finite, p, float("nan"))
-    return Transform(p, 1.0 / p)
+    a_sq = Ac.square().sum((-2, -1))
+    b_sq = Bc.square().sum((-2, -1))
+    return _scalar_from_sq_norms(a_sq, b_sq)
 
 
 def _matmul_left(T: Tensor, X: Tensor) -> Tensor:

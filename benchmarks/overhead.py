@@ -1,0 +1,208 @@
+"""Overhead of RefLoRA's optimizer hook, measured side by side in one process.
+
+(a) The hook alone at LLaMA-7B LoRA shapes (targets q, k, v: 4096 -> 4096; up: 4096 -> 11008;
+    down: 11008 -> 4096; N layers), for r = 8/16/32: the AdamW step alone, the grouped RefLoRA
+    hook (one batched core call per same-shape group), and a per-layer loop written the way the
+    reference code does it (one unbatched core call per pair, one after another).
+(b) A full training step (forward + backward + AdamW) of a ~100M-parameter Llama built from a
+    config, with LoRA (r = 16) on the same five targets, without RefLoRA and with each mode.
+    Modes are interleaved step by step so drift hits all of them alike; besides the end-to-end
+    ratio (noisy on a shared CPU) the time spent inside RefLoRA's hook is measured directly.
+
+Run: ``python benchmarks/overhead.py`` (``--help`` for sizes). Prints tables; writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import reflora
+import reflora.adapters
+from reflora.functional import precondition
+
+MODES = [("full", "gradient"), ("scalar", "gradient"), ("full", "parameter"), ("scalar", "parameter")]
+LLAMA7B = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "up": (4096, 11008), "down": (11008, 4096)}
+
+
+@torch.no_grad()
+def reference_per_layer(pairs) -> None:
+    """RefLoRA's gradient form as the reference code structures it: one pair at a time, in the
+    parameter dtype, M = B V_A diag(a) formed explicitly, S and S^-1 built per pair, gradients
+    replaced per pair."""
+    for A, B in pairs:
+        eps = torch.finfo(A.dtype).eps
+        lam_a, V_a = torch.linalg.eigh(A @ A.T)
+        a = lam_a.clamp_min(0).sqrt()
+        M = B @ (V_a * a)
+        lam_m, V_m = torch.linalg.eigh(M.T @ M)
+        sig = lam_m.clamp_min(0).sqrt()
+        L = (V_a / (a + eps)) @ V_m
+        S = (L * sig) @ L.T
+        R = (V_a * a) @ V_m
+        S_inv = (R / (sig + eps)) @ R.T
+        A.grad = S_inv @ A.grad
+        B.grad = B.grad @ S
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time(fn, repeats: int, setup=lambda: None) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs, ``setup`` run untimed before each."""
+    setup()
+    fn()  # warm up
+    ts = []
+    for _ in range(repeats):
+        setup()
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def hook_only(layers: int, ranks: list[int], repeats: int, device: str) -> None:
+    print(f"\n(a) hook alone, LLaMA-7B LoRA shapes, {layers} layers x 5 targets = {5 * layers} pairs, float32, {device}")
+    head = f"{'r':>3} {'AdamW step':>11} {'grouped full':>13} {'grouped scalar':>15} {'per-layer full':>15} {'per-layer/grouped':>18} {'full/step':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in ranks:
+        g = torch.Generator().manual_seed(0)
+        pairs = []
+        for _ in range(layers):
+            for m, n in LLAMA7B.values():
+                A = nn.Parameter((torch.randn(r, m, generator=g) / m**0.5).to(device))
+                B = nn.Parameter((0.01 * torch.randn(n, r, generator=g)).to(device))
+                A.grad = torch.randn(r, m, generator=g).to(device)
+                B.grad = torch.randn(n, r, generator=g).to(device)
+                pairs.append((A, B))
+        params = [p for ab in pairs for p in ab]
+        opt = torch.optim.AdamW(params, lr=0.0)  # lr 0: the factors stay put between repeats
+        opt.step()
+        t_step = _time(opt.step, repeats)
+        grads = [(A.grad.clone(), B.grad.clone()) for A, B in pairs]
+
+        def restore():
+            for (A, B), (gA, gB) in zip(pairs, grads):
+                A.grad.copy_(gA)
+                B.grad.copy_(gB)
+
+        # one (never stepped) optimizer per handle: a parameter may be managed once per optimizer
+        handles = {
+            v: reflora.attach(torch.optim.SGD(params, lr=0.0), pairs, variant=v, warmup_steps=10**9)
+            for v in ("full", "scalar")
+        }
+        runs = {"full": [], "scalar": [], "loop": []}
+        for _ in range(3):  # interleave the candidates so drift hits them alike
+            for v, h in handles.items():
+                h.warmup_steps = 0
+                runs[v].append(_time(lambda h=h: h._pre_hook(h.optimizer, (), {}), repeats, restore))
+                h.warmup_steps = 10**9
+            runs["loop"].append(_time(lambda: reference_per_layer(pairs), repeats, restore))
+        for h in handles.values():
+            h.remove()
+        times = {k: min(v) for k, v in runs.items()}
+        t_loop = times["loop"]
+        print(
+            f"{r:>3} {t_step * 1e3:>9.1f}ms {times['full'] * 1e3:>11.1f}ms {times['scalar'] * 1e3:>13.1f}ms "
+            f"{t_loop * 1e3:>13.1f}ms {t_loop / times['full']:>17.1f}x {times['full'] / t_step:>9.0%}"
+        )
+
+
+def training_step(rank: int, repeats: int, layers: int, seq: int, batch: int) -> None:
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=layers,
+        num_attention_heads=12, num_key_value_heads=12,
+    )
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg)
+    n_base = sum(p.numel() for p in base.parameters())
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    pairs = reflora.adapters.find_pairs(model)
+
+    modes = [*MODES, ("full", "gradient", "compile"), ("reference", "per-layer")]
+    hook_time = {m: [] for m in modes}
+    raw = [(p.A, p.B) for p in pairs]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    step()  # optimizer state exists from here on
+    results = {None: [], **{m: [] for m in modes}}
+    for rep in range(repeats + 1):
+        for mode in [None, *modes]:
+            h = None
+            if mode is not None:
+                if mode[0] == "reference":
+                    h = reflora.attach(opt, pairs, warmup_steps=10**9)  # hooks only, never acts
+                    inner = lambda o, a, k: reference_per_layer(raw)  # noqa: E731
+                else:
+                    h = reflora.attach(opt, pairs, variant=mode[0], space=mode[1], compile=len(mode) == 3)
+                    inner = h._pre_hook
+
+                def timed(o, a, k, inner=inner, mode=mode):
+                    t0 = time.perf_counter()
+                    inner(o, a, k)
+                    hook_time[mode].append(time.perf_counter() - t0)
+
+                # re-register the timing wrapper in place of the plain hook
+                h._hooks[0].remove()
+                h._hooks[0] = opt.register_step_pre_hook(timed)
+            t0 = time.perf_counter()
+            step()
+            dt = time.perf_counter() - t0
+            if h is not None:
+                h.remove()
+            if rep > 0:  # first round is warm-up
+                results[mode].append(dt)
+    base_t = statistics.median(results[None])
+    print(
+        f"\n(b) training step: Llama from config, {n_base / 1e6:.0f}M parameters ({layers} layers, hidden 768), "
+        f"LoRA r={rank} on q,k,v,up,down ({len(pairs)} pairs), batch {batch}x{seq} tokens, AdamW, {repeats} interleaved repeats"
+    )
+    head = f"{'mode':<26} {'step (median)':>14} {'vs LoRA':>9} {'hook (median)':>14} {'hook / step':>12}"
+    print(head)
+    print("-" * len(head))
+    print(f"{'LoRA (no hook)':<26} {base_t * 1e3:>12.0f}ms {'':>9} {'':>14} {'':>12}")
+    for mode in modes:
+        t = statistics.median(results[mode])
+        hk = statistics.median(hook_time[mode][1:])
+        print(f"{'-'.join(mode):<26} {t * 1e3:>12.0f}ms {t / base_t - 1:>+8.1%} {hk * 1e3:>12.2f}ms {hk / base_t:>11.2%}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8, help="LLaMA-7B layers for (a) (default 8)")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--model-layers", type=int, default=12, help="layers of the ~100M Llama in (b)")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--skip-model", action="store_true", help="run (a) only")
+    ap.add_argument("--device", default="cpu", help="device for (a), e.g. cuda (default cpu)")
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    hook_only(args.layers, args.ranks, args.repeats, args.device)
+    if not args.skip_model:
+        training_step(16, args.repeats, args.model_layers, args.seq, args.batch)
+
+
+if __name__ == "__main__":
+    main()
