@@ -6,7 +6,7 @@
     reference code does it (one unbatched core call per pair, one after another).
 (b) A full training step (forward + backward + AdamW) of a ~100M-parameter Llama built from a
     config, with LoRA (r = 16) on the same five targets, without RefLoRA and with each mode.
-    Modes are interleaved step by step so drift hits all of them alike; besides the end-to-end
+    Modes are interleaved step by step, in a shuffled order each round, so drift hits all alike; besides the end-to-end
     ratio (noisy on a shared CPU) the time spent inside RefLoRA's hook is measured directly.
 
 Run: ``python benchmarks/overhead.py`` (``--help`` for sizes). Prints tables; writes nothing.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import statistics
 import time
 
@@ -145,8 +146,11 @@ def training_step(rank: int, repeats: int, layers: int, seq: int, batch: int) ->
 
     step()  # optimizer state exists from here on
     results = {None: [], **{m: [] for m in modes}}
+    order = [None, *modes]
+    rng = random.Random(0)
     for rep in range(repeats + 1):
-        for mode in [None, *modes]:
+        rng.shuffle(order)  # no mode always runs first (or right after another) in a round
+        for mode in order:
             h = None
             if mode is not None:
                 if mode[0] == "reference":

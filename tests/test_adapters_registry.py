@@ -42,9 +42,9 @@ def test_priority_order_first_match_wins_and_claims_subtree() -> None:
             return [LoRAPair(name, module.down.weight, module.up.weight, module=module)]
         return None
 
-    register_finder("test_bottleneck", bottleneck, priority=50)
+    register_finder("test_bottleneck", bottleneck, priority=500)
     try:
-        assert adapters.list_finders()[0] == ("test_bottleneck", 50)
+        assert adapters.list_finders()[0] == ("test_bottleneck", 500)
         model = nn.Sequential(Bottleneck(), OwnedLoRA(4, 4, 2))
         pairs = find_pairs(model)
         assert [p.name for p in pairs] == ["0", "1"]
