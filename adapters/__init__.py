@@ -1,12 +1,27 @@
 """Adapter discovery: find the trainable low-rank pairs of a model (installed as ``reflora.adapters``).
 
 Discovery is an ordered list of *finders*. A finder is a callable
-``finder(name, module) -> list[LoRAPair] | None`` asked about every submodule of the model in
-``named_modules()`` order: it returns the pairs that module owns, or ``None`` when it does not
-recognise it. Finders are asked in priority order (highest first) and the first that answers
-for a module wins; the submodules of a module that was claimed are not visited again.
-Optional dependencies (peft, timm, torch_geometric) are imported inside the finders that need
-them, never here.
+``finder(name, module, options) -> list[LoRAPair] | None`` asked about every submodule of the
+model in ``named_modules()`` order: it returns the pairs that module owns (possibly none, to
+skip it), or ``None`` when it does not recognise the module. Finders are asked in priority
+order (highest first) and the first answer for a module wins; submodules are asked too (a
+loralib-style layer may contain another adapter), and a pair reached twice is kept once.
+Pairing is by structure (the module that owns both factors),
+never by parameter order or name substrings. Optional dependencies (peft, torch_geometric) are
+imported inside the finders, and only when the model can hold their layers.
+
+Built-in finders, in the order they are asked:
+
+========================  ==========================================================
+``peft_lora``             PEFT ``LoraLayer``: Linear (incl. GPT-2 ``Conv1D``), Embedding,
+                          Conv1d/2d/3d, DoRA and rsLoRA; other PEFT tuners are skipped
+                          with a warning (VeRA, AdaLoRA, LoHa, LoKr, IA3, ...)
+``reflora_pyg``           :class:`reflora.adapters.pyg.LoRALinear`, the LoRA this package
+                          injects into torch-geometric models (:func:`~reflora.adapters.pyg.add_lora`)
+``marked_bottleneck``     ``Sequential(Linear(m, r, bias=False), Linear(r, n))`` marked with
+                          :func:`mark_pair`
+``owned_factors``         loralib-style modules owning 2-D ``lora_A`` / ``lora_B`` parameters
+========================  ==========================================================
 
 Example:
     >>> import torch
@@ -23,24 +38,40 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
-from torch import Tensor, nn
+from torch import nn
 
 from reflora.pairs import LoRAPair
 
 __all__ = [
+    "FindOptions",
     "Finder",
     "LoRAPair",
     "NoPairsFoundError",
     "find_pairs",
     "list_finders",
+    "mark_pair",
     "register_finder",
     "unregister_finder",
 ]
 
-Finder = Callable[[str, nn.Module], Optional[list[LoRAPair]]]
+
+@dataclass(frozen=True)
+class FindOptions:
+    """Options every finder receives.
+
+    Attributes:
+        adapters: ``"active"`` (default) takes the adapters a multi-adapter model is using;
+            ``"all"`` takes every adapter that has trainable factors.
+    """
+
+    adapters: Literal["active", "all"] = "active"
+
+
+Finder = Callable[[str, nn.Module, FindOptions], Optional[list[LoRAPair]]]
 
 
 class NoPairsFoundError(ValueError):
@@ -52,13 +83,20 @@ class _Entry:
     name: str
     finder: Finder
     priority: int
+    supports: str
 
 
 _REGISTRY: list[_Entry] = []
 
 
-def register_finder(name: str, finder: Finder, *, priority: int = 0) -> Finder:
+def register_finder(name: str, finder: Finder, *, priority: int = 0, supports: str = "") -> Finder:
     """Register ``finder`` under ``name``; higher ``priority`` is asked first.
+
+    Args:
+        name: unique name of the finder.
+        finder: ``finder(name, module, options) -> list[LoRAPair] | None``.
+        priority: built-ins use 100 (PEFT), 50 (PyG), 10 (marked bottleneck), -100 (generic).
+        supports: a short description of what it finds, shown when nothing is found.
 
     Raises:
         TypeError: ``name`` is not a string, ``finder`` not callable or ``priority`` not an int.
@@ -75,9 +113,8 @@ def register_finder(name: str, finder: Finder, *, priority: int = 0) -> Finder:
             f"a finder named {name!r} is already registered; call "
             f"reflora.adapters.unregister_finder({name!r}) first to replace it"
         )
-    _REGISTRY.append(_Entry(name, finder, priority))
-    # stable sort: equal priorities keep registration order
-    _REGISTRY.sort(key=lambda e: -e.priority)
+    _REGISTRY.append(_Entry(name, finder, priority, supports or name))
+    _REGISTRY.sort(key=lambda e: -e.priority)  # stable: equal priorities keep registration order
     return finder
 
 
@@ -95,42 +132,62 @@ def list_finders() -> list[tuple[str, int]]:
     return [(e.name, e.priority) for e in _REGISTRY]
 
 
-def find_pairs(model: nn.Module, *, trainable_only: bool = True) -> list[LoRAPair]:
+def find_pairs(
+    model: nn.Module, *, adapters: Literal["active", "all"] = "active", trainable_only: bool = True
+) -> list[LoRAPair]:
     """Every low-rank pair in ``model``, in module order.
 
     Args:
         model: any ``nn.Module``.
-        trainable_only: drop pairs whose ``A`` and ``B`` both have ``requires_grad=False``.
+        adapters: ``"active"`` or ``"all"`` adapters of multi-adapter (PEFT) models.
+        trainable_only: keep only pairs whose factors both require grad. A pair with exactly one
+            frozen factor (LoRA-FA freezes A) is skipped with a warning: refactoring would change
+            the frozen factor.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         NoPairsFoundError: nothing was found (never a silent no-op).
-        ValueError: two pairs share a parameter.
+        ValueError: two pairs share a parameter, or a pair's ranks disagree.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if adapters not in ("active", "all"):
+        raise ValueError(f"adapters must be 'active' or 'all'; got {adapters!r}")
+    options = FindOptions(adapters=adapters)
     pairs: list[LoRAPair] = []
-    claimed: str | None = None  # named_modules() is pre-order: a claimed subtree is contiguous
+    seen: set[tuple[int, int]] = set()
     for name, module in model.named_modules():
-        if claimed is not None and (claimed == "" or name.startswith(claimed + ".")):
-            continue
-        claimed = None
         for entry in _REGISTRY:
-            found = entry.finder(name, module)
+            found = entry.finder(name, module, options)
             if found is not None:
-                pairs.extend(found)
-                claimed = name
+                for p in found:
+                    key = (id(p.A), id(p.B))
+                    if key not in seen:  # the same pair reached again through a nested module
+                        seen.add(key)
+                        pairs.append(p)
                 break
     if trainable_only:
-        pairs = [p for p in pairs if p.A.requires_grad or p.B.requires_grad]
+        kept = []
+        for p in pairs:
+            if p.A.requires_grad and p.B.requires_grad:
+                kept.append(p)
+            elif p.A.requires_grad or p.B.requires_grad:
+                frozen = "A" if not p.A.requires_grad else "B"
+                warnings.warn(
+                    f"skipping pair {p.name!r}: its {frozen} factor is frozen (LoRA-FA style); "
+                    "refactoring would change the frozen factor",
+                    stacklevel=2,
+                )
+        pairs = kept
     _check_unique(pairs)
     if not pairs:
+        supported = "; ".join(f"{e.name}: {e.supports}" for e in _REGISTRY)
         raise NoPairsFoundError(
-            f"no trainable low-rank pair found in {type(model).__name__}. Supported: modules "
-            f"that own both factors, recognised by the registered finders "
-            f"{[e.name for e in _REGISTRY]}. For another layout register a finder: "
-            "reflora.adapters.register_finder('mine', lambda name, module: [LoRAPair(name, A, B)] "
-            "if isinstance(module, MyLoRA) else None, priority=10)"
+            f"no trainable low-rank pair found in {type(model).__name__}. Supported layers, by finder: "
+            f"{supported}. For another layout register a finder, e.g. "
+            "reflora.adapters.register_finder('mine', lambda name, module, options: "
+            "[LoRAPair(name, module.down, module.up)] if isinstance(module, MyLoRA) else None, "
+            "priority=20), or pass explicit (A, B) pairs to reflora.attach"
         )
     return pairs
 
@@ -139,25 +196,76 @@ def _check_unique(pairs: list[LoRAPair]) -> None:
     seen: dict[int, str] = {}
     for p in pairs:
         for t in (p.A, p.B):
-            key = id(t)
-            if key in seen:
+            if id(t) in seen:
                 raise ValueError(
-                    f"parameter of pair {p.name!r} is also used by pair {seen[key]!r}; "
+                    f"parameter of pair {p.name!r} is also used by pair {seen[id(t)]!r}; "
                     "each factor may belong to one pair only"
                 )
-            seen[key] = p.name
+            seen[id(t)] = p.name
 
 
-def _owned_factor_finder(name: str, module: nn.Module) -> list[LoRAPair] | None:
+def mark_pair(module: nn.Sequential) -> nn.Sequential:
+    """Mark a bottleneck ``Sequential(Linear(m, r, bias=False), Linear(r, n))`` as a LoRA pair.
+
+    ``A`` is the first layer's weight ``(r, m)``, ``B`` the second's ``(n, r)``; the second layer
+    may have a bias (it does not enter ``B A``), the first may not (a bias between the factors
+    would change under refactoring). Returns the module, marked, for chaining.
+    """
+    if not (
+        isinstance(module, nn.Sequential)
+        and len(module) == 2
+        and all(isinstance(m, nn.Linear) for m in module)
+    ):
+        raise TypeError("mark_pair expects nn.Sequential(nn.Linear(m, r, bias=False), nn.Linear(r, n))")
+    if module[0].bias is not None:
+        raise ValueError(
+            "the down-projection of a marked pair must have bias=False: a bias between A and B "
+            "would not be preserved by refactoring"
+        )
+    if module[0].out_features != module[1].in_features:
+        raise ValueError(
+            f"A has rank {module[0].out_features} (shape {tuple(module[0].weight.shape)}) but B has rank "
+            f"{module[1].in_features} (shape {tuple(module[1].weight.shape)})"
+        )
+    module._reflora_pair = True  # type: ignore[attr-defined]
+    return module
+
+
+def _marked_bottleneck(name: str, module: nn.Module, options: FindOptions) -> list[LoRAPair] | None:
+    if getattr(module, "_reflora_pair", False):
+        return [LoRAPair(name, module[0].weight, module[1].weight, module=module)]
+    return None
+
+
+def _owned_factors(name: str, module: nn.Module, options: FindOptions) -> list[LoRAPair] | None:
     """loralib-style modules that own ``lora_A`` / ``lora_B`` as 2-D parameters directly."""
     A = module._parameters.get("lora_A")
     B = module._parameters.get("lora_B")
-    if isinstance(A, Tensor) and isinstance(B, Tensor) and A.dim() == 2 and B.dim() == 2:
+    if isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter) and A.dim() == 2 and B.dim() == 2:
         return [LoRAPair(name, A, B, module=module)]
     return None
 
 
-from reflora.adapters.peft import find_peft_lora  # noqa: E402  (imports peft lazily)
+def _register_builtins() -> None:
+    from reflora.adapters.peft import find_peft_lora
+    from reflora.adapters.pyg import find_reflora_pyg
 
-register_finder("peft_lora", find_peft_lora, priority=100)
-register_finder("owned_factors", _owned_factor_finder, priority=-100)
+    register_finder(
+        "peft_lora", find_peft_lora, priority=100,
+        supports="PEFT LoRA Linear / Conv1D / Embedding / Conv1d-3d, incl. DoRA and rsLoRA",
+    )
+    register_finder(
+        "reflora_pyg", find_reflora_pyg, priority=50,
+        supports="torch-geometric layers given LoRA by reflora.adapters.pyg.add_lora",
+    )
+    register_finder(
+        "marked_bottleneck", _marked_bottleneck, priority=10,
+        supports="nn.Sequential(Linear(m, r, bias=False), Linear(r, n)) marked by reflora.adapters.mark_pair",
+    )
+    register_finder(
+        "owned_factors", _owned_factors, priority=-100,
+        supports="modules owning 2-D lora_A (r, m) and lora_B (n, r) parameters (loralib style)",
+    )
+
+
+_register_builtins()

@@ -1,12 +1,13 @@
-"""Finder for PEFT LoRA layers (``peft.tuners.lora.LoraLayer``).
+"""Finder for PEFT's LoRA layers, and the warnings for PEFT tuners RefLoRA does not apply to.
 
 peft is imported only when it is already loaded (a model that holds PEFT layers has imported
-it), so registering this finder costs nothing for users without peft.
+it), so this finder costs nothing for users without peft.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 from torch import nn
 
@@ -14,47 +15,90 @@ from reflora.pairs import LoRAPair
 
 __all__ = ["find_peft_lora"]
 
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-def _lora_layer_cls():
+
+def _peft_classes():
     if "peft" not in sys.modules:
         return None
     try:
         from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # pragma: no cover - a broken peft install
         return None
-    return LoraLayer
+    return LoraLayer, BaseTunerLayer
 
 
-def _active(module: nn.Module) -> list[str]:
+def _adapter_names(module: nn.Module, everything: bool) -> list[str]:
+    if everything:
+        names = list(getattr(module, "lora_A", {}).keys()) + list(getattr(module, "lora_embedding_A", {}).keys())
+        return list(dict.fromkeys(names))
     names = getattr(module, "active_adapters", None)
     if names is None:
         names = getattr(module, "active_adapter", [])
     return [names] if isinstance(names, str) else list(names)
 
 
-def find_peft_lora(name: str, module: nn.Module) -> list[LoRAPair] | None:
-    """The active LoRA adapters of a PEFT ``LoraLayer`` (Linear, incl. GPT-2 ``Conv1D``; Embedding).
+def _skip(module: nn.Module, name: str, why: str) -> list[LoRAPair]:
+    warnings.warn(f"skipping {type(module).__name__} at {name!r}: {why}", stacklevel=4)
+    return []
 
-    ``fan_in_fan_out`` only transposes the *base* weight; PEFT's ``lora_A`` / ``lora_B`` are
-    always ``(r, in)`` / ``(out, r)``. An embedding's ``lora_embedding_A`` is ``(r, vocab)`` and
-    ``lora_embedding_B`` ``(dim, r)``: its update is ``(B A)^T``, and refactoring only needs the
-    product ``B A``, so both are used as stored.
+
+def find_peft_lora(name: str, module: nn.Module, options) -> list[LoRAPair] | None:
+    """Pairs of a PEFT ``LoraLayer``.
+
+    * Linear and GPT-2 ``Conv1D`` targets: ``fan_in_fan_out`` only transposes the *base* weight;
+      PEFT's ``lora_A`` / ``lora_B`` are always ``nn.Linear`` with ``(r, in)`` / ``(out, r)``
+      weights, used as stored.
+    * Embedding: ``lora_embedding_A`` is ``(r, vocab)``, ``lora_embedding_B`` is ``(dim, r)``; the
+      update is ``(B A)^T``, and refactoring only needs the product ``B A``, so both are used as
+      stored.
+    * Conv1d/2d/3d: ``lora_A`` is a ``(r, in, *k)`` kernel and ``lora_B`` a 1x1 ``(out, r, 1, ...)``
+      kernel; the update is ``B @ A`` with ``A`` folded to ``(r, in * prod(k))`` (layout
+      ``"flatten"``).
+    * DoRA and rsLoRA: the ``A`` / ``B`` pair only; DoRA's magnitude vector is left alone (the
+      refactoring keeps ``B A``, so the DoRA output is unchanged too).
+
+    AdaLoRA (an ``SVD``-form ``P diag(E) Q``), VeRA, LoHa, LoKr, IA3 and the other non-LoRA PEFT
+    tuners are claimed and skipped with a warning that says why.
     """
-    cls = _lora_layer_cls()
-    if cls is None or not isinstance(module, cls):
+    classes = _peft_classes()
+    if classes is None:
         return None
+    LoraLayer, BaseTunerLayer = classes
+    if not isinstance(module, BaseTunerLayer):
+        return None
+    if not isinstance(module, LoraLayer):
+        return _skip(
+            module, name,
+            "it is not a LoRA B @ A pair (VeRA's factors are frozen shared projections, LoHa/LoKr "
+            "use Hadamard/Kronecker products, IA3 scales activations); RefLoRA does not apply",
+        )
+    if hasattr(module, "lora_E"):
+        return _skip(
+            module, name,
+            "AdaLoRA parameterises the update as P diag(E) Q with its own orthogonality "
+            "regulariser and rank allocator; refactoring P and Q would fight both",
+        )
     pairs: list[LoRAPair] = []
-    for adapter in _active(module):
+    for adapter in _adapter_names(module, options.adapters == "all"):
         qual = f"{name}.{adapter}" if name else adapter
         if adapter in getattr(module, "lora_A", {}):
-            A = module.lora_A[adapter].weight
-            B = module.lora_B[adapter].weight
-            if A.dim() != 2:
+            A_mod, B_mod = module.lora_A[adapter], module.lora_B[adapter]
+            if isinstance(A_mod, _CONV):
+                if A_mod.groups != 1 or any(k != 1 for k in B_mod.kernel_size):
+                    raise NotImplementedError(
+                        f"{qual}: conv LoRA with groups={A_mod.groups} or a non-1x1 lora_B kernel "
+                        f"{tuple(B_mod.kernel_size)} is not a B @ A product; register a finder for it"
+                    )
+                pairs.append(LoRAPair(qual, A_mod.weight, B_mod.weight, ("flatten", "flatten"), module))
+            elif isinstance(A_mod, nn.Linear) and isinstance(B_mod, nn.Linear):
+                pairs.append(LoRAPair(qual, A_mod.weight, B_mod.weight, module=module))
+            else:
                 raise NotImplementedError(
-                    f"{qual}: LoRA on {type(module).__name__} with a {A.dim()}-D factor is not "
-                    "supported yet (convolution LoRA)"
+                    f"{qual}: PEFT LoRA with lora_A of type {type(A_mod).__name__} on "
+                    f"{type(module).__name__} is not supported; register a finder for it"
                 )
-            pairs.append(LoRAPair(qual, A, B, module=module))
         elif adapter in getattr(module, "lora_embedding_A", {}):
             pairs.append(
                 LoRAPair(qual, module.lora_embedding_A[adapter], module.lora_embedding_B[adapter], module=module)

@@ -51,7 +51,7 @@ from reflora.functional import (
     _full_from_grams,
     _scalar_from_sq_norms,
 )
-from reflora.pairs import LoRAPair
+from reflora.pairs import LoRAPair, to_core
 from reflora.transport import TransportContext, get_state_transport, registered_optimizers
 
 __all__ = ["RefLoRAHandle", "UnsupportedOptimizerError", "attach"]
@@ -234,7 +234,7 @@ class RefLoRAHandle:
     def _make_groups(self) -> list[list[int]]:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(self.pairs):
-            key = (p.A.device, p.A.dtype, *p.shape, p.transposed)
+            key = (p.A.device, p.A.dtype, *p.shape, p.layout)
             groups[key].append(i)
         return list(groups.values())
 
@@ -332,7 +332,7 @@ class RefLoRAHandle:
         if not with_state:
             return
         assert self._transport is not None
-        tA, tB = pairs[0].transposed
+        layA, layB = pairs[0].layout
         sel = torch.tensor(with_state, device=T.left.device)
         T_sel = Transform(T.left.index_select(0, sel), T.right.index_select(0, sel))
         chosen = [pairs[k] for k in with_state]
@@ -346,11 +346,16 @@ class RefLoRAHandle:
                     out[key] = torch.stack([view(v) for v in vals])
             return out
 
-        viewA = (lambda v: v.mT) if tA else (lambda v: v)
-        viewB = (lambda v: v.mT) if tB else (lambda v: v)
+        def view_for(layout, param_shape):
+            # state shaped like the parameter gets the parameter's view; other shapes (factored
+            # states) are left to the transport, which sees the layout in its context
+            return lambda v: to_core(v, layout) if v.shape == param_shape else v
+
+        viewA = view_for(layA, chosen[0].A.shape)
+        viewB = view_for(layB, chosen[0].B.shape)
         sA = stacked(lambda p: p.A, viewA)
         sB = stacked(lambda p: p.B, viewB)
-        ctx = TransportContext(opt, self.second_moment, (tA, tB))
+        ctx = TransportContext(opt, self.second_moment, (layA, layB))
         newA, newB = self._transport(T_sel, sA, sB, ctx)
         for new, param_of, view in ((newA, lambda p: p.A, viewA), (newB, lambda p: p.B, viewB)):
             for key, value in new.items():

@@ -57,14 +57,14 @@ class TransportContext:
         optimizer: the optimizer whose state is being moved (for error messages).
         second_moment: the rule for element-wise second moments (``"square"``, ``"keep"``,
             ``"reset"``).
-        transposed: whether A / B are stored transposed relative to the core's layout. State
-            tensors arrive already transposed into the core's layout; this only matters to
-            transports whose state keys name axes (Adafactor's ``row_var`` / ``col_var``).
+        layout: the stored layouts of A and B (see :mod:`reflora.pairs`). State tensors shaped
+            like their parameter arrive already viewed in the core's layout; this only matters
+            to transports with differently shaped state (Adafactor's ``row_var`` / ``col_var``).
     """
 
     optimizer: torch.optim.Optimizer
     second_moment: str
-    transposed: tuple[bool, bool] = (False, False)
+    layout: tuple[str, str] = ("plain", "plain")
 
 
 # fn(transform, state_A, state_B, ctx) -> (new_state_A, new_state_B). States hold stacked tensors
@@ -179,23 +179,36 @@ def _adafactor_transport(T: Transform, sA, sB, ctx: TransportContext):
             out["row_var"] = torch.zeros_like(s["row_var"])
             out["col_var"] = torch.zeros_like(s["col_var"])
         return outA, outB
+    if "flatten" in ctx.layout:
+        raise NotImplementedError(
+            "Adafactor factors the second moment of a convolution kernel over its last two axes, "
+            "which the folded (r, in * k) layout does not keep; use space='gradient' for conv LoRA"
+        )
     left, right = T
     cd = left.dtype
-    # In the core's layout the row factor R is (G, rows, 1) and the column factor C (G, 1, cols);
-    # for a factor stored transposed, the stored "col_var" is the core's R and vice versa.
-    keysA = ("col_var", "row_var") if ctx.transposed[0] else ("row_var", "col_var")
-    keysB = ("col_var", "row_var") if ctx.transposed[1] else ("row_var", "col_var")
+    # The stored row_var (rows, 1) / col_var (1, cols) arrive unviewed. In the core's layout the
+    # row factor R is (G, rows, 1); for a factor stored transposed the stored col_var, transposed,
+    # is the core's R and vice versa.
+    tA, tB = (lay == "transposed" for lay in ctx.layout)
+    keysA = ("col_var", "row_var") if tA else ("row_var", "col_var")
+    keysB = ("col_var", "row_var") if tB else ("row_var", "col_var")
+    sA = {k: (v.mT if tA else v) for k, v in sA.items()}
+    sB = {k: (v.mT if tB else v) for k, v in sB.items()}
 
     R, C = sA[keysA[0]].to(cd), sA[keysA[1]].to(cd)
     QA = right.mT.square()
     R2 = QA * R if QA.shape[-1] == 1 else QA @ R
     C2 = C * (R2.mean(-2, keepdim=True) / R.mean(-2, keepdim=True).clamp_min(torch.finfo(cd).tiny))
     outA[keysA[0]], outA[keysA[1]] = R2.to(sA[keysA[0]].dtype), C2.to(sA[keysA[1]].dtype)
+    if tA:
+        outA = {k: v.mT for k, v in outA.items()}
 
     C = sB[keysB[1]].to(cd)
     QB = left.mT.square()
     C2 = C * QB if QB.shape[-1] == 1 else C @ QB
     outB[keysB[1]] = C2.to(sB[keysB[1]].dtype)
+    if tB:
+        outB = {k: v.mT for k, v in outB.items()}
     return outA, outB
 
 

@@ -22,7 +22,7 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.down = nn.Linear(16, 4, bias=False)
         self.up = nn.Linear(4, 8, bias=False)
-        self.inner = OwnedLoRA(3, 3, 1)  # inside a claimed module: must not be visited
+        self.inner = OwnedLoRA(3, 3, 1)  # nested inside a found module: found too
 
 
 def test_generic_finder_finds_owned_factors() -> None:
@@ -33,10 +33,10 @@ def test_generic_finder_finds_owned_factors() -> None:
     assert pairs[0].A is model[0].lora_A and pairs[0].b() is model[0].lora_B
 
 
-def test_priority_order_first_match_wins_and_claims_subtree() -> None:
+def test_priority_order_first_match_wins_and_nested_pairs_are_found() -> None:
     calls = []
 
-    def bottleneck(name, module):
+    def bottleneck(name, module, options):
         calls.append(name)
         if isinstance(module, Bottleneck):
             return [LoRAPair(name, module.down.weight, module.up.weight, module=module)]
@@ -47,9 +47,9 @@ def test_priority_order_first_match_wins_and_claims_subtree() -> None:
         assert adapters.list_finders()[0] == ("test_bottleneck", 500)
         model = nn.Sequential(Bottleneck(), OwnedLoRA(4, 4, 2))
         pairs = find_pairs(model)
-        assert [p.name for p in pairs] == ["0", "1"]
+        assert [p.name for p in pairs] == ["0", "0.inner", "1"]
         assert pairs[0].shape == (4, 16, 8)
-        assert "0.inner" not in calls  # subtree of a claimed module is skipped
+        assert "0.inner" in calls
         with pytest.raises(ValueError, match="already registered"):
             register_finder("test_bottleneck", bottleneck)
     finally:
@@ -70,9 +70,9 @@ def test_no_pairs_is_an_error() -> None:
     "call, exc, pattern",
     [
         (lambda: find_pairs("model"), TypeError, "model must be a torch.nn.Module; got str"),
-        (lambda: register_finder("", lambda n, m: None), TypeError, "non-empty str"),
+        (lambda: register_finder("", lambda n, m, o: None), TypeError, "non-empty str"),
         (lambda: register_finder("x", 3), TypeError, "finder 'x' must be callable"),
-        (lambda: register_finder("x", lambda n, m: None, priority=1.5), TypeError, "priority must be an int"),
+        (lambda: register_finder("x", lambda n, m, o: None, priority=1.5), TypeError, "priority must be an int"),
         (lambda: unregister_finder("nope"), KeyError, "no finder named 'nope'"),
         (
             lambda: LoRAPair("p", nn.Parameter(torch.randn(8, 5)), nn.Parameter(torch.randn(3, 4))),
@@ -90,7 +90,7 @@ def test_registry_bad_input(call, exc, pattern) -> None:
 def test_shared_parameter_rejected() -> None:
     shared = nn.Parameter(torch.randn(2, 6))
 
-    def dup(name, module):
+    def dup(name, module, options):
         if isinstance(module, nn.Linear):
             return [LoRAPair(name, shared, module.weight)]
         return None
@@ -106,6 +106,6 @@ def test_shared_parameter_rejected() -> None:
 def test_transposed_views_share_storage() -> None:
     emb_A = nn.Parameter(torch.randn(10, 4))  # embedding-style: A stored (m, r)
     B = nn.Parameter(torch.randn(6, 4))
-    pair = LoRAPair("emb", emb_A, B, transposed=(True, False))
+    pair = LoRAPair("emb", emb_A, B, layout=("transposed", "plain"))
     assert pair.a().shape == (4, 10) and pair.a().data_ptr() == emb_A.data_ptr()
     assert torch.equal(pair.delta(), B.detach() @ emb_A.detach().T)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import doctest
+import importlib
+import importlib.util
 import re
 import subprocess
 import sys
@@ -25,8 +27,16 @@ def test_readme_python_blocks_run() -> None:
         exec(compile(block, "README.md", "exec"), {})
 
 
-@pytest.mark.parametrize("module", [reflora.functional, reflora.adapters])
-def test_docstring_examples(module) -> None:
+DOC_MODULES = ["reflora.functional", "reflora.adapters", "reflora.attach", "reflora.transport"]
+if importlib.util.find_spec("torch_geometric"):
+    DOC_MODULES.append("reflora.adapters.pyg")
+if importlib.util.find_spec("timm") and importlib.util.find_spec("peft"):
+    DOC_MODULES.append("reflora.adapters.timm")
+
+
+@pytest.mark.parametrize("name", DOC_MODULES)
+def test_docstring_examples(name) -> None:
+    module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
 
