@@ -1,4 +1,5 @@
-# Quick start: `make demo` and `make test`. Both create .venv with the system python3 if it is
+# Quick start: `make demo` (the `reflora bench` default suite, results/ gets the JSON and PNGs)
+# and `make test`. Both create .venv with the system python3 if it is
 # missing and (re)install the project with all extras whenever pyproject.toml changes.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test install clean
 
 demo: $(STAMP)
-	$(PY) -m reflora demo
+	$(PY) -m reflora bench --out results
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -63,12 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     d.add_argument("--iters", type=int, default=100, help="iterations (default 100)")
     d.set_defaults(func=demo)
+    b = sub.add_parser("bench", help="RefLoRA vs LoRA and its neighbours on mf, text, vision and graph tasks")
+    from reflora.bench.cli import add_arguments, bench
+
+    add_arguments(b)
+    b.set_defaults(func=bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "seeds", 1) < 1:
+    if (getattr(args, "seeds", None) or 1) < 1 or getattr(args, "seeds", None) == 0:
         print("reflora: --seeds must be >= 1", file=sys.stderr)
         return 2
     return args.func(args)

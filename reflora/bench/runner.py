@@ -1,0 +1,99 @@
+"""Run one (task, method, lr, seed) and measure it."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from reflora.bench.methods import MethodUnavailable, make_optimizer
+from reflora.bench.tasks import Task
+
+__all__ = ["Run", "run_one", "steps_to"]
+
+
+@dataclass
+class Run:
+    task: str
+    method: str
+    lr: float
+    seed: int
+    losses: list[float] = field(default_factory=list)
+    metric: float = float("nan")
+    ms_per_step: float = float("nan")
+    state_mb: float = float("nan")
+    error: str = ""
+
+    @property
+    def final_loss(self) -> float:
+        """Mean training loss over the last 10% of steps (single-batch losses are noisy)."""
+        if not self.losses:
+            return float("nan")
+        k = max(1, len(self.losses) // 10)
+        return float(statistics.fmean(self.losses[-k:]))
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["final_loss"] = self.final_loss
+        return d
+
+
+def _ema(xs: list[float], beta: float = 0.8) -> list[float]:
+    out, m = [], None
+    for x in xs:
+        m = x if m is None else beta * m + (1 - beta) * x
+        out.append(m)
+    return out
+
+
+def steps_to(losses: list[float], target: float) -> int | None:
+    """First step whose smoothed (EMA 0.8) training loss is at or below ``target``."""
+    if not math.isfinite(target):
+        return None
+    return next((i + 1 for i, v in enumerate(_ema(losses)) if v <= target), None)
+
+
+def _state_mb(opt, handle) -> float:
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    if handle is not None:
+        for S, S_inv in handle._cache.values():
+            total += (S.numel() + S_inv.numel()) * S.element_size()
+    return total / 2**20
+
+
+def run_one(task: Task, method: str, lr: float, seed: int, steps: int) -> Run:
+    run = Run(task.name, method, lr, seed)
+    torch.manual_seed(seed)
+    model = task.build(seed)
+    model.train()
+    try:
+        opt, handle = make_optimizer(method, model, lr)
+    except MethodUnavailable as exc:
+        run.error = str(exc)
+        return run
+    times = []
+    batches = task.batches(seed)
+    for _ in range(steps):
+        batch = next(batches)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss(model, batch)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        value = float(loss.detach())
+        run.losses.append(value)
+        if not math.isfinite(value):
+            run.error = "diverged (non-finite loss)"
+            break
+    run.ms_per_step = 1e3 * statistics.median(times[1:] or times)
+    run.state_mb = _state_mb(opt, handle)
+    run.metric = task.evaluate(model, seed) if not run.error else float("nan")
+    return run
