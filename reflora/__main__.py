@@ -1,4 +1,8 @@
-"""``python -m reflora``: the command-line entry point (also installed as ``reflora``)."""
+"""``python -m reflora``: the command-line entry point (also installed as ``reflora``).
+
+``reflora bench`` runs the benchmark suite (``make demo``); ``reflora demo`` is the quick
+matrix-factorization comparison alone.
+"""
 
 from __future__ import annotations
 
@@ -73,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if (getattr(args, "seeds", None) or 1) < 1 or getattr(args, "seeds", None) == 0:
-        print("reflora: --seeds must be >= 1", file=sys.stderr)
-        return 2
+    for name in ("seeds", "steps", "iters"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            print(f"reflora: --{name} must be >= 1; got {value}", file=sys.stderr)
+            return 2
     return args.func(args)
 
 

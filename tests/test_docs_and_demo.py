@@ -67,6 +67,10 @@ def test_demo_command_prints_the_comparison() -> None:
 
 def test_cli_rejects_bad_arguments() -> None:
     res = subprocess.run([sys.executable, "-m", "reflora", "demo", "--seeds", "0"], capture_output=True, text=True)
-    assert res.returncode == 2 and "--seeds must be >= 1" in res.stderr
+    assert res.returncode == 2 and "--seeds must be >= 1; got 0" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "reflora", "bench", "--steps", "-1"], capture_output=True, text=True)
+    assert res.returncode == 2 and "--steps must be >= 1; got -1" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "reflora", "bench", "--tasks", "audio"], capture_output=True, text=True)
+    assert res.returncode == 2 and "invalid choice: 'audio'" in res.stderr
     res = subprocess.run([sys.executable, "-m", "reflora", "bogus"], capture_output=True, text=True)
     assert res.returncode == 2 and "invalid choice" in res.stderr
