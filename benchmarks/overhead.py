@@ -25,7 +25,6 @@ from torch import nn
 
 import reflora
 import reflora.adapters
-from reflora.functional import precondition
 
 MODES = [("full", "gradient"), ("scalar", "gradient"), ("full", "parameter"), ("scalar", "parameter")]
 LLAMA7B = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "up": (4096, 11008), "down": (11008, 4096)}

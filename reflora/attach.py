@@ -45,10 +45,13 @@ from torch.utils.hooks import RemovableHandle
 
 from reflora._linalg import compute_dtype, default_eps
 from reflora.functional import (
+    _SECOND_MOMENT_RULES,
     Transform,
     _check_eps,
     _check_variant,
     _full_from_grams,
+    _grams,
+    _metric,
     _scalar_from_sq_norms,
 )
 from reflora.pairs import LoRAPair, to_core
@@ -58,7 +61,6 @@ __all__ = ["RefLoRAHandle", "UnsupportedOptimizerError", "attach"]
 
 Space = Literal["gradient", "parameter"]
 _SPACES = ("gradient", "parameter")
-_SECOND_MOMENT_RULES = ("square", "keep", "reset")
 
 # optimizer -> {param id: handle}; guards against attaching twice to the same parameters.
 _ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, RefLoRAHandle]]" = (
@@ -79,8 +81,8 @@ class UnsupportedOptimizerError(TypeError):
 
 def _full_kernel(X: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(left, right, S, S^{-1})`` of a stack of pairs from their Grams (compute dtype)."""
-    left, right = _full_from_grams(X, Y, eps)
-    return left, right, left.mT @ left, right @ right.mT
+    T = _full_from_grams(X, Y, eps)
+    return (*T, *_metric(T))
 
 
 # Above this many elements per factor the big ops are bandwidth-bound: stacking would add a copy
@@ -90,14 +92,11 @@ _STACK_MAX_NUMEL = 1 << 16
 
 
 def _gram_stack(pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
-    cd = compute_dtype(pairs[0].A.dtype)
+    """``(A A^T, B^T B)`` of a group, stacked, in the compute dtype."""
     if pairs[0].A.numel() <= _STACK_MAX_NUMEL:
-        A = torch.stack([p.a() for p in pairs]).to(cd)
-        B = torch.stack([p.b() for p in pairs]).to(cd)
-        return A @ A.mT, B.mT @ B
-    X = torch.stack([(lambda a: a @ a.mT)(p.a().to(cd)) for p in pairs])
-    Y = torch.stack([(lambda b: b.mT @ b)(p.b().to(cd)) for p in pairs])
-    return X, Y
+        return _grams(torch.stack([p.a() for p in pairs]), torch.stack([p.b() for p in pairs]))
+    X, Y = zip(*(_grams(p.a(), p.b()) for p in pairs))
+    return torch.stack(X), torch.stack(Y)
 
 
 def _sq_norms(tensors: list[Tensor]) -> Tensor:
@@ -276,8 +275,8 @@ class RefLoRAHandle:
     def _metric(self, pairs: list[LoRAPair]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(left, right, S, S^{-1})`` for a group; scalar variant: ``(G, 1, 1)`` tensors."""
         if self.variant == "scalar":
-            left, right = _scalar_from_sq_norms(_sq_norms([p.A for p in pairs]), _sq_norms([p.B for p in pairs]))
-            return left, right, left.square(), right.square()
+            T = _scalar_from_sq_norms(_sq_norms([p.A for p in pairs]), _sq_norms([p.B for p in pairs]))
+            return (*T, *_metric(T))
         X, Y = _gram_stack(pairs)
         return self._kernel(X, Y, self._eps_for(pairs[0].A.dtype))
 

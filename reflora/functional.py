@@ -273,6 +273,14 @@ def _scalar_transform(A: Tensor, B: Tensor) -> Transform:
     return _scalar_from_sq_norms(a_sq, b_sq)
 
 
+def _metric(T: Transform) -> tuple[Tensor, Tensor]:
+    """``(S, S^{-1}) = (P P^T, P^{-T} P^{-1})`` of a transform (``(p^2, 1/p^2)`` for the scalar form)."""
+    left, right = T
+    if left.shape[-1] == 1:
+        return left.square(), right.square()
+    return left.mT @ left, right @ right.mT
+
+
 def _matmul_left(T: Tensor, X: Tensor) -> Tensor:
     """``T @ X`` where ``T`` is ``(..., r, r)`` or a ``(..., 1, 1)`` scalar."""
     return T * X if T.shape[-1] == 1 else T @ X
@@ -453,10 +461,7 @@ def preconditioner(
     degenerate one (see the module docstring). For ``variant="scalar"`` both are ``(..., 1, 1)``:
     ``(p^2, 1 / p^2)``.
     """
-    left, right = refactor_transform(A, B, variant=variant, eps=eps)
-    if variant == "scalar":
-        return left.square(), right.square()
-    return left.mT @ left, right @ right.mT
+    return _metric(refactor_transform(A, B, variant=variant, eps=eps))
 
 
 def precondition(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -86,13 +84,11 @@ def test_training_with_reflora_lowers_the_loss(build, space) -> None:
 
 
 def test_builtin_finders_in_priority_order() -> None:
-    assert [n for n, _ in list_finders()][:4] == ["peft_lora", "reflora_pyg", "marked_bottleneck", "owned_factors"] or \
-        [n for n, _ in list_finders()] == ["peft_lora", "reflora_pyg", "marked_bottleneck", "owned_factors"]
+    assert [n for n, _ in list_finders()][:4] == ["peft_lora", "reflora_pyg", "marked_bottleneck", "owned_factors"]
 
 
 # ------------------------------------------------------------------------------- PEFT specifics
 
-peft = pytest.importorskip("peft") if has("peft") else None
 needs_hf = pytest.mark.skipif(not has("transformers", "peft"), reason="needs transformers and peft")
 
 

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import reflora.adapters
-import reflora.functional
 from reflora.bench import mf
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
-import math
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -179,7 +178,7 @@ def _vit_base(seed: int) -> dict:
     torch.manual_seed(seed)
     model = _vit(5)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for step, idx in zip(range(300), _cycle(len(sel), 64, seed)):
+    for _, idx in zip(range(300), _cycle(len(sel), 64, seed)):
         b = sel[idx]
         loss = nn.functional.cross_entropy(model(x[b]), y[b])
         opt.zero_grad()
