@@ -12,32 +12,35 @@ the metric ``S = P P^T``. RefLoRA picks the ``S`` that balances the factors::
 
     X = A A^T,  Y = B^T B,  S X S = Y  =>  S = X^{-1} # Y   (matrix geometric mean)
 
-computed as in the paper (two r x r symmetric eigendecompositions)::
-
-    eigh(A A^T)  = V_A diag(a^2) V_A^T
-    M            = B V_A diag(a)                    (n x r)
-    eigh(M^T M)  = V_M diag(sigma^2) V_M^T          (sigma: singular values of B A)
-    P            = V_A diag(1/a) V_M diag(sigma^{1/2})
-    P^{-T}       = V_A diag(a)   V_M diag(sigma^{-1/2})
+computed from the two r x r Grams with symmetric eigendecompositions (the paper's route; the
+construction and its extension to rank-deficient products are in
+:func:`reflora._linalg.balanced_metric`).
 
 Numerics, and where this implementation deviates from the paper's formulas (stated once here,
 repeated in the README):
 
-* **Compute dtype.** float64 inputs are computed in float64; float32, bfloat16 and float16 in
-  float32 (``eigh`` has no half kernels). Results are cast back to the input dtype.
-* **eps.** Both eigenvalue spectra (``a^2`` and ``sigma^2``) are floored at
-  ``eps * lambda_max`` of their own matrix (default ``eps = 64 * machine_eps`` of the compute
-  dtype) before any inverse or root is taken; eigenvalues are first clamped at zero because
-  round-off makes them slightly negative. ``P`` and ``P^{-T}`` are built from the *same* floored
-  values, so they are exact inverses of each other and ``B' A' = B A`` holds to round-off even
-  when ``A`` or ``B A`` is rank deficient (``r > m``, ``r > n``, near-singular factors); only the
-  balance of the floored directions is approximate, at the level of the floor.
-* **Zero product (PEFT's init, B = 0).** The paper's ``S`` is then 0 (B would never move) and
-  ``S^{-1}`` is infinite. A pair is *degenerate* when ``A == 0`` or
-  ``sigma_max^2 <= eps * ||A||_2^2 * ||B||_F^2`` (its product is zero relative to its factors).
-  A degenerate pair gets ``P = I``: :func:`refactor` returns it unchanged and :func:`precondition`
-  returns its gradients unchanged (a plain LoRA step), so training starts from ``B = 0`` with no
-  warmup and no re-initialisation. The scalar variant does the same when ``A == 0`` or ``B == 0``.
+* **Compute dtype.** The Grams and every r x r operation run in float64 whatever the factors'
+  dtype, and results are cast back to the input dtype. A float32 Gram of a factor with
+  condition number 1e3 has already lost its small eigenvalues (``S`` off by 1-2% even with a
+  float64 eigensolver); from float64 Grams ``S``, the preconditioned gradients and the balance of
+  float32 and bfloat16 factors with ``cond(A), cond(B) <= 1e3`` are within 1% of the float64
+  answer (tested; the README's "Numerics and limits" table has the measured errors).
+* **Dead directions (the paper's S does not exist).** ``S X S = Y`` has an SPD solution only
+  when ``B A`` has full rank ``r``. A direction whose squared singular value is at most
+  ``eps * ||A||_2^2 * ||B||_F^2`` (default ``eps`` = 1.4e-14: zero to float64 round-off) is
+  *dead*: the metric there is the identity (a plain LoRA step), and only the live directions are
+  balanced. Cases: ``B = 0`` (PEFT's init; all directions dead, ``S = I``, so training starts
+  with no warmup), ``r > min(m, n)`` (a 3-label head with r = 8; at least ``r - min(m, n)``
+  directions dead), and exactly rank-deficient products. The earlier eigenvalue *floor* made
+  ``P`` ill-conditioned on such directions and the optimizer state blew up; there is no floor
+  now and no inverse of a dead value is ever taken.
+* **Frame.** Any ``P`` with ``P P^T = S`` gives the same plain gradient step. The default
+  ``frame="symmetric"`` takes ``P = S^{1/2}``: unique (identical factors across devices,
+  compilation and ranks, no eigenvector signs involved), the identity for an already balanced
+  pair, and the smallest change of coordinates for the optimizer state. ``frame="paper"`` takes
+  the paper's closed form (balanced Grams equal to ``diag(sigma)``), with the sign of each
+  eigenvector fixed (largest entry positive); repeated singular values leave a rotation inside
+  their eigenspace that no convention can fix.
 * **Non-finite input.** A pair holding NaN/Inf gets NaN outputs; the other pairs of the batch
   are computed as usual (bad matrices are replaced before ``eigh``, which could otherwise raise).
 
@@ -46,15 +49,17 @@ These functions are not meant to be differentiated through.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from reflora._linalg import compute_dtype, default_eps, floored_eigh
+from reflora._linalg import balanced_metric, compute_dtype, default_eps
 
 __all__ = [
     "Refactored",
+    "RankAboveSizeWarning",
     "RefactoredWithGrads",
     "Transform",
     "apply_transform",
@@ -67,8 +72,21 @@ __all__ = [
 ]
 
 Variant = Literal["full", "scalar"]
+Frame = Literal["symmetric", "paper"]
 SecondMomentRule = Literal["square", "keep", "reset"]
 _VARIANTS = ("full", "scalar")
+_FRAMES = ("symmetric", "paper")
+
+
+class RankAboveSizeWarning(UserWarning):
+    """The rank ``r`` exceeds ``min(m, n)``: possibly ``(B, A)`` passed as ``(A, B)``.
+
+    A rank above the layer's size is legitimate (a 3-label head with r = 8) and is handled (the
+    surplus directions are dead and left as they are); silence it with
+    ``warnings.filterwarnings("ignore", category=reflora.functional.RankAboveSizeWarning)``.
+    """
+
+
 _SECOND_MOMENT_RULES = ("square", "keep", "reset")
 
 
@@ -76,8 +94,8 @@ class Transform(NamedTuple):
     r"""A refactoring ``(A, B) -> (left @ A, B @ right)``, with ``left = P^T``, ``right = P^{-T}``.
 
     For ``variant="full"`` both are ``(..., r, r)``; for ``variant="scalar"`` both are
-    ``(..., 1, 1)`` (``left = p``, ``right = 1 / p``). They are in the compute dtype (float32, or
-    float64 for float64 inputs). Because ``left @ right^T = I``, ``B' A' = B A``.
+    ``(..., 1, 1)`` (``left = p``, ``right = 1 / p``). They are in the compute dtype (float64). Because
+    ``left @ right^T = I``, ``B' A' = B A``.
     """
 
     left: Tensor
@@ -140,6 +158,12 @@ def _check_pair(A: object, B: object) -> tuple[Tensor, Tensor]:
         raise ValueError(
             f"B must have at least 2 dimensions (..., n, r); got shape {_shape(B)}"
         )
+    for name, t, dims in (("A", A, "(..., r, m)"), ("B", B, "(..., n, r)")):
+        if 0 in t.shape[-2:]:
+            raise ValueError(
+                f"{name} has shape {_shape(t)}, an empty matrix; expected {dims} with r, m, n >= 1 "
+                "(a rank-0 adapter has nothing to refactor: drop it)"
+            )
     if A.shape[-2] != B.shape[-1]:
         raise ValueError(
             f"A has rank {A.shape[-2]} (shape {_shape(A)}) but B has rank {B.shape[-1]} "
@@ -181,6 +205,27 @@ def _check_variant(variant: object) -> str:
     return variant  # type: ignore[return-value]
 
 
+def _check_frame(frame: object) -> str:
+    if frame not in _FRAMES:
+        raise ValueError(f"frame must be one of {_FRAMES}; got {frame!r}")
+    return frame  # type: ignore[return-value]
+
+
+def _warn_rank_above_size(A: Tensor, B: Tensor, stacklevel: int = 3) -> None:
+    r, m, n = A.shape[-2], A.shape[-1], B.shape[-2]
+    if r > min(m, n) and not torch.compiler.is_compiling():
+        warnings.warn(
+            f"A has shape {_shape(A)} and B has shape {_shape(B)}: the rank r={r} exceeds "
+            f"min(m, n)={min(m, n)}. Did you pass (B, A)? The core expects A (..., r, m) = "
+            "lora_A.weight and B (..., n, r) = lora_B.weight. If the rank really exceeds the "
+            "layer's size, this is supported (the surplus directions are left as they are); "
+            "silence this with warnings.filterwarnings('ignore', "
+            "category=reflora.functional.RankAboveSizeWarning)",
+            RankAboveSizeWarning,
+            stacklevel=stacklevel,
+        )
+
+
 def _check_eps(eps: object, dtype: torch.dtype) -> float:
     if eps is None:
         return default_eps(dtype)
@@ -215,43 +260,32 @@ def _grams(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return Ac @ Ac.mT, Bc.mT @ Bc
 
 
-def _full_from_grams(X: Tensor, Y: Tensor, eps: float) -> Transform:
-    """The full-variant transform from the Gram matrices alone (all work is r x r).
+def _full_from_grams(X: Tensor, Y: Tensor, eps: float, frame: str = "symmetric") -> Transform:
+    """The full-variant transform from the Gram matrices alone (all work is r x r, float64).
 
-    ``M^T M = diag(a) V_A^T (B^T B) V_A diag(a)``, so ``M = B V_A diag(a)`` is never formed.
-    A non-finite factor shows up as a non-finite Gram (NaN/Inf propagate through the product);
-    such pairs get NaN transforms and are kept away from ``eigh``.
+    See :func:`reflora._linalg.balanced_metric` for the construction. A non-finite factor shows
+    up as a non-finite Gram (NaN/Inf propagate through the product); such pairs get NaN
+    transforms and are kept away from ``eigh``.
     """
-    cd = X.dtype
-    finite = (torch.isfinite(X).flatten(-2).all(-1) & torch.isfinite(Y).flatten(-2).all(-1))
+    return Transform(*_full_kernel(X, Y, eps, frame)[:2])
+
+
+def _full_kernel(
+    X: Tensor, Y: Tensor, eps: float, frame: str = "symmetric"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(left, right, S, S^{-1})`` of a stack of pairs from their Grams (compute dtype)."""
+    finite = torch.isfinite(X).flatten(-2).all(-1) & torch.isfinite(Y).flatten(-2).all(-1)
     finite = finite[..., None, None]
+    X = torch.where(finite, X, 0.0)
     Y = torch.where(finite, Y, 0.0)
-
-    lam_a, lam_a_floored, V_a = floored_eigh(X, eps)
-    a = lam_a_floored.sqrt()
-    Va_a = V_a * a[..., None, :]
-    lam_m, lam_m_floored, V_m = floored_eigh(Va_a.mT @ Y @ Va_a, eps)
-    root = lam_m_floored.sqrt().sqrt()  # sigma^{1/2}
-
-    # left = P^T = diag(sigma^1/2) V_M^T diag(1/a) V_A^T ; right = P^-T = V_A diag(a) V_M diag(sigma^-1/2)
-    left = root[..., :, None] * (V_m.mT @ (V_a / a[..., None, :]).mT)
-    right = (Va_a @ V_m) / root[..., None, :]
-
-    tiny = torch.finfo(cd).tiny
-    lam_a_max = lam_a.amax(-1)
-    b_sq = Y.diagonal(dim1=-2, dim2=-1).sum(-1)  # ||B||_F^2 = trace(B^T B)
-    degenerate = (lam_a_max <= tiny) | (lam_m.amax(-1) <= eps * lam_a_max * b_sq)
-    degenerate = degenerate[..., None, None]
-    eye = torch.eye(X.shape[-1], dtype=cd, device=X.device)
-    left = torch.where(degenerate, eye, left)
-    right = torch.where(degenerate, eye, right)
-    nan = torch.full((), float("nan"), dtype=cd, device=X.device)
-    return Transform(torch.where(finite, left, nan), torch.where(finite, right, nan))
+    out = balanced_metric(X, Y, eps, frame)[:4]
+    nan = torch.full((), float("nan"), dtype=X.dtype, device=X.device)
+    return tuple(torch.where(finite, t, nan) for t in out)  # type: ignore[return-value]
 
 
-def _full_transform(A: Tensor, B: Tensor, eps: float) -> Transform:
+def _full_transform(A: Tensor, B: Tensor, eps: float, frame: str = "symmetric") -> Transform:
     X, Y = _grams(A, B)
-    return _full_from_grams(X, Y, eps)
+    return _full_from_grams(X, Y, eps, frame)
 
 
 def _scalar_from_sq_norms(a_sq: Tensor, b_sq: Tensor) -> Transform:
@@ -295,24 +329,34 @@ def _matmul_right(X: Tensor, T: Tensor) -> Tensor:
 
 
 def refactor_transform(
-    A: Tensor, B: Tensor, *, variant: Variant = "full", eps: float | None = None
+    A: Tensor,
+    B: Tensor,
+    *,
+    variant: Variant = "full",
+    eps: float | None = None,
+    frame: Frame = "symmetric",
 ) -> Transform:
     r"""Compute the optimal refactoring of ``(A, B)`` without applying it.
 
     .. code-block:: text
 
-        full:   left = P^T,  right = P^{-T},  P = V_A diag(1/a) V_M diag(sigma^{1/2})
+        full:   left = P^T,  right = P^{-T},  P P^T = S = (A A^T)^{-1} # (B^T B)
+                frame="symmetric": P = S^{1/2};  frame="paper": P = V_A diag(1/a) V_M diag(sigma^{1/2})
         scalar: left = p,    right = 1/p,     p = sqrt(||B||_F / ||A||_F)
 
     Args:
         A: ``(..., r, m)`` down-projection factor.
         B: ``(..., n, r)`` up-projection factor; batch dimensions broadcast with ``A``'s.
         variant: ``"full"`` (RefLoRA) or ``"scalar"`` (RefLoRA-S).
-        eps: relative eigenvalue floor (full variant only); ``None`` picks
-            ``64 * machine_eps`` of the compute dtype. See the module docstring.
+        eps: live-direction threshold (full variant only): a direction of ``B A`` whose squared
+            singular value is at most ``eps * ||A||_2^2 * ||B||_F^2`` is dead and left as it is.
+            ``None`` picks ``64 * machine_eps(float64)`` = 1.4e-14. See the module docstring.
+        frame: which ``P`` among those with ``P P^T = S`` (full variant only):
+            ``"symmetric"`` (``S^{1/2}``, unique, closest to the identity) or ``"paper"`` (the
+            paper's closed form, balanced Grams equal to ``diag(sigma)``).
 
     Returns:
-        A :class:`Transform` in the compute dtype (float32, or float64 for float64 input).
+        A :class:`Transform` in float64.
 
     Example:
         >>> import torch
@@ -328,9 +372,11 @@ def refactor_transform(
     A, B = _check_pair(A, B)
     variant = _check_variant(variant)
     eps_ = _check_eps(eps, A.dtype)
+    frame = _check_frame(frame)
+    _warn_rank_above_size(A, B)
     if variant == "scalar":
         return _scalar_transform(A, B)
-    return _full_transform(A, B, eps_)
+    return _full_transform(A, B, eps_, frame)
 
 
 def apply_transform(transform: Transform, A: Tensor, B: Tensor) -> Refactored:
@@ -402,13 +448,15 @@ def refactor(
     *,
     variant: Variant = "full",
     eps: float | None = None,
+    frame: Frame = "symmetric",
 ) -> Refactored | RefactoredWithGrads:
     r"""Replace ``(A, B)`` by its optimal (balanced) factorization of the same product.
 
     .. code-block:: text
 
         A' = P^T A,   B' = B P^{-T},   B' A' = B A
-        full:   A' A'^T = B'^T B' = diag(sigma),  ||A'||_F^2 + ||B'||_F^2 = 2 ||B A||_*
+        full:   A' A'^T = B'^T B'  (eigenvalues sigma, the singular values of B A;
+                frame="paper" makes both equal diag(sigma)),  ||A'||_F^2 + ||B'||_F^2 = 2 ||B A||_*
         scalar: P = p I,  ||A'||_F = ||B'||_F
 
     Args:
@@ -417,13 +465,14 @@ def refactor(
         grads: optional ``(grad_A, grad_B)``, shaped like ``A`` and ``B``. When given they are
             mapped into the new coordinates (``P^{-1} grad_A``, ``grad_B P``).
         variant: ``"full"`` (RefLoRA) or ``"scalar"`` (RefLoRA-S).
-        eps: relative eigenvalue floor, see the module docstring.
+        eps: live-direction threshold, see :func:`refactor_transform`.
+        frame: ``"symmetric"`` (default) or ``"paper"``, see :func:`refactor_transform`.
 
     Returns:
         ``Refactored(A', B')`` (a 2-tuple) without ``grads``;
         ``RefactoredWithGrads(A', B', grad_A', grad_B')`` (a 4-tuple) with them. ``out[0]`` and
         ``out[1]`` are always ``A'`` and ``B'``. Dtypes are preserved; the batch shape is the
-        broadcast of ``A``'s and ``B``'s. A degenerate pair (zero product, e.g. ``B = 0``) is
+        broadcast of ``A``'s and ``B``'s. A pair with a zero product (e.g. ``B = 0``) is
         returned unchanged; a pair holding NaN/Inf comes back as NaN.
 
     Example:
@@ -443,7 +492,7 @@ def refactor(
                 f"grads must be a (grad_A, grad_B) tuple or None; got {type(grads).__name__}"
             )
         gA, gB = _check_grads(A, B, grads[0], grads[1])
-    T = refactor_transform(A, B, variant=variant, eps=eps)
+    T = refactor_transform(A, B, variant=variant, eps=eps, frame=frame)
     A2, B2 = apply_transform(T, A, B)
     if grads is None:
         return Refactored(A2, B2)
@@ -458,7 +507,8 @@ def preconditioner(
 
     ``S`` is the symmetric positive definite solution of ``S (A A^T) S = B^T B`` (the matrix
     geometric mean ``(A A^T)^{-1} # (B^T B)``); ``S = I`` for an already balanced pair and for a
-    degenerate one (see the module docstring). For ``variant="scalar"`` both are ``(..., 1, 1)``:
+    pair with no live direction such as ``B = 0`` (see the module docstring). For
+    ``variant="scalar"`` both are ``(..., 1, 1)``:
     ``(p^2, 1 / p^2)``.
     """
     return _metric(refactor_transform(A, B, variant=variant, eps=eps))
@@ -482,14 +532,14 @@ def precondition(
 
     A plain gradient step with these gradients moves ``W = B A`` exactly as a step from the
     refactored pair would (the reference code's default form). With Adam the two forms differ.
-    A degenerate pair (``B = 0`` at PEFT's init) gets its gradients back unchanged, so ``B``
+    A pair with no live direction (``B = 0`` at PEFT's init) gets its gradients back unchanged, so ``B``
     still moves at step one.
 
     Args:
         A, B: the factors, ``(..., r, m)`` and ``(..., n, r)``.
         grad_A, grad_B: their gradients, same shapes.
         variant: ``"full"`` or ``"scalar"``.
-        eps: relative eigenvalue floor, see the module docstring.
+        eps: live-direction threshold, see :func:`refactor_transform`.
 
     Returns:
         ``(grad_A', grad_B')`` in the gradients' dtypes.

@@ -7,7 +7,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reflora._linalg import compute_dtype, default_eps
 from reflora.functional import (
     Refactored,
     apply_transform,
@@ -31,12 +30,8 @@ def f64(*ts):
 
 
 def mach_eps(dtype: torch.dtype) -> float:
-    return torch.finfo(compute_dtype(dtype)).eps
-
-
-def floor_tol(dtype: torch.dtype) -> float:
-    """Relative size of a floored singular value: sqrt(eps) of the compute dtype."""
-    return default_eps(dtype) ** 0.5
+    """Machine eps of the storage dtype: the kernel runs in float64, the results are rounded to it."""
+    return torch.finfo(dtype).eps
 
 
 def max_rel(x: torch.Tensor, scale: torch.Tensor | float) -> float:
@@ -59,37 +54,27 @@ def test_full_refactor_invariants(spec: PairSpec, dev: str) -> None:
     A, B, A2, B2 = f64(A, B, A2, B2)
     W = B @ A
     scale = A.flatten(-2).norm(dim=-1) * B.flatten(-2).norm(dim=-1)
+    scale2 = A2.flatten(-2).norm(dim=-1) * B2.flatten(-2).norm(dim=-1)
     sv = torch.linalg.svdvals(W)  # (..., min(m, n))
-    smax = sv[..., :1].clamp_min(1e-300)
-    eps, fl = mach_eps(spec.dtype), floor_tol(spec.dtype)
+    eps = mach_eps(spec.dtype)
 
-    # product preserved, relative to the round-off scale ||A|| ||B|| of the product itself
+    # product preserved up to the rounding of A', B' to the storage dtype
     err = (B2 @ A2 - W).flatten(-2).abs().amax(-1)
-    assert (err <= 64 * eps * scale).all(), (err / scale).max()
+    assert (err <= 64 * eps * (scale + scale2)).all(), (err / (scale + scale2)).max()
 
-    # Balanced, with Gram eigenvalues = singular values of B A (the top r, zero-padded).
-    # Floored directions of A (rank deficiency, r > m, cond(A) > 1/fl) are balanced only up to
-    # fl * ||A|| ||B||: that is the accuracy of a Gram-based eigensolver (documented).
-    tol = 16 * fl * (smax[..., 0] + scale)
-    G1, G2 = A2 @ A2.mT, B2.mT @ B2
-    bal = torch.linalg.matrix_norm(G1 - G2, ord=2)
-    assert (bal <= tol).all(), (bal / (smax[..., 0] + scale)).max()
-    ev = torch.linalg.eigvalsh(G1).flip(-1)
-    ref = torch.zeros_like(ev)
-    k = min(spec.r, sv.shape[-1])
-    ref[..., :k] = sv[..., :k]
-    assert ((ev - ref).abs() <= tol[..., None]).all()
-
-    # optimal: ||A'||^2 + ||B'||^2 = 2 ||B A||_*  (each floored direction adds at most ~tol)
-    total = A2.square().sum((-2, -1)) + B2.square().sum((-2, -1))
-    gap = (total - 2 * sv.sum(-1)).abs()
-    assert (gap <= spec.r * tol).all(), (gap / (smax[..., 0] + scale)).max()
-    # and in the well-posed case (no floored direction) the tight statements hold
-    well_posed = spec.r <= min(spec.m, spec.n) and spec.cond_a * spec.cond_b < 0.1 / fl
-    if well_posed:
-        kappa = float((smax[..., 0] / sv[..., spec.r - 1]).max())
-        tight = 64 * eps * kappa * smax[..., 0] + 64 * eps * scale
-        assert (bal <= tight * kappa).all(), (bal / smax[..., 0]).max()
+    # Well posed (B A of full rank r, every direction live): balanced, with Gram eigenvalues =
+    # singular values of B A, and optimal: ||A'||^2 + ||B'||^2 = 2 ||B A||_*. Rank-deficient
+    # products (r > min(m, n)) have dead directions, left as they are: see the dead-direction tests.
+    kappa = (spec.cond_a * spec.cond_b) ** 1.5  # error growth with cond(B A), measured
+    if spec.r <= min(spec.m, spec.n) and kappa * eps < 1e-4:
+        tol = 64 * eps * kappa * (A2.square().sum((-2, -1)) + B2.square().sum((-2, -1)))
+        G1, G2 = A2 @ A2.mT, B2.mT @ B2
+        bal = torch.linalg.matrix_norm(G1 - G2, ord=2)
+        assert (bal <= tol).all(), (bal / tol).max()
+        ev = torch.linalg.eigvalsh(G1).flip(-1)
+        assert ((ev - sv[..., : spec.r]).abs() <= tol[..., None]).all()
+        total = A2.square().sum((-2, -1)) + B2.square().sum((-2, -1))
+        assert ((total - 2 * sv.sum(-1)).abs() <= tol).all()
 
 
 @pytest.mark.parametrize("dev", DEVICES)
@@ -284,17 +269,14 @@ def test_batched_equals_loop_and_vmap(spec: PairSpec, variant: str) -> None:
     tol = dict(rtol=1e3 * mach_eps(spec.dtype), atol=1e3 * mach_eps(spec.dtype) * float(A.abs().max() + B.abs().max() + 1))
     for k in range(4):
         assert torch.allclose(vmapped[k], batched[k], **tol)
-    # against the per-pair loop compare what is unique (eigenvectors carry arbitrary signs)
+    # the symmetric frame is unique: batched and per-pair results agree factor by factor
     for i, lp in enumerate(looped):
-        assert torch.allclose(lp.B @ lp.A, batched.B[i] @ batched.A[i], **tol)
-        # floored (null) directions are only defined up to the floor
-        gram = lp.A @ lp.A.mT
-        assert max_rel(gram - batched.A[i] @ batched.A[i].mT, gram.abs().max()) <= 16 * floor_tol(spec.dtype)
+        for k in range(4):
+            assert torch.allclose(lp[k], batched[k][i], **tol)
     for x, y in zip(pre, pre_v):
         assert torch.allclose(x, y, **tol)
-    # S^-1 of a rank-deficient pair is as ill-conditioned as the floor allows: compare at that level
     single = precondition(A[0], B[0], gA[0], gB[0], variant=variant)[0]
-    assert max_rel(pre[0][0] - single, single.abs().max()) <= 16 * floor_tol(spec.dtype)
+    assert torch.allclose(pre[0][0], single, **tol)
 
 
 def test_batch_dims_broadcast() -> None:
@@ -307,7 +289,7 @@ def test_batch_dims_broadcast() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_half_precision_is_computed_in_float32_and_cast_back(dtype, variant, device) -> None:
+def test_half_precision_is_computed_in_float64_and_cast_back(dtype, variant, device) -> None:
     g = torch.Generator().manual_seed(1)
     A = (3 * torch.randn(2, 8, 96, generator=g)).to(device, dtype)
     B = (0.05 * torch.randn(2, 48, 8, generator=g)).to(device, dtype)
@@ -318,9 +300,9 @@ def test_half_precision_is_computed_in_float32_and_cast_back(dtype, variant, dev
     pre = precondition(A, B, gA, gB, variant=variant)
     assert all(t.dtype == dtype and torch.isfinite(t).all() for t in pre)
     W, W2 = (B.double() @ A.double()), (out.B.double() @ out.A.double())
-    # the only error beyond float32 is the final rounding of A', B' to the half dtype
+    # the only error beyond float64 is the final rounding of A', B' to the half dtype
     assert max_rel(W2 - W, W.abs().max()) <= 16 * torch.finfo(dtype).eps
-    # reference computed from the same inputs in float32 gives the same up to that rounding
+    # the same inputs given as float32 give the same up to that rounding
     ref = refactor(A.float(), B.float(), variant=variant)
     assert torch.allclose(out.A.float(), ref.A.to(dtype).float())
 
