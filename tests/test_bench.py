@@ -53,3 +53,26 @@ def test_bench_text_task_runs(tmp_path) -> None:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "== text" in res.stdout and "MiniLM" in res.stdout
+
+
+def test_version_flag(capsys) -> None:
+    import reflora
+    from reflora.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"reflora {reflora.__version__}"
+
+
+@pytest.mark.parametrize("bad", ["-1", "0", "nan", "inf", "abc"])
+def test_demo_rejects_bad_lr(capsys, bad) -> None:
+    from reflora.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--lr", "0.01", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --lr: expected a positive finite number; got '{bad}'" in err
+    assert "Traceback" not in err
+
