@@ -1,7 +1,7 @@
 """``python -m reflora``: the command-line entry point (also installed as ``reflora``).
 
 ``reflora bench`` runs the benchmark suite (``make demo``); ``reflora demo`` is the quick
-matrix-factorization comparison alone.
+matrix-factorization comparison alone; ``reflora --version`` prints the version.
 """
 
 from __future__ import annotations
@@ -11,7 +11,33 @@ import math
 import sys
 import time
 
-__all__ = ["main"]
+from reflora import __version__
+
+__all__ = ["main", "positive_lr"]
+
+
+def positive_lr(text: str) -> float:
+    """Argparse ``type`` for a learning rate: a positive, finite number.
+
+    Args:
+        text: The command-line value.
+
+    Returns:
+        The value as a float.
+
+    Raises:
+        argparse.ArgumentTypeError: If ``text`` is not a number, or is zero, negative, inf or nan
+            (argparse turns this into ``error: argument --lr: ...`` and exit code 2).
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive finite number; got {text!r} (pass a step size such as 0.01)"
+        )
+    return value
 
 
 def _fmt(x: float) -> str:
@@ -61,9 +87,11 @@ def demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reflora", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"reflora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="LoRA vs RefLoRA on the paper's matrix-factorization problem")
-    d.add_argument("--lr", type=float, nargs="+", default=[0.01, 0.03], help="step sizes")
+    d.add_argument("--lr", type=positive_lr, nargs="+", default=[0.01, 0.03],
+                   help="step sizes, positive (default 0.01 0.03)")
     d.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     d.add_argument("--iters", type=int, default=100, help="iterations (default 100)")
     d.set_defaults(func=demo)

@@ -53,3 +53,92 @@ def test_bench_text_task_runs(tmp_path) -> None:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "== text" in res.stdout and "MiniLM" in res.stdout
+
+
+def test_version_flag(capsys) -> None:
+    import reflora
+    from reflora.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"reflora {reflora.__version__}"
+
+
+@pytest.mark.parametrize("bad", ["-1", "0", "nan", "inf", "abc"])
+def test_demo_rejects_bad_lr(capsys, bad) -> None:
+    from reflora.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--lr", "0.01", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --lr: expected a positive finite number; got '{bad}'" in err
+    assert "Traceback" not in err
+
+
+def test_bench_out_under_a_file_fails_before_any_work(tmp_path, capsys, monkeypatch) -> None:
+    from reflora.__main__ import main
+    from reflora.bench import cli
+
+    monkeypatch.setattr(cli, "_mf", lambda *a, **k: pytest.fail("benchmark work ran before --out was checked"))
+    monkeypatch.setattr(cli, "run_one", lambda *a, **k: pytest.fail("benchmark work ran before --out was checked"))
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    for out in (blocker / "out", blocker):
+        assert main(["bench", "--tasks", "mf", "graph", "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("reflora: --out ")
+        assert str(out) in lines[0] and f"'{blocker}' is a file" in lines[0] and "pass --out a folder" in lines[0]
+        assert captured.out == ""
+
+
+def test_bench_out_not_writable(tmp_path, capsys, monkeypatch) -> None:
+    # root can write into a chmod-555 folder, so the failing write probe is simulated
+    from reflora.__main__ import main
+    from reflora.bench import cli
+
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "mkstemp", deny)
+    monkeypatch.setattr(cli, "_mf", lambda *a, **k: pytest.fail("benchmark work ran before --out was checked"))
+    assert main(["bench", "--tasks", "mf", "--out", str(tmp_path / "ro")]) == 2
+    err = capsys.readouterr().err
+    assert "reflora: --out " in err and "Permission denied" in err and str(tmp_path / "ro") in err
+
+
+def test_bench_mf_runs_only_the_chosen_methods(tmp_path, capsys) -> None:
+    from reflora.__main__ import main
+
+    assert main(["bench", "--tasks", "mf", "--methods", "reflora-s-grad", "lora+", "--seeds", "1", "--no-plots",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "note: mf runs lora, reflora_s" in out and "lora+ has no mf counterpart" in out
+    rows = [line.split() for line in out.splitlines() if line[:5].strip() in ("0.01", "0.03")]
+    assert sorted({r[1] for r in rows}) == ["lora", "reflora_s"] and len(rows) == 4
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["mf"]["methods"] == ["lora", "reflora_s"]
+    assert {r["method"] for r in report["mf"]["rows"]} == {"lora", "reflora_s"}
+
+
+def test_bench_mf_methods_mapping() -> None:
+    from reflora.bench import mf
+    from reflora.bench.cli import MF_COUNTERPARTS, mf_methods
+
+    assert set(MF_COUNTERPARTS) | {"lora+"} == set(METHODS)
+    assert set(MF_COUNTERPARTS.values()) == set(mf.METHODS)
+    assert mf_methods(list(METHODS)) == (list(mf.METHODS), ["lora+"])
+    assert mf_methods(["riemannian"]) == (["lora", "scaledgd"], [])
+    assert mf_methods(["reflora", "reflora-param"]) == (["lora", "reflora"], [])
+    assert mf_methods(["lora+"]) == ([], ["lora+"])
+
+
+def test_bench_mf_alone_without_counterpart_errors(tmp_path, capsys) -> None:
+    from reflora.__main__ import main
+
+    assert main(["bench", "--tasks", "mf", "--methods", "lora+", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reflora: --methods lora+ has no counterpart on the mf task") and "--tasks" in err
+    assert not (tmp_path / "r").exists()  # nothing was created or run

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,9 +20,20 @@ from reflora.bench.report import plot_mf, plot_task, task_table
 from reflora.bench.runner import run_one
 from reflora.bench.tasks import TASKS
 
-__all__ = ["add_arguments", "bench"]
+__all__ = ["MF_COUNTERPARTS", "add_arguments", "bench", "check_out", "mf_methods"]
 
 ALL_TASKS = ("mf", "text", "vision", "graph")
+
+# bench method -> the mf method that is the same update rule under plain gradient descent (mf has no
+# optimizer state, so RefLoRA's parameter- and gradient-space forms coincide there). LoRA+ has none.
+MF_COUNTERPARTS = {
+    "lora": "lora",
+    "riemannian": "scaledgd",
+    "reflora": "reflora",
+    "reflora-param": "reflora",
+    "reflora-s": "reflora_s",
+    "reflora-s-grad": "reflora_s",
+}
 
 
 def add_arguments(p) -> None:
@@ -33,7 +47,49 @@ def add_arguments(p) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
-def _mf(args, out: Path, report: dict) -> None:
+def check_out(out: Path) -> str | None:
+    """Create ``out`` and probe that a file can be written there, before any benchmark work.
+
+    Args:
+        out: The ``--out`` folder.
+
+    Returns:
+        ``None`` if the folder is usable, else a one-line message naming the path, the cause and the fix.
+    """
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".reflora-write-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        cause = exc.strerror or type(exc).__name__
+        if blocker is not None:
+            cause += f" ({str(blocker)!r} is a file, not a folder)"
+        return (f"--out {str(out)!r} cannot be created or written: {cause}; "
+                "pass --out a folder you can write to (it is created if missing), e.g. --out results")
+    return None
+
+
+def mf_methods(methods: list[str]) -> tuple[list[str], list[str]]:
+    """The mf methods that stand for the chosen bench methods, and the chosen ones with no mf counterpart.
+
+    Args:
+        methods: The ``--methods`` values (names in :data:`reflora.bench.methods.METHODS`).
+
+    Returns:
+        ``(mf_names, unmatched)``: ``mf_names`` in :data:`reflora.bench.mf.METHODS` order, always with
+        the ``lora`` baseline when any method matched (empty when none did); ``unmatched`` the bench
+        methods that have no mf counterpart.
+    """
+    wanted = {MF_COUNTERPARTS[m] for m in methods if m in MF_COUNTERPARTS}
+    unmatched = [m for m in dict.fromkeys(methods) if m not in MF_COUNTERPARTS]
+    if wanted:
+        wanted.add("lora")
+    return [m for m in mf.METHODS if m in wanted], unmatched
+
+
+def _mf(args, out: Path, report: dict, methods: list[str]) -> None:
     seeds = args.seeds or 3
     cfg = mf.MFConfig()
     curves = {}
@@ -43,7 +99,7 @@ def _mf(args, out: Path, report: dict) -> None:
     print(head + "\n" + "-" * len(head))
     rows = []
     for lr in (0.01, 0.03):
-        for m in mf.METHODS:
+        for m in methods:
             runs = [mf.run(m, lr, cfg, s) for s in range(seeds)]
             curves[(m, lr)] = runs
             med = lambda i: statistics.median([r[i] if i < len(r) else math.inf for r in runs])  # noqa: E731
@@ -55,16 +111,50 @@ def _mf(args, out: Path, report: dict) -> None:
             rows.append({"lr": lr, "method": m, "iters_to_1e-3": hits, "losses": runs})
     print("Paper: RefLoRA reaches 1e-3 in ~37 iterations at 0.01 and ~11 at 0.03; LoRA diverges at 0.03 and is "
           "~3e2 after 100 iterations at 0.01; ScaledGD ~1e2 / ~2.")
-    report["mf"] = {"config": cfg.__dict__, "rows": rows}
+    report["mf"] = {"config": cfg.__dict__, "methods": methods, "rows": rows}
     if not args.no_plots:
         print(f"plot: {plot_mf(curves, out / 'mf.png')}")
 
 
+def _error(message: str) -> int:
+    print(f"reflora: {message}", file=sys.stderr)
+    return 2
+
+
 def bench(args) -> int:
+    """Run ``reflora bench``; bad input (an unusable ``--out``, no mf counterpart) exits 2 before any work.
+
+    Args:
+        args: The parsed arguments (see :func:`add_arguments`).
+
+    Returns:
+        The exit code: 0, or 2 with a one-line ``reflora: ...`` message on stderr.
+    """
     from tqdm.auto import tqdm
 
+    tasks = list(args.tasks)
+    mf_note = None
+    if "mf" in tasks:
+        mf_names, unmatched = mf_methods(args.methods)
+        if not mf_names:
+            msg = (f"--methods {' '.join(args.methods)} has no counterpart on the mf task (mf runs "
+                   f"{', '.join(f'{k}->{v}' for k, v in MF_COUNTERPARTS.items())})")
+            if tasks == ["mf"]:
+                return _error(msg + f"; add one of {', '.join(MF_COUNTERPARTS)} to --methods, or pick another task "
+                              "with --tasks")
+            tasks.remove("mf")
+            mf_note = f"note: mf skipped: {msg}"
+        elif set(args.methods) != set(METHODS):
+            mf_note = (f"note: mf runs {', '.join(mf_names)}, the mf counterparts of --methods "
+                       f"{' '.join(args.methods)} (lora always, as the baseline)"
+                       + (f"; {', '.join(unmatched)} {'has' if len(unmatched) == 1 else 'have'} no mf counterpart"
+                          if unmatched else ""))
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    problem = check_out(out)
+    if problem is not None:
+        return _error(problem)
+    if mf_note:
+        print(mf_note)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t_start = time.perf_counter()
     report: dict = {
@@ -73,9 +163,9 @@ def bench(args) -> int:
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
         "tasks": {},
     }
-    if "mf" in args.tasks:
-        _mf(args, out, report)
-    for name in [t for t in args.tasks if t != "mf"]:
+    if "mf" in tasks:
+        _mf(args, out, report, mf_names)
+    for name in [t for t in tasks if t != "mf"]:
         task = TASKS[name]()
         seeds = args.seeds or (3 if args.full else 1)
         steps = args.steps or (task.full_steps if args.full else task.steps)
