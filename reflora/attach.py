@@ -35,6 +35,7 @@ Semantics (documented in the README too):
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from collections import defaultdict
 from typing import Any, Iterable, Literal
@@ -45,11 +46,12 @@ from torch.utils.hooks import RemovableHandle
 
 from reflora._linalg import compute_dtype, default_eps
 from reflora.functional import (
+    _FRAMES,
     _SECOND_MOMENT_RULES,
     Transform,
     _check_eps,
     _check_variant,
-    _full_from_grams,
+    _full_kernel,
     _grams,
     _metric,
     _scalar_from_sq_norms,
@@ -77,12 +79,6 @@ class UnsupportedOptimizerError(TypeError):
 # for the whole group instead of two per layer), and the r x r transforms applied to the factors /
 # gradients, written back with copy_. ``compile=True`` hands the
 # r x r kernel below to torch.compile (static shapes per group: no recompiles from step to step).
-
-
-def _full_kernel(X: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(left, right, S, S^{-1})`` of a stack of pairs from their Grams (compute dtype)."""
-    T = _full_from_grams(X, Y, eps)
-    return (*T, *_metric(T))
 
 
 # Above this many elements per factor the big ops are bandwidth-bound: stacking would add a copy
@@ -175,6 +171,28 @@ def _as_pairs(pairs: Any) -> list[LoRAPair]:
     return out
 
 
+def _skip_rank_above_size(pairs: list[LoRAPair], mode: str) -> list[LoRAPair]:
+    above = [p for p in pairs if p.shape[0] > min(p.shape[1], p.shape[2])]
+    if not above or mode == "act":
+        return pairs
+    names = ", ".join(f"{p.name!r} (r={p.shape[0]}, m={p.shape[1]}, n={p.shape[2]})" for p in above[:4])
+    more = f" and {len(above) - 4} more" if len(above) > 4 else ""
+    if len(above) == len(pairs):
+        raise ValueError(
+            f"every pair has a rank above its layer's size (r > min(m, n)): {names}{more}. Such pairs are "
+            "skipped by default (rank_above_size='skip'), which would leave nothing to manage. Pass "
+            "rank_above_size='act' to apply RefLoRA to their live directions, or check that A is "
+            "(r, m) = lora_A.weight and B is (n, r) = lora_B.weight (not swapped)"
+        )
+    warnings.warn(
+        f"leaving {len(above)} pair(s) whose rank exceeds the layer's size (r > min(m, n)) to the bare "
+        f"optimizer: {names}{more}. B A can use at most min(m, n) of their r directions; pass "
+        "rank_above_size='act' to apply RefLoRA to them anyway",
+        stacklevel=3,
+    )
+    return [p for p in pairs if p.shape[0] <= min(p.shape[1], p.shape[2])]
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
@@ -207,6 +225,7 @@ class RefLoRAHandle:
         eps: float | None,
         second_moment: str,
         compile: bool,
+        frame: str = "symmetric",
     ) -> None:
         self.optimizer = optimizer
         self.pairs: tuple[LoRAPair, ...] = tuple(pairs)
@@ -217,6 +236,7 @@ class RefLoRAHandle:
         self.eps = eps
         self.second_moment = second_moment
         self.compiled = compile
+        self.frame = frame
         self.step_count = 0
         self._skip_count = False
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}
@@ -278,7 +298,7 @@ class RefLoRAHandle:
             T = _scalar_from_sq_norms(_sq_norms([p.A for p in pairs]), _sq_norms([p.B for p in pairs]))
             return (*T, *_metric(T))
         X, Y = _gram_stack(pairs)
-        return self._kernel(X, Y, self._eps_for(pairs[0].A.dtype))
+        return self._kernel(X, Y, self._eps_for(pairs[0].A.dtype), self.frame)
 
     def _gradient_step(self, refresh: bool) -> None:
         for group in self._groups:
@@ -432,6 +452,8 @@ def attach(
     eps: float | None = None,
     second_moment: Literal["square", "keep", "reset"] = "square",
     compile: bool = False,
+    frame: Literal["symmetric", "paper"] = "symmetric",
+    rank_above_size: Literal["skip", "act"] = "skip",
 ) -> RefLoRAHandle:
     r"""Make ``optimizer`` a RefLoRA optimizer for ``pairs`` (arXiv 2505.18877).
 
@@ -451,6 +473,16 @@ def attach(
         second_moment: rule for element-wise second moments in parameter space
             (``"square"``: exact for the scalar variant; ``"keep"``; ``"reset"``).
         compile: run the per-group kernel through ``torch.compile(fullgraph=True)``.
+        frame: parameter space only: which refactor ``P`` with ``P P^T = S`` is applied:
+            ``"symmetric"`` (``S^{1/2}``: unique, so the factors are reproducible across devices,
+            compilation and ranks, and closest to the identity, which disturbs the optimizer
+            state least) or ``"paper"`` (the paper's closed form, balanced Grams ``diag(sigma)``).
+            Gradient space depends on ``S`` only.
+        rank_above_size: pairs whose rank exceeds the layer's size (``r > min(m, n)``: a 3-label
+            head, an MoE router) have at least ``r - min(m, n)`` directions that ``B A`` can never
+            use. ``"skip"`` (default) leaves them to the bare optimizer, with one warning naming
+            them; ``"act"`` applies RefLoRA to their live directions (stable, but measured to
+            train worse than plain LoRA under AdamW in gradient space; see the README).
 
     Returns:
         A :class:`RefLoRAHandle`.
@@ -477,7 +509,11 @@ def attach(
         raise TypeError(f"compile must be a bool; got {type(compile).__name__}")
     if second_moment not in _SECOND_MOMENT_RULES:
         raise ValueError(f"second_moment must be one of {_SECOND_MOMENT_RULES}; got {second_moment!r}")
-    pair_list = _as_pairs(pairs)
+    if frame not in _FRAMES:
+        raise ValueError(f"frame must be one of {_FRAMES}; got {frame!r}")
+    if rank_above_size not in ("skip", "act"):
+        raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {rank_above_size!r}")
+    pair_list = _skip_rank_above_size(_as_pairs(pairs), rank_above_size)
     if eps is not None:
         _check_eps(eps, pair_list[0].A.dtype)
 
@@ -527,6 +563,7 @@ def attach(
         eps=eps,
         second_moment=second_moment,
         compile=compile,
+        frame=frame,
     )
     for pair in pair_list:
         registered[id(pair.A)] = handle
