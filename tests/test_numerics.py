@@ -1,0 +1,201 @@
+"""Numerics contract: float32/bf16 accuracy, dead directions (B = 0, r > min(m, n)), the frames,
+reproducible factors (eager == compiled), and the rank-above-size handling of attach."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reflora
+from reflora.functional import RankAboveSizeWarning, precondition, preconditioner, refactor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from numerics import errors  # noqa: E402  (benchmarks/numerics.py prints the README's table)
+
+from conftest import DEVICES  # noqa: E402
+
+MODES = [("full", "gradient"), ("full", "parameter"), ("scalar", "gradient"), ("scalar", "parameter")]
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    log_cond=st.floats(0.0, 3.0),
+    r=st.integers(1, 32),
+    seed=st.integers(0, 2**16),
+)
+def test_low_precision_factors_within_one_percent_of_float64(dtype, log_cond, r, seed) -> None:
+    """cond(A), cond(B) up to 1e3: S, the preconditioned gradients and the balance within 1% of
+    the answer for the same stored values in float64 (README: "Numerics and limits")."""
+    err = errors(r, 10.0**log_cond, dtype, seed, m=96, n=80)
+    assert max(err.values()) < 1e-2, err
+
+
+# --------------------------------------------------------------------------- dead directions
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_zero_product_gives_identity_exactly(dev) -> None:
+    A = torch.randn(2, 4, 32, device=dev)
+    B = torch.zeros(2, 16, 4, device=dev)
+    for frame in ("symmetric", "paper"):
+        A2, B2 = refactor(A, B, frame=frame)
+        assert torch.equal(A2, A) and torch.equal(B2, B)
+    S, S_inv = preconditioner(A, B)
+    eye = torch.eye(4, dtype=S.dtype, device=dev)
+    assert torch.equal(S, eye.expand_as(S)) and torch.equal(S_inv, eye.expand_as(S_inv))
+
+
+@pytest.mark.parametrize("r,m,n", [(16, 8, 4), (8, 32, 3), (8, 4, 32), (6, 6, 6)])
+def test_rank_deficient_product_is_bounded(r, m, n) -> None:
+    """Dead directions get the identity metric: S stays as well conditioned as the live part
+    needs (no eigenvalue floor blowing up P), and the product is kept."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(r, m, generator=g, dtype=torch.float64)
+    B = torch.randn(n, r, generator=g, dtype=torch.float64)
+    if r == m == n:  # a square pair whose product has rank 3
+        B[:, 3:] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankAboveSizeWarning)
+        S, S_inv = preconditioner(A, B)
+        A2, B2 = refactor(A, B)
+    assert torch.allclose(S @ S_inv, torch.eye(r, dtype=torch.float64), atol=1e-9)
+    assert torch.linalg.cond(S) < 1e3
+    assert torch.allclose(B2 @ A2, B @ A, atol=1e-10)
+
+
+def test_full_rank_part_is_balanced_when_some_directions_are_dead() -> None:
+    """A product of rank k < r: the k live directions are balanced like the paper's S."""
+    g = torch.Generator().manual_seed(1)
+    r, m, n, k = 6, 20, 18, 3
+    A = torch.randn(r, m, generator=g, dtype=torch.float64)
+    B = torch.randn(n, k, generator=g, dtype=torch.float64) @ torch.randn(k, r, generator=g, dtype=torch.float64)
+    sv = torch.linalg.svdvals(B @ A)[:k]
+    for frame in ("symmetric", "paper"):
+        A2, B2 = refactor(A, B, frame=frame)
+        assert torch.allclose(B2 @ A2, B @ A, atol=1e-9)
+        G1, G2 = A2 @ A2.mT, B2.mT @ B2
+        ev, V = torch.linalg.eigh(G2)
+        assert torch.allclose(ev.flip(0)[:k], sv, rtol=1e-8)  # B' carries sigma on the live block
+        assert ev[: r - k].abs().max() < 1e-8 * float(sv[0])  # and nothing on the dead ones
+        Vk = V[:, r - k:]  # the live block: A' compressed onto it is balanced with B'
+        assert torch.allclose(Vk.mT @ G1 @ Vk, Vk.mT @ G2 @ Vk, atol=1e-8 * float(sv[0]))
+
+
+def test_frames_share_the_metric_and_paper_frame_is_diagonal() -> None:
+    g = torch.Generator().manual_seed(2)
+    A = 3 * torch.randn(5, 40, generator=g, dtype=torch.float64)
+    B = 0.1 * torch.randn(30, 5, generator=g, dtype=torch.float64)
+    T_sym = reflora.refactor_transform(A, B)
+    T_pap = reflora.refactor_transform(A, B, frame="paper")
+    assert torch.allclose(T_sym.left.mT @ T_sym.left, T_pap.left.mT @ T_pap.left, atol=1e-10)
+    assert torch.allclose(T_sym.left, T_sym.left.mT, atol=1e-12)  # S^{1/2}
+    A2, B2 = refactor(A, B, frame="paper")
+    G = A2 @ A2.mT
+    assert torch.allclose(G, torch.diag(torch.linalg.svdvals(B @ A)[:5]), atol=1e-9)
+    # sign convention: the largest entry of every column of the rotation V_G is positive
+    rot = torch.linalg.solve(T_sym.right, T_pap.right)
+    idx = rot.abs().argmax(0)
+    assert (rot[idx, torch.arange(5)] > 0).all()
+
+
+def test_already_balanced_pair_is_left_alone_in_symmetric_frame() -> None:
+    g = torch.Generator().manual_seed(3)
+    A, B = refactor(torch.randn(4, 30, generator=g, dtype=torch.float64), torch.randn(20, 4, generator=g, dtype=torch.float64))
+    A3, B3 = refactor(A, B)
+    assert torch.allclose(A3, A, atol=1e-10) and torch.allclose(B3, B, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- shapes and swaps
+
+
+def test_rank_above_size_warns_with_the_fix() -> None:
+    A, B = torch.randn(4, 48), torch.randn(48, 4)  # a square layer: (B, A) fits as (A, B) with r = 48
+    with pytest.warns(RankAboveSizeWarning, match=r"r=48 exceeds min\(m, n\)=4\. Did you pass \(B, A\)\?"):
+        refactor(B, A)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        refactor(A, B)  # r = 4 <= min(48, 48): silent
+
+
+# --------------------------------------------------------------------------- reproducible factors
+
+
+@pytest.mark.compile
+def test_parameter_space_factors_equal_eager_and_compiled() -> None:
+    """The symmetric frame is unique: attach(compile=True) and eager give the same factors."""
+    torch._dynamo.reset()
+
+    def run(compile_: bool):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(3 * torch.randn(4, 24, generator=g)), torch.nn.Parameter(0.1 * torch.randn(16, 4, generator=g)),
+              torch.nn.Parameter(torch.randn(4, 24, generator=g)), torch.nn.Parameter(torch.randn(16, 4, generator=g))]
+        opt = torch.optim.AdamW(ps, lr=1e-2)
+        reflora.attach(opt, [(ps[0], ps[1]), (ps[2], ps[3])], space="parameter", compile=compile_)
+        x = torch.randn(8, 24, generator=g)
+        for _ in range(3):
+            opt.zero_grad()
+            loss = sum((x @ a.T @ b.T).square().mean() for a, b in ((ps[0], ps[1]), (ps[2], ps[3])))
+            loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in ps]
+
+    for e, c in zip(run(False), run(True)):
+        assert torch.allclose(e, c, rtol=1e-5, atol=1e-6), (e - c).abs().max()
+
+
+# --------------------------------------------------------------------------- attach: r > min(m, n)
+
+
+def _train(mode, opt_name, r, m, n, seed, steps=80, **kw):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(64, m, generator=g)
+    Y = X @ torch.randn(n, m, generator=g).T
+    A = torch.nn.Parameter(torch.randn(r, m, generator=g) / m**0.5)
+    B = torch.nn.Parameter(torch.zeros(n, r))
+    opt = (torch.optim.AdamW([A, B], lr=1e-2, weight_decay=0.0) if opt_name == "adamw"
+           else torch.optim.SGD([A, B], lr=0.02, momentum=0.9))
+    if mode is not None:
+        reflora.attach(opt, [(A, B)], variant=mode[0], space=mode[1], **kw)
+    first = None
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((X @ (B @ A).T - Y) ** 2).mean()
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(A).all() and torch.isfinite(B).all()
+    return first, ((X @ (B @ A).T - Y) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("mode", MODES, ids=[f"{v}-{s}" for v, s in MODES])
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
+@pytest.mark.parametrize("shape", [(16, 8, 4), (8, 32, 3)])
+def test_rank_above_size_act_stays_finite_and_trains(mode, opt_name, shape) -> None:
+    """Before: NaN under AdamW and SGD-momentum in full/parameter (the floor made P ill-conditioned)."""
+    first, last = _train(mode, opt_name, *shape, seed=0, rank_above_size="act")
+    assert last < 0.5 * first
+
+
+def test_rank_above_size_is_skipped_by_default_with_a_warning() -> None:
+    g = torch.Generator().manual_seed(0)
+    A1, B1 = torch.nn.Parameter(torch.randn(8, 32, generator=g)), torch.nn.Parameter(torch.randn(3, 8, generator=g))
+    A2, B2 = torch.nn.Parameter(torch.randn(4, 32, generator=g)), torch.nn.Parameter(torch.randn(16, 4, generator=g))
+    opt = torch.optim.SGD([A1, B1, A2, B2], lr=0.1)
+    with pytest.warns(UserWarning, match=r"leaving 1 pair\(s\) .*'head' \(r=8, m=32, n=3\).*rank_above_size='act'"):
+        handle = reflora.attach(opt, [reflora.LoRAPair("head", A1, B1), reflora.LoRAPair("body", A2, B2)])
+    assert [p.name for p in handle.pairs] == ["body"]
+    with pytest.raises(ValueError, match=r"every pair has a rank above its layer's size.*rank_above_size='act'"):
+        reflora.attach(torch.optim.SGD([A1, B1], lr=0.1), [(A1, B1)])
+    with pytest.raises(ValueError, match=r"rank_above_size must be 'skip' or 'act'; got 'drop'"):
+        reflora.attach(torch.optim.SGD([A2, B2], lr=0.1), [(A2, B2)], rank_above_size="drop")
+    with pytest.raises(ValueError, match=r"frame must be one of \('symmetric', 'paper'\); got 'eigen'"):
+        reflora.attach(torch.optim.SGD([A2, B2], lr=0.1), [(A2, B2)], frame="eigen")
