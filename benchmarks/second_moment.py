@@ -3,7 +3,8 @@
 Element-wise second moments (Adam's ``exp_avg_sq``) have no exact map under a non-diagonal
 refactoring ``P``. This script measures the three rules of
 :func:`reflora.functional.map_second_moments` ("square", "keep", "reset") against plain LoRA
-and the gradient-space form, on a LoRA regression problem (three adapted linear maps,
+and the gradient-space form, and the symmetric frame (``P = S^{1/2}``, default) against the
+paper's eigenbasis frame, on a LoRA regression problem (three adapted linear maps,
 PEFT init with B = 0, a rank-r target plus noise), several seeds, AdamW, same budget.
 Prints final loss mean +- std over seeds and the paired per-seed difference to plain LoRA.
 
@@ -41,6 +42,8 @@ def run(method: str, seed: int, steps: int, lr: float) -> float:
     opt = torch.optim.AdamW([p for ab in pairs for p in ab], lr=lr, weight_decay=0.0)
     if method == "gradient":
         reflora.attach(opt, pairs, variant="full", space="gradient")
+    elif method.endswith("-paper"):
+        reflora.attach(opt, pairs, variant="full", space="parameter", second_moment=method[:-6], frame="paper")
     elif method != "lora":
         reflora.attach(opt, pairs, variant="full", space="parameter", second_moment=method)
     for _ in range(steps):
@@ -59,9 +62,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
     args = ap.parse_args()
     torch.set_num_threads(1)
-    methods = ["lora", "gradient", "square", "keep", "reset"]
+    methods = ["lora", "gradient", "square", "keep", "reset", "square-paper", "keep-paper"]
     labels = {"lora": "plain LoRA", "gradient": "full, gradient space", "square": "full, param, 'square'",
-              "keep": "full, param, 'keep'", "reset": "full, param, 'reset'"}
+              "keep": "full, param, 'keep'", "reset": "full, param, 'reset'",
+              "square-paper": "  same, paper frame", "keep-paper": "  'keep', paper frame"}
     for lr in args.lr:
         res = {m: [run(m, s, args.steps, lr) for s in range(args.seeds)] for m in methods}
         print(f"\nAdamW lr={lr:g}, {args.steps} steps, {args.seeds} seeds: final training loss (lower is better)")

@@ -64,7 +64,7 @@ def _canonical_signs(V: Tensor) -> Tensor:
 
 
 def balanced_metric(
-    X: Tensor, Y: Tensor, eps: float, frame: str = "symmetric"
+    X: Tensor, Y: Tensor, eps: float, frame: str = "paper"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     r"""RefLoRA's refactoring from the Grams ``X = A A^T`` and ``Y = B^T B`` (float64, batched).
 
@@ -92,13 +92,13 @@ def balanced_metric(
     ``frame`` picks the factorization among the ``P`` with ``P P^T = S`` (all give the same
     gradient step; they differ only for optimizers that are not rotation-equivariant, e.g. Adam):
 
-    * ``"symmetric"``: ``P = S^{1/2}``, the one closest to the identity. Unique, so the factors
-      are reproducible across devices, compilation and ranks; an already balanced pair is left
-      exactly as it is.
-    * ``"paper"``: ``P = S^{1/2} V_G``, rotated so that ``A' A'^T = B'^T B' = diag(sigma)`` as in
-      the paper's closed form (``V_G``: eigenvectors of the balanced Gram, each column's largest
-      entry made positive; with repeated singular values the rotation inside their eigenspace is
-      whatever the eigensolver returns).
+    * ``"paper"`` (default): ``P = S^{1/2} V_G``, rotated so that ``A' A'^T = B'^T B' =
+      diag(sigma)`` as in the paper's closed form. ``V_G`` is made canonical: a tiny fixed
+      tie-breaker orders (near-)repeated eigenspaces by coordinate, and each column's largest
+      entry is made positive, so eager, compiled, other devices and ranks agree to round-off.
+      Measured to train markedly better under AdamW than the symmetric frame.
+    * ``"symmetric"``: ``P = S^{1/2}``, the one closest to the identity: unique with no
+      convention needed, and an already balanced pair is left exactly as it is.
     """
     cd = X.dtype
     eye = torch.eye(X.shape[-1], dtype=cd, device=X.device)
@@ -122,8 +122,18 @@ def balanced_metric(
     right = (V / root[..., None, :]) @ V.mT  # S^{-1/2}
     S_inv = (V / s[..., None, :]) @ V.mT
     if frame == "paper":
-        G = left @ X @ left.mT  # A' A'^T in the symmetric frame
-        _, V_g = sym_eigh(G)
+        # Rotate into the eigenbasis of the balanced Gram B'^T B' (= A'A'^T on a full-rank pair;
+        # on a rank-deficient one it is diag(sigma) on the live block and 0 on the dead one).
+        # Canonical choice: a tie-breaker delta * diag(r-1, ..., 0), delta = 1e-9 of the mean
+        # eigenvalue, fixes the basis inside (near-)repeated eigenspaces (the dead block among
+        # them) to the one that orders the coordinates, and bounds the sensitivity of every
+        # eigenvector to round-off by machine_eps / delta ~ 1e-7; then each column's largest
+        # entry is made positive.
+        G = right.mT @ Y @ right
+        r = G.shape[-1]
+        delta = 1e-9 * G.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(torch.finfo(cd).tiny)
+        ramp = torch.arange(r - 1, -1, -1, dtype=cd, device=G.device)
+        _, V_g = sym_eigh(G + torch.diag_embed(delta * ramp))
         V_g = _canonical_signs(V_g.flip(-1))  # descending, like the singular values
         left, right = V_g.mT @ left, right @ V_g
     # no live direction (B = 0, A = 0): exactly the identity, not eigh's round-off of it

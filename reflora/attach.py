@@ -225,7 +225,7 @@ class RefLoRAHandle:
         eps: float | None,
         second_moment: str,
         compile: bool,
-        frame: str = "symmetric",
+        frame: str = "paper",
     ) -> None:
         self.optimizer = optimizer
         self.pairs: tuple[LoRAPair, ...] = tuple(pairs)
@@ -452,7 +452,7 @@ def attach(
     eps: float | None = None,
     second_moment: Literal["square", "keep", "reset"] = "square",
     compile: bool = False,
-    frame: Literal["symmetric", "paper"] = "symmetric",
+    frame: Literal["paper", "symmetric"] = "paper",
     rank_above_size: Literal["skip", "act"] = "skip",
 ) -> RefLoRAHandle:
     r"""Make ``optimizer`` a RefLoRA optimizer for ``pairs`` (arXiv 2505.18877).
@@ -474,10 +474,10 @@ def attach(
             (``"square"``: exact for the scalar variant; ``"keep"``; ``"reset"``).
         compile: run the per-group kernel through ``torch.compile(fullgraph=True)``.
         frame: parameter space only: which refactor ``P`` with ``P P^T = S`` is applied:
-            ``"symmetric"`` (``S^{1/2}``: unique, so the factors are reproducible across devices,
-            compilation and ranks, and closest to the identity, which disturbs the optimizer
-            state least) or ``"paper"`` (the paper's closed form, balanced Grams ``diag(sigma)``).
-            Gradient space depends on ``S`` only.
+            ``"paper"`` (default: the paper's closed form, balanced Grams ``diag(sigma)``, with a
+            canonical sign and tie rule so that factors are reproducible across devices,
+            compilation and ranks) or ``"symmetric"`` (``S^{1/2}``, closest to the identity;
+            measured to help far less under AdamW). Gradient space depends on ``S`` only.
         rank_above_size: pairs whose rank exceeds the layer's size (``r > min(m, n)``: a 3-label
             head, an MoE router) have at least ``r - min(m, n)`` directions that ``B A`` can never
             use. ``"skip"`` (default) leaves them to the bare optimizer, with one warning naming

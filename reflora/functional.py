@@ -34,13 +34,14 @@ repeated in the README):
   directions dead), and exactly rank-deficient products. The earlier eigenvalue *floor* made
   ``P`` ill-conditioned on such directions and the optimizer state blew up; there is no floor
   now and no inverse of a dead value is ever taken.
-* **Frame.** Any ``P`` with ``P P^T = S`` gives the same plain gradient step. The default
-  ``frame="symmetric"`` takes ``P = S^{1/2}``: unique (identical factors across devices,
-  compilation and ranks, no eigenvector signs involved), the identity for an already balanced
-  pair, and the smallest change of coordinates for the optimizer state. ``frame="paper"`` takes
-  the paper's closed form (balanced Grams equal to ``diag(sigma)``), with the sign of each
-  eigenvector fixed (largest entry positive); repeated singular values leave a rotation inside
-  their eigenspace that no convention can fix.
+* **Frame.** Any ``P`` with ``P P^T = S`` gives the same plain gradient step; they differ for
+  optimizers that are not rotation-equivariant (Adam). The default ``frame="paper"`` takes the
+  paper's closed form (balanced Grams equal to ``diag(sigma)``), made canonical: a tiny fixed
+  tie-breaker orders (near-)repeated eigenspaces by coordinate and each eigenvector's largest
+  entry is positive, so eager, compiled, other devices and ranks give the same factors to
+  round-off. ``frame="symmetric"`` takes ``P = S^{1/2}`` (unique without any convention; the
+  identity for an already balanced pair); measured to help far less under AdamW
+  (``benchmarks/second_moment.py``).
 * **Non-finite input.** A pair holding NaN/Inf gets NaN outputs; the other pairs of the batch
   are computed as usual (bad matrices are replaced before ``eigh``, which could otherwise raise).
 
@@ -260,7 +261,7 @@ def _grams(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return Ac @ Ac.mT, Bc.mT @ Bc
 
 
-def _full_from_grams(X: Tensor, Y: Tensor, eps: float, frame: str = "symmetric") -> Transform:
+def _full_from_grams(X: Tensor, Y: Tensor, eps: float, frame: str = "paper") -> Transform:
     """The full-variant transform from the Gram matrices alone (all work is r x r, float64).
 
     See :func:`reflora._linalg.balanced_metric` for the construction. A non-finite factor shows
@@ -271,7 +272,7 @@ def _full_from_grams(X: Tensor, Y: Tensor, eps: float, frame: str = "symmetric")
 
 
 def _full_kernel(
-    X: Tensor, Y: Tensor, eps: float, frame: str = "symmetric"
+    X: Tensor, Y: Tensor, eps: float, frame: str = "paper"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(left, right, S, S^{-1})`` of a stack of pairs from their Grams (compute dtype)."""
     finite = torch.isfinite(X).flatten(-2).all(-1) & torch.isfinite(Y).flatten(-2).all(-1)
@@ -283,7 +284,7 @@ def _full_kernel(
     return tuple(torch.where(finite, t, nan) for t in out)  # type: ignore[return-value]
 
 
-def _full_transform(A: Tensor, B: Tensor, eps: float, frame: str = "symmetric") -> Transform:
+def _full_transform(A: Tensor, B: Tensor, eps: float, frame: str = "paper") -> Transform:
     X, Y = _grams(A, B)
     return _full_from_grams(X, Y, eps, frame)
 
@@ -334,14 +335,14 @@ def refactor_transform(
     *,
     variant: Variant = "full",
     eps: float | None = None,
-    frame: Frame = "symmetric",
+    frame: Frame = "paper",
 ) -> Transform:
     r"""Compute the optimal refactoring of ``(A, B)`` without applying it.
 
     .. code-block:: text
 
         full:   left = P^T,  right = P^{-T},  P P^T = S = (A A^T)^{-1} # (B^T B)
-                frame="symmetric": P = S^{1/2};  frame="paper": P = V_A diag(1/a) V_M diag(sigma^{1/2})
+                frame="paper": P = V_A diag(1/a) V_M diag(sigma^{1/2});  frame="symmetric": P = S^{1/2}
         scalar: left = p,    right = 1/p,     p = sqrt(||B||_F / ||A||_F)
 
     Args:
@@ -352,8 +353,9 @@ def refactor_transform(
             singular value is at most ``eps * ||A||_2^2 * ||B||_F^2`` is dead and left as it is.
             ``None`` picks ``64 * machine_eps(float64)`` = 1.4e-14. See the module docstring.
         frame: which ``P`` among those with ``P P^T = S`` (full variant only):
-            ``"symmetric"`` (``S^{1/2}``, unique, closest to the identity) or ``"paper"`` (the
-            paper's closed form, balanced Grams equal to ``diag(sigma)``).
+            ``"paper"`` (default: the paper's closed form, balanced Grams equal to
+            ``diag(sigma)``, with a canonical sign and tie rule) or ``"symmetric"``
+            (``S^{1/2}``, closest to the identity).
 
     Returns:
         A :class:`Transform` in float64.
@@ -448,7 +450,7 @@ def refactor(
     *,
     variant: Variant = "full",
     eps: float | None = None,
-    frame: Frame = "symmetric",
+    frame: Frame = "paper",
 ) -> Refactored | RefactoredWithGrads:
     r"""Replace ``(A, B)`` by its optimal (balanced) factorization of the same product.
 
@@ -466,7 +468,7 @@ def refactor(
             mapped into the new coordinates (``P^{-1} grad_A``, ``grad_B P``).
         variant: ``"full"`` (RefLoRA) or ``"scalar"`` (RefLoRA-S).
         eps: live-direction threshold, see :func:`refactor_transform`.
-        frame: ``"symmetric"`` (default) or ``"paper"``, see :func:`refactor_transform`.
+        frame: ``"paper"`` (default) or ``"symmetric"``, see :func:`refactor_transform`.
 
     Returns:
         ``Refactored(A', B')`` (a 2-tuple) without ``grads``;

@@ -66,7 +66,8 @@ def test_full_refactor_invariants(spec: PairSpec, dev: str) -> None:
     # singular values of B A, and optimal: ||A'||^2 + ||B'||^2 = 2 ||B A||_*. Rank-deficient
     # products (r > min(m, n)) have dead directions, left as they are: see the dead-direction tests.
     kappa = (spec.cond_a * spec.cond_b) ** 1.5  # error growth with cond(B A), measured
-    if spec.r <= min(spec.m, spec.n) and kappa * eps < 1e-4:
+    # cond(B A) near 1e7 puts sigma_min^2 at the dead threshold (1.4e-14 of the scale): not well posed
+    if spec.r <= min(spec.m, spec.n) and spec.cond_a * spec.cond_b <= 1e6 and kappa * eps < 1e-4:
         tol = 64 * eps * kappa * (A2.square().sum((-2, -1)) + B2.square().sum((-2, -1)))
         G1, G2 = A2 @ A2.mT, B2.mT @ B2
         bal = torch.linalg.matrix_norm(G1 - G2, ord=2)
@@ -266,7 +267,9 @@ def test_batched_equals_loop_and_vmap(spec: PairSpec, variant: str) -> None:
     vmapped = torch.func.vmap(lambda a, b, x, y: refactor(a, b, (x, y), variant=variant))(A, B, gA, gB)
     pre = precondition(A, B, gA, gB, variant=variant)
     pre_v = torch.func.vmap(lambda a, b, x, y: precondition(a, b, x, y, variant=variant))(A, B, gA, gB)
-    tol = dict(rtol=1e3 * mach_eps(spec.dtype), atol=1e3 * mach_eps(spec.dtype) * float(A.abs().max() + B.abs().max() + 1))
+    # the paper frame's tie-breaker bounds the eigenvectors' sensitivity to round-off by ~1e-7
+    rel = max(1e3 * mach_eps(spec.dtype), 1e-6)
+    tol = dict(rtol=rel, atol=rel * float(A.abs().max() + B.abs().max() + 1))
     for k in range(4):
         assert torch.allclose(vmapped[k], batched[k], **tol)
     # the symmetric frame is unique: batched and per-pair results agree factor by factor
