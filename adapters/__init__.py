@@ -38,13 +38,14 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 from torch import nn
 
-from reflora.pairs import LoRAPair
+from reflora.pairs import LoRAPair, canonical_name
 
 __all__ = [
     "FindOptions",
@@ -137,6 +138,11 @@ def find_pairs(
 ) -> list[LoRAPair]:
     """Every low-rank pair in ``model``, in module order.
 
+    Pair names are canonical (:func:`reflora.pairs.canonical_name`): the segments torch's
+    wrappers insert (DDP / ``DataParallel`` ``module.``, ``torch.compile`` ``_orig_mod.``, FSDP,
+    activation checkpointing) are dropped, so ``find_pairs(DDP(model))`` and
+    ``find_pairs(model)`` name the pairs identically.
+
     Args:
         model: any ``nn.Module``.
         adapters: ``"active"`` or ``"all"`` adapters of multi-adapter (PEFT) models.
@@ -156,16 +162,26 @@ def find_pairs(
     options = FindOptions(adapters=adapters)
     pairs: list[LoRAPair] = []
     seen: set[tuple[int, int]] = set()
+    raw_names: dict[int, tuple[str, str]] = {}
     for name, module in model.named_modules():
+        # finders see canonical names (wrapper segments such as DDP's `module.` or
+        # torch.compile's `_orig_mod.` dropped), so a wrapped and a bare model name their pairs
+        # identically and handle checkpoints move between them
+        clean = canonical_name(name)
         for entry in _REGISTRY:
-            found = entry.finder(name, module, options)
+            found = entry.finder(clean, module, options)
             if found is not None:
                 for p in found:
                     key = (id(p.A), id(p.B))
                     if key not in seen:  # the same pair reached again through a nested module
                         seen.add(key)
                         pairs.append(p)
+                        raw_names[id(p)] = (name, clean)
                 break
+    if len({p.name for p in pairs}) < len(pairs):
+        # two modules differ only in wrapper-like segments (a model's own child called
+        # `module`): canonical names would be ambiguous, so this model keeps its raw names
+        pairs = [_raw_named(p, *raw_names[id(p)]) for p in pairs]
     if trainable_only:
         kept = []
         for p in pairs:
@@ -190,6 +206,15 @@ def find_pairs(
             "priority=20), or pass explicit (A, B) pairs to reflora.attach"
         )
     return pairs
+
+
+def _raw_named(pair: LoRAPair, raw: str, clean: str) -> LoRAPair:
+    if raw == clean or not pair.name.startswith(clean):
+        return pair
+    suffix = pair.name[len(clean):]
+    if not clean and suffix:  # the root's pairs are named without a leading dot
+        suffix = "." + suffix
+    return dataclasses.replace(pair, name=raw + suffix)
 
 
 def _check_unique(pairs: list[LoRAPair]) -> None:

@@ -18,9 +18,11 @@ are written back with ``copy_`` under ``no_grad``.
 Semantics (documented in the README too):
 
 * ``warmup_steps`` and ``interval`` count *optimizer steps* (so gradient accumulation does not
-  inflate them). A step that ``GradScaler`` skips (inf/NaN gradients) never calls
-  ``optimizer.step()``; it neither refactors nor counts. Fused optimizers that receive
-  ``found_inf`` from ``GradScaler`` are checked too.
+  inflate them). A step that ``GradScaler`` skips (inf/NaN gradients) neither acts nor counts:
+  for most optimizers the scaler does not call ``optimizer.step()`` at all; optimizers that
+  handle AMP scaling themselves (``fused=True`` Adam / AdamW / SGD / Adagrad) are stepped with
+  ``optimizer.found_inf`` / ``optimizer.grad_scale`` set, and the pre-hook reads ``found_inf``
+  (or a ``found_inf=`` keyword of ``step()``) and leaves the skipped step alone.
 * RefLoRA acts at steps ``t >= warmup_steps`` with ``(t - warmup_steps) % interval == 0``
   (``t`` counts completed optimizer steps from 0). In gradient space the preconditioner ``S`` is
   recomputed at those steps and the cached ``S`` (O(r^2) per pair) is applied in between; in
@@ -56,8 +58,14 @@ from reflora.functional import (
     _metric,
     _scalar_from_sq_norms,
 )
-from reflora.pairs import LoRAPair, to_core
-from reflora.transport import TransportContext, get_state_transport, registered_optimizers
+from reflora.pairs import LoRAPair, canonical_name, to_core
+from reflora.transport import (
+    TransportContext,
+    UnsupportedOptimizerError,
+    _qualname,
+    get_state_transport,
+    registered_optimizers,
+)
 
 __all__ = ["RefLoRAHandle", "UnsupportedOptimizerError", "attach"]
 
@@ -68,10 +76,6 @@ _SPACES = ("gradient", "parameter")
 _ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[int, RefLoRAHandle]]" = (
     weakref.WeakKeyDictionary()
 )
-
-
-class UnsupportedOptimizerError(TypeError):
-    """The optimizer cannot be used with the requested RefLoRA mode."""
 
 
 # ------------------------------------------------------------------------------- kernels
@@ -139,7 +143,7 @@ def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     step = inspect.signature(type(optimizer).step).parameters.get("closure")
     if step is not None and step.default is inspect.Parameter.empty:
         raise UnsupportedOptimizerError(
-            f"{type(optimizer).__name__}.step requires a closure: it re-evaluates the loss several "
+            f"{_qualname(optimizer)}.step requires a closure: it re-evaluates the loss several "
             "times per step, and RefLoRA's per-step preconditioning / refactoring would have to run "
             "inside every evaluation. Use a first-order optimizer (SGD, Adam, AdamW, ...)."
         )
@@ -199,6 +203,38 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
     return value
+
+
+def _scaler_skips(optimizer: torch.optim.Optimizer, kwargs: dict[str, Any] | None) -> bool:
+    """Whether ``GradScaler`` told this step's optimizer to skip it (inf/NaN gradients).
+
+    torch's ``GradScaler.step`` steps an optimizer that handles AMP scaling itself
+    (``_step_supports_amp_scaling``: the fused Adam / AdamW / SGD / Adagrad) with
+    ``optimizer.found_inf`` and ``optimizer.grad_scale`` set as attributes, and the fused kernel
+    skips the update when ``found_inf`` is nonzero; every other optimizer is simply not stepped.
+    Older callers passed ``found_inf=`` to ``step()``; both are read. (Reading the tensor syncs
+    with the device, once per step, only while a scaler has set it.)
+    """
+    found_inf = kwargs.get("found_inf") if kwargs else None
+    if found_inf is None:
+        found_inf = getattr(optimizer, "found_inf", None)
+    if isinstance(found_inf, Tensor):
+        return bool(found_inf.ne(0).any())
+    return bool(found_inf)
+
+
+def _pair_mismatch(saved: list[str], names: list[str]) -> str:
+    """The error for a checkpoint whose pairs are not this handle's: where they first differ."""
+    first = next((i for i, (a, b) in enumerate(zip(saved, names)) if a != b), min(len(saved), len(names)))
+    at = lambda xs: repr(xs[first]) if first < len(xs) else "(none)"  # noqa: E731
+    return (
+        f"checkpoint manages {len(saved)} pairs but this handle manages {len(names)}; they first differ at "
+        f"position {first}: checkpoint {at(saved)} vs handle {at(names)} (names compared after dropping "
+        "the wrapper segments of DDP / DataParallel 'module.', torch.compile '_orig_mod.', FSDP and "
+        "activation checkpointing). Attach to the same pairs in the same order: find them on the "
+        "same module (e.g. the PEFT model, not its base model), with the same adapters; pairs "
+        "passed as (A, B) tuples are named pair0, pair1, ..."
+    )
 
 
 # ------------------------------------------------------------------------------- the handle
@@ -271,11 +307,14 @@ class RefLoRAHandle:
     # -- hooks -------------------------------------------------------------------------------
     def _pre_hook(self, optimizer, args, kwargs) -> None:
         self._skip_count = False
-        found_inf = kwargs.get("found_inf") if kwargs else None
-        if isinstance(found_inf, Tensor) and bool(found_inf.item()):
-            # a fused optimizer handed GradScaler's verdict: it will skip this step itself
+        if _scaler_skips(optimizer, kwargs):
+            # the optimizer will skip this step itself: touch nothing, count nothing
             self._skip_count = True
             return
+        # With a fused optimizer under GradScaler the gradients seen here are still *scaled* by
+        # grad_scale (the fused kernel unscales them). That is harmless: the metric and the
+        # refactor depend on the factors only, and every gradient map (S^-1 g, g S, P^-1 g,
+        # g P) is linear, so it commutes with the kernel's division by grad_scale.
         t = self.step_count
         if t < self.warmup_steps:
             return
@@ -283,6 +322,9 @@ class RefLoRAHandle:
             if self.space == "gradient":
                 self._gradient_step(refresh=self._active(t) or self.interval == 1)
             elif self._active(t):
+                # every group's state is checked before any factor changes: a transport that
+                # cannot move some state must never leave a half-refactored model
+                self._check_state(self.pairs[i] for g in self._groups for i in self._members(g))
                 self._parameter_step()
 
     def _post_hook(self, optimizer, args, kwargs) -> None:
@@ -345,6 +387,19 @@ class RefLoRAHandle:
                 _right_inplace(gB, left.mT)
             self._transport_state(pairs, Transform(left, right))
 
+    def _check_state(self, pairs: Iterable[LoRAPair]) -> None:
+        """Raise (before anything is modified) if the transport cannot move these pairs' state."""
+        check = getattr(self._transport, "check", None)
+        if check is None:
+            return
+        opt = self.optimizer
+        for pair in pairs:
+            ctx = TransportContext(opt, self.second_moment, pair.layout)
+            for label, param in (("A", pair.A), ("B", pair.B)):
+                state = opt.state.get(param)
+                if state:
+                    check(state, param, ctx, f"factor {label} of pair {pair.name!r}")
+
     def _transport_state(self, pairs: list[LoRAPair], T: Transform) -> None:
         opt = self.optimizer
         with_state = [k for k, p in enumerate(pairs) if opt.state.get(p.A) and opt.state.get(p.B)]
@@ -355,13 +410,22 @@ class RefLoRAHandle:
         sel = torch.tensor(with_state, device=T.left.device)
         T_sel = Transform(T.left.index_select(0, sel), T.right.index_select(0, sel))
         chosen = [pairs[k] for k in with_state]
+        # A spec transport gets exactly its "first" / "second" keys (_check_state has made sure
+        # they are parameter-shaped); a function transport gets every state tensor with at least
+        # one dimension, factored ones included. Scalar state (0-d, numbers) stays as it is.
+        spec = getattr(self._transport, "spec", None)
+
+        def wanted(key: str, vals: list[Any]) -> bool:
+            if spec is not None:
+                return spec.get(key) in ("first", "second") and all(isinstance(v, Tensor) for v in vals)
+            return all(isinstance(v, Tensor) and v.dim() >= 1 for v in vals)
 
         def stacked(param_of, view) -> dict[str, Tensor]:
             keys = opt.state[param_of(chosen[0])].keys()
             out = {}
             for key in keys:
-                vals = [opt.state[param_of(p)][key] for p in chosen]
-                if all(isinstance(v, Tensor) and v.dim() >= 2 for v in vals):
+                vals = [opt.state[param_of(p)].get(key) for p in chosen]
+                if wanted(key, vals):
                     out[key] = torch.stack([view(v) for v in vals])
             return out
 
@@ -396,9 +460,14 @@ class RefLoRAHandle:
         self._removed = True
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume identically: config, step counter, cached metrics."""
+        """Everything needed to resume identically: config, step counter, cached metrics.
+
+        Pairs are named canonically (:func:`reflora.pairs.canonical_name`), so the state loads
+        into a handle on the same model with or without DDP / ``torch.compile`` / FSDP wrappers.
+        """
         cache = {
-            self.pairs[i].name: (S.clone(), S_inv.clone()) for i, (S, S_inv) in sorted(self._cache.items())
+            canonical_name(self.pairs[i].name): (S.clone(), S_inv.clone())
+            for i, (S, S_inv) in sorted(self._cache.items())
         }
         return {
             "step_count": self.step_count,
@@ -406,7 +475,7 @@ class RefLoRAHandle:
             "space": self.space,
             "warmup_steps": self.warmup_steps,
             "interval": self.interval,
-            "pair_names": [p.name for p in self.pairs],
+            "pair_names": [canonical_name(p.name) for p in self.pairs],
             "cache": cache,
         }
 
@@ -420,18 +489,19 @@ class RefLoRAHandle:
                     f"checkpoint was saved with {key}={state[key]!r} but this handle has "
                     f"{key}={getattr(self, key)!r}; attach with the same settings to resume"
                 )
-        names = [p.name for p in self.pairs]
-        if state["pair_names"] != names:
-            raise ValueError(
-                f"checkpoint manages pairs {state['pair_names'][:3]}... ({len(state['pair_names'])}) "
-                f"but this handle manages {names[:3]}... ({len(names)})"
-            )
+        # both sides normalised: checkpoints written before names were canonical may still carry
+        # wrapper prefixes (`module.`, `_orig_mod.`, ...)
+        names = [canonical_name(p.name) for p in self.pairs]
+        saved = [canonical_name(n) for n in state["pair_names"]]
+        if saved != names:
+            raise ValueError(_pair_mismatch(saved, names))
         self.step_count = int(state["step_count"])
         index = {n: i for i, n in enumerate(names)}
         self._cache = {}
         for name, (S, S_inv) in state["cache"].items():
-            dev = self.pairs[index[name]].A.device
-            self._cache[index[name]] = (S.to(dev), S_inv.to(dev))
+            i = index[canonical_name(name)]
+            dev = self.pairs[i].A.device
+            self._cache[i] = (S.to(dev), S_inv.to(dev))
 
     def __repr__(self) -> str:
         return (
@@ -526,7 +596,7 @@ def attach(
             if id(t) not in in_opt:
                 raise ValueError(
                     f"pair {pair.name!r}: its {label} factor (shape {tuple(t.shape)}) is not a parameter "
-                    f"of this {type(opt).__name__}; build the optimizer over the LoRA parameters first"
+                    f"of this {_qualname(opt)}; build the optimizer over the LoRA parameters first"
                 )
             if id(t) in seen:
                 raise ValueError(
@@ -547,11 +617,12 @@ def attach(
                 )
     if space == "parameter" and get_state_transport(opt) is None:
         raise UnsupportedOptimizerError(
-            f"space='parameter' must move {type(opt).__name__}'s state with the factors, and no "
+            f"space='parameter' must move {_qualname(opt)}'s state with the factors, and no "
             f"transport is registered for it (registered: {registered_optimizers()}). Declare its "
             f"state with reflora.transport.register_state_transport({type(opt).__name__}, "
-            "{'state_key': 'first' | 'second' | 'keep', ...}), or use space='gradient', which works "
-            "with any optimizer."
+            "{'state_key': 'first' | 'second' | 'keep', ...}) (kinds apply to parameter-shaped "
+            "state; factored state needs a function transport), or use space='gradient', which "
+            "works with any optimizer."
         )
     handle = RefLoRAHandle(
         opt,
@@ -565,6 +636,12 @@ def attach(
         compile=compile,
         frame=frame,
     )
+    if space == "parameter":
+        try:  # state the transport cannot move is an error now, not at some later step
+            handle._check_state(pair_list)
+        except Exception:
+            handle.remove()
+            raise
     for pair in pair_list:
         registered[id(pair.A)] = handle
         registered[id(pair.B)] = handle

@@ -10,6 +10,11 @@ Layouts are normalised here and only here. A factor is stored in one of three la
 All three are views of the parameter's storage (no copies), so writing into a view with
 ``copy_`` updates the parameter. Optimizer state tensors shaped like the parameter use the same
 views.
+
+Pair names are normalised here too (:func:`canonical_name`): the segments torch's wrappers add
+to module names are dropped, so a model finds the same pair names bare, under DDP /
+``DataParallel``, ``torch.compile``, FSDP or activation checkpointing, and a handle checkpoint
+moves between them.
 """
 
 from __future__ import annotations
@@ -20,10 +25,35 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LAYOUTS", "LoRAPair", "to_core"]
+__all__ = ["LAYOUTS", "LoRAPair", "canonical_name", "to_core"]
 
 Layout = Literal["plain", "transposed", "flatten"]
 LAYOUTS = ("plain", "transposed", "flatten")
+
+
+# Attributes under which torch's wrappers hold the wrapped module: torch.compile's OptimizedModule
+# (`_orig_mod`), FSDP (`_fsdp_wrapped_module`), activation checkpointing's CheckpointWrapper
+# (`_checkpoint_wrapped_module`). Private names no model uses for its own children, so they are
+# dropped wherever they occur (a compiled or wrapped submodule puts them mid-name).
+_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the segments torch's module wrappers add.
+
+    Drops every ``_orig_mod`` / ``_fsdp_wrapped_module`` / ``_checkpoint_wrapped_module``
+    segment, then leading ``module`` segments (DDP and ``DataParallel``; only leading ones, as
+    ``torch.nn.modules.utils.consume_prefix_in_state_dict_if_present`` does, because a model may
+    call its own children ``module``).
+
+    Example:
+        >>> canonical_name("module._orig_mod.layers.0._checkpoint_wrapped_module.q_proj.default")
+        'layers.0.q_proj.default'
+    """
+    parts = [s for s in name.split(".") if s not in _WRAPPER_SEGMENTS]
+    while parts and parts[0] == "module":
+        parts.pop(0)
+    return ".".join(parts)
 
 
 def to_core(t: Tensor, layout: str) -> Tensor:

@@ -338,7 +338,7 @@ A_, B_ = P(4, 8), P(6, 4)
 BAD = [
     ("not an optimizer", lambda: attach("adam", [(A_, B_)]), TypeError, "optimizer must be a torch.optim.Optimizer; got str"),
     ("closure-only optimizer", lambda: attach(torch.optim.LBFGS([A_, B_]), [(A_, B_)]), UnsupportedOptimizerError, "LBFGS.step requires a closure"),
-    ("params not in optimizer", lambda: attach(_opt(P(3)), [(A_, B_)]), ValueError, r"pair 'pair0': its A factor \(shape \(4, 8\)\) is not a parameter of this SGD"),
+    ("params not in optimizer", lambda: attach(_opt(P(3)), [(A_, B_)]), ValueError, r"pair 'pair0': its A factor \(shape \(4, 8\)\) is not a parameter of this torch\.optim\.sgd\.SGD"),
     ("rank mismatch", lambda: attach(_opt(A_, P(6, 3)), [(A_, P(6, 3))]), ValueError, re.escape("A has rank 4 (shape (4, 8)) but B has rank 3 (shape (6, 3))")),
     ("duplicate pairs", lambda: attach(_opt(A_, B_), [(A_, B_), (A_, B_)]), ValueError, "shares its A factor with pair 'pair0'"),
     ("interval < 1", lambda: attach(_opt(A_, B_), [(A_, B_)], interval=0), ValueError, "interval must be >= 1; got 0"),
