@@ -203,3 +203,19 @@ def test_rank_above_size_is_skipped_by_default_with_a_warning() -> None:
         reflora.attach(torch.optim.SGD([A2, B2], lr=0.1), [(A2, B2)], rank_above_size="drop")
     with pytest.raises(ValueError, match=r"frame must be one of \('symmetric', 'paper'\); got 'eigen'"):
         reflora.attach(torch.optim.SGD([A2, B2], lr=0.1), [(A2, B2)], frame="eigen")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+@pytest.mark.parametrize("frame", ["paper", "symmetric"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factors_equal_across_devices(frame, dtype) -> None:
+    """Canonical factors: CUDA gives what the CPU gives, to round-off (batched, with a B = 0 pair)."""
+    g = torch.Generator().manual_seed(5)
+    A = (3 * torch.randn(6, 8, 64, generator=g)).to(dtype)
+    B = (0.1 * torch.randn(6, 48, 8, generator=g)).to(dtype)
+    B[2] = 0.0
+    cpu = refactor(A, B, frame=frame)
+    gpu = refactor(A.cuda(), B.cuda(), frame=frame)
+    tol = 1e-4 if dtype == torch.float32 else 1e-8
+    for c, d in zip(cpu, gpu):
+        assert torch.allclose(d.cpu(), c, rtol=tol, atol=tol * float(c.abs().max())), (d.cpu() - c).abs().max()
