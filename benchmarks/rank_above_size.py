@@ -4,7 +4,7 @@ ordinary shape, so that what is due to the rank and what is due to the method ca
 
 A least-squares fit of a random (n x m) map by B @ A from PEFT's init (A random, B = 0), 80
 steps, 5 seeds. Prints the median final loss over seeds and, for each mode, the wins against
-plain LoRA (paired by seed). Run: ``python benchmarks/rank_above_size.py [--seeds 5]``.
+plain LoRA (paired by seed); "full/parameter/sym" is frame="symmetric". Run: ``python benchmarks/rank_above_size.py [--seeds 5]``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch
 
 import reflora
 
-MODES = [None, ("full", "gradient"), ("full", "parameter"), ("scalar", "gradient"), ("scalar", "parameter")]
-SHAPES = [(16, 8, 4), (8, 32, 3), (8, 4, 32), (4, 32, 32)]  # (r, m, n); the last one is the control
+MODES = [None, ("full", "gradient"), ("full", "parameter"), ("full", "parameter", "symmetric"),
+         ("scalar", "gradient"), ("scalar", "parameter")]
+SHAPES = [(16, 8, 4), (8, 32, 3), (8, 4, 32), (4, 8, 32)]  # (r, m, n); the last one is the control
 
 
 def run(mode, opt_name: str, r: int, m: int, n: int, seed: int, steps: int = 80) -> float:
@@ -29,7 +30,8 @@ def run(mode, opt_name: str, r: int, m: int, n: int, seed: int, steps: int = 80)
     opt = (torch.optim.AdamW([A, B], lr=1e-2, weight_decay=0.0) if opt_name == "AdamW"
            else torch.optim.SGD([A, B], lr=0.02, momentum=0.9))
     if mode is not None:
-        reflora.attach(opt, [(A, B)], variant=mode[0], space=mode[1], rank_above_size="act")
+        frame = mode[2] if len(mode) > 2 else "paper"
+        reflora.attach(opt, [(A, B)], variant=mode[0], space=mode[1], frame=frame, rank_above_size="act")
     for _ in range(steps):
         opt.zero_grad()
         ((X @ (B @ A).T - Y) ** 2).mean().backward()
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=5)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    names = ["LoRA"] + [f"{v}/{s}" for v, s in MODES[1:]]
+    names = ["LoRA"] + ["/".join(m[:2]) + ("/sym" if len(m) > 2 else "") for m in MODES[1:]]
     head = f"{'r,m,n':<10}{'opt':<7}" + "".join(f"{k:>18}" for k in names)
     print(f"final training loss, median over {args.seeds} seeds (wins vs LoRA, paired by seed)")
     print(head + "\n" + "-" * len(head))
