@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from reflora.functional import Transform, map_first_moments, map_second_moments
+from reflora.pairs import EXPERT_LAYOUTS
 
 __all__ = [
     "StateKind",
@@ -69,7 +70,9 @@ class TransportContext:
 
 # fn(transform, state_A, state_B, ctx) -> (new_state_A, new_state_B). States hold stacked tensors
 # of a group of same-shape pairs, in the core's layout: A-states (G, r, m) (or (G, r, 1)/(G, 1, m)
-# for factored states), B-states (G, n, r). Keys missing from the result are left unchanged.
+# for factored states), B-states (G, n, r); pairs stacking E MoE experts add an expert dimension,
+# (G, E, r, m) / (G, E, n, r), and so does the transform. Keys missing from the result are left
+# unchanged.
 TransportFn = Callable[
     [Transform, Mapping[str, Tensor], Mapping[str, Tensor], TransportContext],
     tuple[dict[str, Tensor], dict[str, Tensor]],
@@ -179,6 +182,12 @@ def _adafactor_transport(T: Transform, sA, sB, ctx: TransportContext):
             out["row_var"] = torch.zeros_like(s["row_var"])
             out["col_var"] = torch.zeros_like(s["col_var"])
         return outA, outB
+    if any(lay in EXPERT_LAYOUTS for lay in ctx.layout):
+        raise NotImplementedError(
+            "Adafactor factors the second moment of the whole stored (E * r, m) expert stack, not "
+            "per expert, so it cannot follow a per-expert refactor; use space='gradient' for MoE "
+            "expert LoRA"
+        )
     if "flatten" in ctx.layout:
         raise NotImplementedError(
             "Adafactor factors the second moment of a convolution kernel over its last two axes, "
