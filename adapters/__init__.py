@@ -14,7 +14,8 @@ Built-in finders, in the order they are asked:
 
 ========================  ==========================================================
 ``peft_lora``             PEFT ``LoraLayer``: Linear (incl. GPT-2 ``Conv1D``), Embedding,
-                          Conv1d/2d/3d, DoRA and rsLoRA; other PEFT tuners are skipped
+                          Conv1d/2d/3d, DoRA and rsLoRA, MoE experts (``ParamWrapper``,
+                          one pair per expert); other PEFT tuners are skipped
                           with a warning (VeRA, AdaLoRA, LoHa, LoKr, IA3, ...)
 ``reflora_pyg``           :class:`reflora.adapters.pyg.LoRALinear`, the LoRA this package
                           injects into torch-geometric models (:func:`~reflora.adapters.pyg.add_lora`)
@@ -277,7 +278,10 @@ def _register_builtins() -> None:
 
     register_finder(
         "peft_lora", find_peft_lora, priority=100,
-        supports="PEFT LoRA Linear / Conv1D / Embedding / Conv1d-3d, incl. DoRA and rsLoRA",
+        supports=(
+            "PEFT LoRA Linear / Conv1D / Embedding / Conv1d-3d / MoE experts (ParamWrapper, one pair "
+            "per expert), incl. DoRA and rsLoRA"
+        ),
     )
     register_finder(
         "reflora_pyg", find_reflora_pyg, priority=50,

@@ -26,7 +26,11 @@ def _peft_classes():
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # pragma: no cover - a broken peft install
         return None
-    return LoraLayer, BaseTunerLayer
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:  # older peft: no target_parameters, hence no expert-stacked LoRA
+        ParamWrapper = ()
+    return LoraLayer, BaseTunerLayer, ParamWrapper
 
 
 def _adapter_names(module: nn.Module, everything: bool) -> list[str]:
@@ -58,6 +62,16 @@ def find_peft_lora(name: str, module: nn.Module, options) -> list[LoRAPair] | No
       ``"flatten"``).
     * DoRA and rsLoRA: the ``A`` / ``B`` pair only; DoRA's magnitude vector is left alone (the
       refactoring keeps ``B A``, so the DoRA output is unchanged too).
+    * MoE experts (``ParamWrapper`` from ``target_parameters`` or ``"all-linear"`` on a
+      transformers-5 MoE, ``num_experts = E > 1``): ``lora_A`` is ``(E * r, in)``, used as
+      ``A.reshape(E, r, in)``, and ``lora_B`` is ``(out, r * E)``, used as
+      ``B.reshape(out, r, E).permute(2, 0, 1)``; expert ``e``'s update is ``B_e @ A_e``. One
+      ``LoRAPair`` with ``experts=E`` and layouts ``("expert_rows", "expert_cols")`` presents
+      exactly those views, so every expert is refactored on its own (a single rank-``E r`` pair
+      would keep ``B @ A`` but change every expert's update). Whether PEFT swaps in/out for the
+      stored ``(E, in, out)`` vs ``(E, out, in)`` weight only transposes the update, which
+      refactoring keeps anyway. Nested wrappers (one per targeted parameter of the same experts
+      module) are each found. ``num_experts == 1`` is a plain pair.
 
     AdaLoRA (an ``SVD``-form ``P diag(E) Q``), VeRA, LoHa, LoKr, IA3 and the other non-LoRA PEFT
     tuners are claimed and skipped with a warning that says why.
@@ -65,7 +79,7 @@ def find_peft_lora(name: str, module: nn.Module, options) -> list[LoRAPair] | No
     classes = _peft_classes()
     if classes is None:
         return None
-    LoraLayer, BaseTunerLayer = classes
+    LoraLayer, BaseTunerLayer, ParamWrapper = classes
     if not isinstance(module, BaseTunerLayer):
         return None
     if not isinstance(module, LoraLayer):
@@ -93,7 +107,14 @@ def find_peft_lora(name: str, module: nn.Module, options) -> list[LoRAPair] | No
                     )
                 pairs.append(LoRAPair(qual, A_mod.weight, B_mod.weight, ("flatten", "flatten"), module))
             elif isinstance(A_mod, nn.Linear) and isinstance(B_mod, nn.Linear):
-                pairs.append(LoRAPair(qual, A_mod.weight, B_mod.weight, module=module))
+                experts = getattr(module, "num_experts", 1) if isinstance(module, ParamWrapper) else 1
+                if experts > 1:
+                    pairs.append(
+                        LoRAPair(qual, A_mod.weight, B_mod.weight, ("expert_rows", "expert_cols"), module,
+                                 experts=experts)
+                    )
+                else:
+                    pairs.append(LoRAPair(qual, A_mod.weight, B_mod.weight, module=module))
             else:
                 raise NotImplementedError(
                     f"{qual}: PEFT LoRA with lora_A of type {type(A_mod).__name__} on "

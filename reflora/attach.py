@@ -11,9 +11,11 @@ accelerate keep working. Each optimizer step, in a step *pre*-hook:
   mapped into the new coordinates, and the optimizer state is transported (see
   :mod:`reflora.transport`); then the optimizer steps from the refactored pair.
 
-Pairs are grouped by ``(device, dtype, r, m, n, layout)`` and each group is computed by one
-batched call of the functional core (one batched ``eigh`` per group, not one per layer); results
-are written back with ``copy_`` under ``no_grad``.
+Pairs are grouped by ``(device, dtype, experts, r, m, n, layout)`` and each group is computed by
+one batched call of the functional core (one batched ``eigh`` per group, not one per layer);
+results are written back with ``copy_`` under ``no_grad``. A pair stacking ``E`` MoE experts
+(:attr:`reflora.LoRAPair.experts`) is ``E`` independent pairs: a group of them stacks to
+``(G, E, r, m)`` and every expert gets its own ``S``.
 
 Semantics (documented in the README too):
 
@@ -100,8 +102,22 @@ def _gram_stack(pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
 
 
 def _sq_norms(tensors: list[Tensor]) -> Tensor:
+    """Squared Frobenius norms of core views: ``(G,)`` for 2-D factors, ``(G, E)`` per expert."""
     cd = compute_dtype(tensors[0].dtype)
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=cd)).square()
+    if tensors[0].dim() == 2:
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=cd)).square()
+    # one norm per expert: a norm over the whole stack would give every expert the same scale
+    return torch.stack([torch.linalg.vector_norm(t, dim=(-2, -1), dtype=cd) for t in tensors]).square()
+
+
+def _scale_inplace(xs: list[Tensor], s: Tensor) -> None:
+    """``x_i <- s[i] * x_i``; ``s`` is ``(G, 1, 1)`` (a scalar per pair) or ``(G, E, 1, 1)`` (per expert)."""
+    s = s.to(xs[0].dtype)
+    if s.dim() == 3:
+        torch._foreach_mul_(xs, list(s.flatten().unbind(0)))
+        return
+    for x, f in zip(xs, s.unbind(0)):
+        x.mul_(f)  # (E, 1, 1) broadcasts over each expert's block of the (E, r, m) view
 
 
 def _left_inplace(T: Tensor, xs: list[Tensor]) -> None:
@@ -289,7 +305,7 @@ class RefLoRAHandle:
     def _make_groups(self) -> list[list[int]]:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(self.pairs):
-            key = (p.A.device, p.A.dtype, *p.shape, p.layout)
+            key = (p.A.device, p.A.dtype, p.experts, *p.shape, p.layout)
             groups[key].append(i)
         return list(groups.values())
 
@@ -335,9 +351,10 @@ class RefLoRAHandle:
         return [i for i in group if self.pairs[i].A.grad is not None and self.pairs[i].B.grad is not None]
 
     def _metric(self, pairs: list[LoRAPair]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(left, right, S, S^{-1})`` for a group; scalar variant: ``(G, 1, 1)`` tensors."""
+        """``(left, right, S, S^{-1})`` for a group: ``(G, r, r)``, or ``(G, 1, 1)`` for the
+        scalar variant; pairs with experts add an expert dimension, ``(G, E, ., .)``."""
         if self.variant == "scalar":
-            T = _scalar_from_sq_norms(_sq_norms([p.A for p in pairs]), _sq_norms([p.B for p in pairs]))
+            T = _scalar_from_sq_norms(_sq_norms([p.a() for p in pairs]), _sq_norms([p.b() for p in pairs]))
             return (*T, *_metric(T))
         X, Y = _gram_stack(pairs)
         return self._kernel(X, Y, self._eps_for(pairs[0].A.dtype), self.frame)
@@ -359,8 +376,8 @@ class RefLoRAHandle:
             gA = [p.grad_a() for p in pairs]
             gB = [p.grad_b() for p in pairs]
             if self.variant == "scalar":
-                torch._foreach_mul_(gA, list(S_inv.flatten().to(gA[0].dtype).unbind(0)))
-                torch._foreach_mul_(gB, list(S.flatten().to(gB[0].dtype).unbind(0)))
+                _scale_inplace(gA, S_inv)
+                _scale_inplace(gB, S)
             else:
                 _left_inplace(S_inv, gA)
                 _right_inplace(gB, S)
@@ -375,11 +392,10 @@ class RefLoRAHandle:
             As, Bs = [p.a() for p in pairs], [p.b() for p in pairs]
             gA, gB = [p.grad_a() for p in pairs], [p.grad_b() for p in pairs]
             if self.variant == "scalar":
-                p_, inv = left.flatten(), right.flatten()
-                torch._foreach_mul_(As, list(p_.to(As[0].dtype).unbind(0)))
-                torch._foreach_mul_(Bs, list(inv.to(Bs[0].dtype).unbind(0)))
-                torch._foreach_mul_(gA, list(inv.to(gA[0].dtype).unbind(0)))  # P^-1 grad_A
-                torch._foreach_mul_(gB, list(p_.to(gB[0].dtype).unbind(0)))  # grad_B P
+                _scale_inplace(As, left)  # p A
+                _scale_inplace(Bs, right)  # B / p
+                _scale_inplace(gA, right)  # P^-1 grad_A
+                _scale_inplace(gB, left)  # grad_B P
             else:
                 _left_inplace(left, As)
                 _right_inplace(Bs, right)
@@ -407,6 +423,7 @@ class RefLoRAHandle:
             return
         assert self._transport is not None
         layA, layB = pairs[0].layout
+        experts = pairs[0].experts
         sel = torch.tensor(with_state, device=T.left.device)
         T_sel = Transform(T.left.index_select(0, sel), T.right.index_select(0, sel))
         chosen = [pairs[k] for k in with_state]
@@ -432,7 +449,7 @@ class RefLoRAHandle:
         def view_for(layout, param_shape):
             # state shaped like the parameter gets the parameter's view; other shapes (factored
             # states) are left to the transport, which sees the layout in its context
-            return lambda v: to_core(v, layout) if v.shape == param_shape else v
+            return lambda v: to_core(v, layout, experts) if v.shape == param_shape else v
 
         viewA = view_for(layA, chosen[0].A.shape)
         viewB = view_for(layB, chosen[0].B.shape)

@@ -1,13 +1,25 @@
 """``LoRAPair``: one low-rank factor pair of a model, presented in the core's layout.
 
-Layouts are normalised here and only here. A factor is stored in one of three layouts:
+Layouts are normalised here and only here. A factor is stored in one of these layouts:
 
 * ``"plain"``: already the core's layout (``A`` is ``(r, m)``, ``B`` is ``(n, r)``);
 * ``"transposed"``: stored as the transpose (``A`` as ``(m, r)``, ``B`` as ``(r, n)``);
 * ``"flatten"``: a convolution kernel, ``A`` ``(r, in, *k)`` folded to ``(r, in * prod(k))`` and
   ``B`` ``(out, r, 1, ...)`` folded to ``(out, r)``.
 
-All three are views of the parameter's storage (no copies), so writing into a view with
+A pair may also hold ``experts = E > 1`` independent pairs stacked in one parameter each (PEFT's
+MoE ``ParamWrapper``); :meth:`LoRAPair.a` / :meth:`LoRAPair.b` are then ``(E, r, m)`` /
+``(E, n, r)`` and each expert ``e`` contributes ``B[e] @ A[e]``. Two layouts split the stack:
+
+* ``"expert_rows"``: expert-major rows, ``(E * p, q)`` viewed as ``(E, p, q)`` (PEFT's
+  ``lora_A``: ``(E * r, in)``, rows ``e * r ... e * r + r - 1`` belong to expert ``e``);
+* ``"expert_cols"``: expert-minor columns, ``(p, q * E)`` viewed as ``(p, q, E)`` with the expert
+  axis moved to the front, ``(E, p, q)`` (PEFT's ``lora_B``: ``(out, r * E)``, column
+  ``k * E + e`` is rank ``k`` of expert ``e``).
+
+With ``experts == 1`` the two expert layouts are the plain one.
+
+All of them are views of the parameter's storage (no copies), so writing into a view with
 ``copy_`` updates the parameter. Optimizer state tensors shaped like the parameter use the same
 views.
 
@@ -25,10 +37,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LAYOUTS", "LoRAPair", "canonical_name", "to_core"]
+__all__ = ["EXPERT_LAYOUTS", "LAYOUTS", "LoRAPair", "canonical_name", "to_core"]
 
-Layout = Literal["plain", "transposed", "flatten"]
-LAYOUTS = ("plain", "transposed", "flatten")
+Layout = Literal["plain", "transposed", "flatten", "expert_rows", "expert_cols"]
+EXPERT_LAYOUTS = ("expert_rows", "expert_cols")
+LAYOUTS = ("plain", "transposed", "flatten", *EXPERT_LAYOUTS)
 
 
 # Attributes under which torch's wrappers hold the wrapped module: torch.compile's OptimizedModule
@@ -56,13 +69,30 @@ def canonical_name(name: str) -> str:
     return ".".join(parts)
 
 
-def to_core(t: Tensor, layout: str) -> Tensor:
-    """View ``t`` (a factor, its gradient or a same-shaped state tensor) in the core's layout."""
+def to_core(t: Tensor, layout: str, experts: int = 1) -> Tensor:
+    """View ``t`` (a factor, its gradient or a same-shaped state tensor) in the core's layout.
+
+    Args:
+        t: the stored tensor.
+        layout: one of :data:`LAYOUTS`.
+        experts: how many expert pairs ``t`` stacks (only the expert layouts use it).
+
+    Returns:
+        A view of ``t``: 2-D, or ``(experts, p, q)`` for an expert layout with ``experts > 1``.
+    """
     if layout == "plain":
         return t
     if layout == "transposed":
         return t.mT
-    return t.view(t.shape[0], -1)
+    if layout == "flatten":
+        return t.view(t.shape[0], -1)
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    if experts == 1:
+        return t
+    if layout == "expert_rows":
+        return t.view(experts, t.shape[0] // experts, t.shape[1])
+    return t.view(t.shape[0], t.shape[1] // experts, experts).permute(2, 0, 1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,9 +103,12 @@ class LoRAPair:
         name: qualified name of the pair (unique within a model), e.g. ``"...q_proj.default"``.
         A: the parameter holding the down-projection.
         B: the parameter holding the up-projection.
-        layout: ``(layout_of_A, layout_of_B)``, each ``"plain"``, ``"transposed"`` or
-            ``"flatten"`` (see the module docstring); :meth:`a` / :meth:`b` return the views.
+        layout: ``(layout_of_A, layout_of_B)``, each one of :data:`LAYOUTS` (see the module
+            docstring); :meth:`a` / :meth:`b` return the views.
         module: the module that owns the pair, when there is one.
+        experts: how many independent expert pairs ``A`` and ``B`` stack (``1``: an ordinary
+            pair). With ``experts > 1`` both layouts must be expert layouts, the views carry a
+            leading expert dimension and every expert is refactored on its own.
     """
 
     name: str
@@ -83,8 +116,14 @@ class LoRAPair:
     B: nn.Parameter
     layout: tuple[str, str] = ("plain", "plain")
     module: nn.Module | None = field(default=None, repr=False)
+    experts: int = 1
 
     def __post_init__(self) -> None:
+        E = self.experts
+        if isinstance(E, bool) or not isinstance(E, int):
+            raise TypeError(f"pair {self.name!r}: experts must be an int; got {type(E).__name__}")
+        if E < 1:
+            raise ValueError(f"pair {self.name!r}: experts must be >= 1; got {E}")
         for label, p, lay in (("A", self.A, self.layout[0]), ("B", self.B, self.layout[1])):
             if not isinstance(p, Tensor):
                 raise TypeError(f"pair {self.name!r}: {label} must be a tensor; got {type(p).__name__}")
@@ -99,42 +138,57 @@ class LoRAPair:
                 raise ValueError(
                     f"pair {self.name!r}: {label} must be 2-D for layout {lay!r}; got shape {tuple(p.shape)}"
                 )
+            if E > 1 and lay not in EXPERT_LAYOUTS:
+                raise ValueError(
+                    f"pair {self.name!r}: experts={E} needs an expert layout for {label} (one of "
+                    f"{EXPERT_LAYOUTS}); layout {lay!r} has no expert dimension"
+                )
+            dim = 0 if lay == "expert_rows" else 1
+            if E > 1 and p.shape[dim] % E:
+                raise ValueError(
+                    f"pair {self.name!r}: {label} of shape {tuple(p.shape)} cannot hold {E} experts in "
+                    f"layout {lay!r}: dimension {dim} ({p.shape[dim]}) is not a multiple of {E}"
+                )
         a, b = self.a(), self.b()
-        if a.shape[0] != b.shape[1]:
+        if a.shape[-2] != b.shape[-1]:
             raise ValueError(
-                f"pair {self.name!r}: A has rank {a.shape[0]} (shape {tuple(a.shape)}) but B has "
-                f"rank {b.shape[1]} (shape {tuple(b.shape)})"
+                f"pair {self.name!r}: A has rank {a.shape[-2]} (shape {tuple(a.shape)}) but B has "
+                f"rank {b.shape[-1]} (shape {tuple(b.shape)})"
             )
 
     def a(self) -> Tensor:
-        """``A`` as an ``(r, m)`` view."""
-        return to_core(self.A, self.layout[0])
+        """``A`` as an ``(r, m)`` view (``(E, r, m)`` with experts)."""
+        return to_core(self.A, self.layout[0], self.experts)
 
     def b(self) -> Tensor:
-        """``B`` as an ``(n, r)`` view."""
-        return to_core(self.B, self.layout[1])
+        """``B`` as an ``(n, r)`` view (``(E, n, r)`` with experts)."""
+        return to_core(self.B, self.layout[1], self.experts)
 
     def grad_a(self) -> Tensor | None:
-        """``A.grad`` as an ``(r, m)`` view (None when there is no gradient)."""
+        """``A.grad`` viewed like :meth:`a` (None when there is no gradient)."""
         g = self.A.grad
-        return None if g is None else to_core(g, self.layout[0])
+        return None if g is None else to_core(g, self.layout[0], self.experts)
 
     def grad_b(self) -> Tensor | None:
-        """``B.grad`` as an ``(n, r)`` view (None when there is no gradient)."""
+        """``B.grad`` viewed like :meth:`b` (None when there is no gradient)."""
         g = self.B.grad
-        return None if g is None else to_core(g, self.layout[1])
+        return None if g is None else to_core(g, self.layout[1], self.experts)
 
     @property
     def rank(self) -> int:
-        return self.a().shape[0]
+        """``r``, per expert."""
+        return self.a().shape[-2]
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """``(r, m, n)``."""
-        r, m = self.a().shape
-        return r, m, self.b().shape[0]
+        """``(r, m, n)``, per expert (see :attr:`experts` for how many)."""
+        r, m = self.a().shape[-2:]
+        return r, m, self.b().shape[-2]
 
     def delta(self) -> Tensor:
-        """``B @ A`` (detached, core layout), the update this pair contributes before scaling."""
+        """``B @ A`` (detached, core layout), the update this pair contributes before scaling.
+
+        ``(n, m)``, or ``(E, n, m)`` (one product per expert) with experts.
+        """
         with torch.no_grad():
             return self.b() @ self.a()

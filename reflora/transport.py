@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from reflora.functional import Transform, map_first_moments, map_second_moments
+from reflora.pairs import EXPERT_LAYOUTS
 
 __all__ = [
     "StateKind",
@@ -93,7 +94,9 @@ class TransportContext:
 
 # fn(transform, state_A, state_B, ctx) -> (new_state_A, new_state_B). States hold stacked tensors
 # of a group of same-shape pairs: every state tensor with at least one dimension, those shaped
-# like their parameter in the core's layout (A-states (G, r, m), B-states (G, n, r)), the others
+# like their parameter in the core's layout (A-states (G, r, m), B-states (G, n, r); pairs
+# stacking E MoE experts add an expert dimension, (G, E, r, m) / (G, E, n, r), and so does the
+# transform), the others
 # (factored moments) stacked as stored. Scalar state (0-d tensors, numbers) is not passed and
 # stays as it is. Keys missing from the result are left unchanged, so a function must return
 # every key it does not deliberately keep.
@@ -267,6 +270,8 @@ def _factored_second_moments(
         return tuple(tuple(torch.zeros_like(t) for t in f) for f in (factors_A, factors_B))  # type: ignore[return-value]
     if "flatten" in ctx.layout:
         raise UnsupportedOptimizerError(_ADAFACTOR_CONV)
+    if any(lay in EXPERT_LAYOUTS for lay in ctx.layout):
+        raise UnsupportedOptimizerError(_ADAFACTOR_EXPERTS)
     left, right = T
     cd = left.dtype
     tiny = torch.finfo(cd).tiny
@@ -301,6 +306,12 @@ _ADAFACTOR_CONV = (
 )
 
 
+_ADAFACTOR_EXPERTS = (
+    "Adafactor factors the second moment of the whole stored (E * r, m) expert stack, not per "
+    "expert, so it cannot follow a per-expert refactor; use space='gradient' for MoE expert LoRA"
+)
+
+
 def _adafactor_check(keys: tuple[str, ...], factored: str) -> Callable[..., None]:
     def check(state: Mapping[str, Any], param: Tensor, ctx: TransportContext, where: str) -> None:
         unknown = sorted(set(state) - set(keys))
@@ -311,8 +322,11 @@ def _adafactor_check(keys: tuple[str, ...], factored: str) -> Callable[..., None
                 "register a transport that does with reflora.transport.register_state_transport("
                 f"{type(ctx.optimizer).__name__}, fn, overwrite=True), or use space='gradient'"
             )
-        if factored in state and "flatten" in ctx.layout and ctx.second_moment not in ("keep", "reset"):
-            raise UnsupportedOptimizerError(f"{_qualname(ctx.optimizer)}, {where}: {_ADAFACTOR_CONV}")
+        if factored in state and ctx.second_moment not in ("keep", "reset"):
+            if "flatten" in ctx.layout:
+                raise UnsupportedOptimizerError(f"{_qualname(ctx.optimizer)}, {where}: {_ADAFACTOR_CONV}")
+            if any(lay in EXPERT_LAYOUTS for lay in ctx.layout):
+                raise UnsupportedOptimizerError(f"{_qualname(ctx.optimizer)}, {where}: {_ADAFACTOR_EXPERTS}")
 
     return check
 

@@ -138,6 +138,56 @@ def deberta_v2() -> Case:
     return _encoder(transformers.DebertaV2ForSequenceClassification, cfg, ["query_proj", "value_proj"], names)
 
 
+# MoE families: transformers 5 stores the experts of a layer as 3-D parameters, (E, out, in) for
+# Mixtral (PEFT swaps in/out) and (E, in, out) for GPT-OSS (``is_transposed``, no swap). PEFT
+# wraps each targeted parameter in a ParamWrapper with E-stacked lora_A / lora_B; two targeted
+# parameters of one experts module nest (the inner wrapper is ``experts.base_layer``). The
+# expected shapes are per expert; ``MOE_EXPERTS`` says which pairs stack how many experts.
+MOE_EXPERTS = 4
+
+
+def mixtral() -> Case:
+    """Mixtral + ``target_modules="all-linear"``: attention and router are Linear / 2-D
+    ParamWrapper pairs, the experts' ``gate_up_proj`` (rank 2r: PEFT doubles the rank of fused
+    projections) and ``down_proj`` are ParamWrappers with 4 experts."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=48, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2,
+                                     num_local_experts=MOE_EXPERTS, num_experts_per_tok=2)
+    model = _peft(transformers.MixtralForCausalLM(cfg), r=4, target_modules="all-linear")
+    exp = {}
+    for i in range(2):
+        pre = f"base_model.model.model.layers.{i}"
+        exp.update({f"{pre}.self_attn.q_proj.default": (4, 32, 32), f"{pre}.self_attn.k_proj.default": (4, 32, 16),
+                    f"{pre}.self_attn.v_proj.default": (4, 32, 16), f"{pre}.self_attn.o_proj.default": (4, 32, 32),
+                    f"{pre}.mlp.gate.default": (4, 32, MOE_EXPERTS),  # the router, a 2-D ParamWrapper
+                    f"{pre}.mlp.experts.default": (4, 16, 32),  # down_proj, per expert
+                    f"{pre}.mlp.experts.base_layer.default": (8, 32, 32)})  # gate_up_proj, per expert
+    return _lm_case(model, 48, exp)
+
+
+def gpt_oss() -> Case:
+    """GPT-OSS + ``target_parameters`` on the experts (``all-linear`` does not reach them): the
+    stored weights are (E, in, out), so PEFT's update is ``(B_e A_e)^T``."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(vocab_size=48, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    num_local_experts=MOE_EXPERTS, num_experts_per_tok=2)
+    model = _peft(transformers.GptOssForCausalLM(cfg), r=4, target_modules=["q_proj"],
+                  target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    exp = {}
+    for i in range(2):
+        pre = f"base_model.model.model.layers.{i}"
+        exp.update({f"{pre}.self_attn.q_proj.default": (4, 32, 32),
+                    f"{pre}.mlp.experts.default": (4, 16, 32),  # down_proj
+                    f"{pre}.mlp.experts.base_layer.default": (4, 32, 32)})  # gate_up_proj
+    return _lm_case(model, 48, exp)
+
+
 class ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -288,6 +338,8 @@ FAMILIES = {
     "gpt2-conv1d": (gpt2, ("transformers", "peft")),
     "bert": (bert, ("transformers", "peft")),
     "deberta-v2": (deberta_v2, ("transformers", "peft")),
+    "mixtral-moe": (mixtral, ("transformers", "peft")),
+    "gpt-oss-moe": (gpt_oss, ("transformers", "peft")),
     "conv1d-2d-3d": (conv, ("peft",)),
     "timm-vit": (timm_vit, ("timm", "peft")),
     "timm-swin": (timm_swin, ("timm", "peft")),

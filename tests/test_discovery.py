@@ -53,9 +53,9 @@ def test_refactor_keeps_outputs_and_merge(build) -> None:
             p.b().copy_(B2)
         after = case.output(case.model)
     assert (after - before).abs().max() <= 1e-4 * max(1.0, before.abs().max().item())
-    for p in pairs:  # and they are balanced now
+    for p in pairs:  # and they are balanced now (every expert of an MoE pair on its own)
         a, b = p.a().detach(), p.b().detach()
-        assert torch.allclose(a @ a.T, b.T @ b, atol=1e-4 * float(a.norm() * b.norm() + 1e-12))
+        assert torch.allclose(a @ a.mT, b.mT @ b, atol=1e-4 * float(a.norm() * b.norm() + 1e-12))
     if case.merge is not None:
         with torch.no_grad():
             merged = case.merge(case.model)
