@@ -569,7 +569,8 @@ def attach(
             transport, see :func:`reflora.transport.register_state_transport`).
         warmup_steps: optimizer steps before RefLoRA starts (not needed for ``B = 0`` inits).
         interval: act every ``interval`` optimizer steps.
-        eps: eigenvalue floor of the core (``None``: dtype default).
+        eps: dead-direction threshold of the core (``None``: 1.4e-14, see
+            :func:`reflora.functional.refactor_transform`).
         second_moment: rule for element-wise second moments in parameter space
             (``"square"``: exact for the scalar variant; ``"keep"``; ``"reset"``).
         compile: run the per-group kernel through ``torch.compile(fullgraph=True)``.
