@@ -124,14 +124,17 @@ def balanced_metric(
     if frame == "paper":
         # Rotate into the eigenbasis of the balanced Gram B'^T B' (= A'A'^T on a full-rank pair;
         # on a rank-deficient one it is diag(sigma) on the live block and 0 on the dead one).
-        # Canonical choice: a tie-breaker delta * diag(r-1, ..., 0), delta = 1e-9 of the mean
-        # eigenvalue, fixes the basis inside (near-)repeated eigenspaces (the dead block among
-        # them) to the one that orders the coordinates, and bounds the sensitivity of every
-        # eigenvector to round-off by machine_eps / delta ~ 1e-7; then each column's largest
-        # entry is made positive.
+        # Canonical choice: a tie-breaker delta * diag(r-1, ..., 0) fixes the basis inside
+        # (near-)repeated eigenspaces (the dead block among them) to the one that orders the
+        # coordinates. Round-off in G is about machine_eps * cond(S) of its mean eigenvalue, so
+        # delta = max(1e-9, 1e-10 cond(S)) of the mean bounds every eigenvector's sensitivity to
+        # round-off by ~1e-6 while rotating a basis with eigenvalue gap g by only ~delta / g
+        # (the balanced Grams are diagonal to that level); then each column's largest entry is
+        # made positive.
         G = right.mT @ Y @ right
         r = G.shape[-1]
-        delta = 1e-9 * G.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(torch.finfo(cd).tiny)
+        rel = (1e-10 * s.amax(-1, keepdim=True) / s.amin(-1, keepdim=True)).clamp(1e-9, 1e-3)
+        delta = rel * G.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(torch.finfo(cd).tiny)
         ramp = torch.arange(r - 1, -1, -1, dtype=cd, device=G.device)
         _, V_g = sym_eigh(G + torch.diag_embed(delta * ramp))
         V_g = _canonical_signs(V_g.flip(-1))  # descending, like the singular values

@@ -48,18 +48,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from reflora._linalg import compute_dtype, default_eps
-from reflora.functional import (
-    _FRAMES,
-    _SECOND_MOMENT_RULES,
-    Transform,
-    _check_eps,
-    _check_variant,
-    _full_kernel,
-    _grams,
-    _metric,
-    _scalar_from_sq_norms,
+from reflora._kernels import (
+    SECOND_MOMENT_RULES,
+    check_eps,
+    check_frame,
+    check_variant,
+    full_kernel,
+    grams,
+    metric,
+    scalar_kernel,
 )
+from reflora._linalg import compute_dtype, default_eps
+from reflora.functional import Transform
 from reflora.pairs import LoRAPair, canonical_name, to_core
 from reflora.transport import (
     TransportContext,
@@ -96,8 +96,8 @@ _STACK_MAX_NUMEL = 1 << 16
 def _gram_stack(pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
     """``(A A^T, B^T B)`` of a group, stacked, in the compute dtype."""
     if pairs[0].A.numel() <= _STACK_MAX_NUMEL:
-        return _grams(torch.stack([p.a() for p in pairs]), torch.stack([p.b() for p in pairs]))
-    X, Y = zip(*(_grams(p.a(), p.b()) for p in pairs))
+        return grams(torch.stack([p.a() for p in pairs]), torch.stack([p.b() for p in pairs]))
+    X, Y = zip(*(grams(p.a(), p.b()) for p in pairs))
     return torch.stack(X), torch.stack(Y)
 
 
@@ -307,7 +307,7 @@ class RefLoRAHandle:
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}
         self._transport = get_state_transport(optimizer) if space == "parameter" else None
         self._groups = self._make_groups()
-        self._kernel = torch.compile(_full_kernel, fullgraph=True, dynamic=False) if compile else _full_kernel
+        self._kernel = torch.compile(full_kernel, fullgraph=True, dynamic=False) if compile else full_kernel
         self._hooks: list[RemovableHandle] = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
@@ -367,8 +367,8 @@ class RefLoRAHandle:
         """``(left, right, S, S^{-1})`` for a group: ``(G, r, r)``, or ``(G, 1, 1)`` for the
         scalar variant; pairs with experts add an expert dimension, ``(G, E, ., .)``."""
         if self.variant == "scalar":
-            T = _scalar_from_sq_norms(_sq_norms([p.a() for p in pairs]), _sq_norms([p.b() for p in pairs]))
-            return (*T, *_metric(T))
+            left, right = scalar_kernel(_sq_norms([p.a() for p in pairs]), _sq_norms([p.b() for p in pairs]))
+            return left, right, *metric(left, right)
         X, Y = _gram_stack(pairs)
         return self._kernel(X, Y, self._eps_for(pairs[0].A.dtype), self.frame)
 
@@ -601,22 +601,21 @@ def attach(
         1
     """
     opt = _unwrap_optimizer(optimizer)
-    variant = _check_variant(variant)
+    variant = check_variant(variant)
     if space not in _SPACES:
         raise ValueError(f"space must be one of {_SPACES}; got {space!r}")
     warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
     interval = _check_int("interval", interval, 1)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool; got {type(compile).__name__}")
-    if second_moment not in _SECOND_MOMENT_RULES:
-        raise ValueError(f"second_moment must be one of {_SECOND_MOMENT_RULES}; got {second_moment!r}")
-    if frame not in _FRAMES:
-        raise ValueError(f"frame must be one of {_FRAMES}; got {frame!r}")
+    if second_moment not in SECOND_MOMENT_RULES:
+        raise ValueError(f"second_moment must be one of {SECOND_MOMENT_RULES}; got {second_moment!r}")
+    frame = check_frame(frame)
     if rank_above_size not in ("skip", "act"):
         raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {rank_above_size!r}")
     pair_list = _skip_rank_above_size(_as_pairs(pairs), rank_above_size)
     if eps is not None:
-        _check_eps(eps, pair_list[0].A.dtype)
+        check_eps(eps, pair_list[0].A.dtype)
 
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     seen: dict[int, str] = {}

@@ -56,7 +56,17 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from reflora._linalg import balanced_metric, compute_dtype, default_eps
+from reflora._kernels import (
+    SECOND_MOMENT_RULES,
+    check_eps,
+    check_frame,
+    check_variant,
+    full_kernel,
+    grams,
+    metric,
+    scalar_kernel,
+)
+from reflora._linalg import compute_dtype
 
 __all__ = [
     "Refactored",
@@ -73,10 +83,8 @@ __all__ = [
 ]
 
 Variant = Literal["full", "scalar"]
-Frame = Literal["symmetric", "paper"]
+Frame = Literal["paper", "symmetric"]
 SecondMomentRule = Literal["square", "keep", "reset"]
-_VARIANTS = ("full", "scalar")
-_FRAMES = ("symmetric", "paper")
 
 
 class RankAboveSizeWarning(UserWarning):
@@ -86,9 +94,6 @@ class RankAboveSizeWarning(UserWarning):
     surplus directions are dead and left as they are); silence it with
     ``warnings.filterwarnings("ignore", category=reflora.functional.RankAboveSizeWarning)``.
     """
-
-
-_SECOND_MOMENT_RULES = ("square", "keep", "reset")
 
 
 class Transform(NamedTuple):
@@ -200,18 +205,6 @@ def _check_grads(A: Tensor, B: Tensor, grad_A: object, grad_B: object) -> tuple[
     return grad_A, grad_B
 
 
-def _check_variant(variant: object) -> str:
-    if variant not in _VARIANTS:
-        raise ValueError(f"variant must be one of {_VARIANTS}; got {variant!r}")
-    return variant  # type: ignore[return-value]
-
-
-def _check_frame(frame: object) -> str:
-    if frame not in _FRAMES:
-        raise ValueError(f"frame must be one of {_FRAMES}; got {frame!r}")
-    return frame  # type: ignore[return-value]
-
-
 def _warn_rank_above_size(A: Tensor, B: Tensor, stacklevel: int = 3) -> None:
     r, m, n = A.shape[-2], A.shape[-1], B.shape[-2]
     if r > min(m, n) and not torch.compiler.is_compiling():
@@ -225,16 +218,6 @@ def _warn_rank_above_size(A: Tensor, B: Tensor, stacklevel: int = 3) -> None:
             RankAboveSizeWarning,
             stacklevel=stacklevel,
         )
-
-
-def _check_eps(eps: object, dtype: torch.dtype) -> float:
-    if eps is None:
-        return default_eps(dtype)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float or None; got {type(eps).__name__}")
-    if not (0.0 <= float(eps) < 1.0):
-        raise ValueError(f"eps must be in [0, 1); got {eps!r}")
-    return float(eps)
 
 
 def _check_transform(transform: object) -> Transform:
@@ -254,66 +237,14 @@ def _check_transform(transform: object) -> Transform:
 # ----------------------------------------------------------------------------- the math
 
 
-def _grams(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """``(A A^T, B^T B)`` in the compute dtype: the only O((m + n) r^2) work of the full variant."""
-    cd = compute_dtype(A.dtype)
-    Ac, Bc = A.to(cd), B.to(cd)
-    return Ac @ Ac.mT, Bc.mT @ Bc
-
-
-def _full_from_grams(X: Tensor, Y: Tensor, eps: float, frame: str = "paper") -> Transform:
-    """The full-variant transform from the Gram matrices alone (all work is r x r, float64).
-
-    See :func:`reflora._linalg.balanced_metric` for the construction. A non-finite factor shows
-    up as a non-finite Gram (NaN/Inf propagate through the product); such pairs get NaN
-    transforms and are kept away from ``eigh``.
-    """
-    return Transform(*_full_kernel(X, Y, eps, frame)[:2])
-
-
-def _full_kernel(
-    X: Tensor, Y: Tensor, eps: float, frame: str = "paper"
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(left, right, S, S^{-1})`` of a stack of pairs from their Grams (compute dtype)."""
-    finite = torch.isfinite(X).flatten(-2).all(-1) & torch.isfinite(Y).flatten(-2).all(-1)
-    finite = finite[..., None, None]
-    X = torch.where(finite, X, 0.0)
-    Y = torch.where(finite, Y, 0.0)
-    out = balanced_metric(X, Y, eps, frame)[:4]
-    nan = torch.full((), float("nan"), dtype=X.dtype, device=X.device)
-    return tuple(torch.where(finite, t, nan) for t in out)  # type: ignore[return-value]
-
-
 def _full_transform(A: Tensor, B: Tensor, eps: float, frame: str = "paper") -> Transform:
-    X, Y = _grams(A, B)
-    return _full_from_grams(X, Y, eps, frame)
-
-
-def _scalar_from_sq_norms(a_sq: Tensor, b_sq: Tensor) -> Transform:
-    """RefLoRA-S from ``||A||_F^2`` and ``||B||_F^2`` (shape ``(...)``, compute dtype)."""
-    na = a_sq.sqrt()[..., None, None]
-    nb = b_sq.sqrt()[..., None, None]
-    # p = sqrt(||B|| / ||A||), taken as a ratio of square roots so that it cannot overflow.
-    p = nb.sqrt() / na.sqrt()
-    p = torch.where((na > 0) & (nb > 0), p, 1.0)
-    p = torch.where(torch.isfinite(na) & torch.isfinite(nb), p, float("nan"))
-    return Transform(p, 1.0 / p)
+    return Transform(*full_kernel(*grams(A, B), eps, frame)[:2])
 
 
 def _scalar_transform(A: Tensor, B: Tensor) -> Transform:
     cd = compute_dtype(A.dtype)
     Ac, Bc = A.to(cd), B.to(cd)
-    a_sq = Ac.square().sum((-2, -1))
-    b_sq = Bc.square().sum((-2, -1))
-    return _scalar_from_sq_norms(a_sq, b_sq)
-
-
-def _metric(T: Transform) -> tuple[Tensor, Tensor]:
-    """``(S, S^{-1}) = (P P^T, P^{-T} P^{-1})`` of a transform (``(p^2, 1/p^2)`` for the scalar form)."""
-    left, right = T
-    if left.shape[-1] == 1:
-        return left.square(), right.square()
-    return left.mT @ left, right @ right.mT
+    return Transform(*scalar_kernel(Ac.square().sum((-2, -1)), Bc.square().sum((-2, -1))))
 
 
 def _matmul_left(T: Tensor, X: Tensor) -> Tensor:
@@ -372,9 +303,9 @@ def refactor_transform(
     Reference: arXiv 2505.18877, Theorem 1 (optimal refactoring) and Sec. 4 (RefLoRA-S).
     """
     A, B = _check_pair(A, B)
-    variant = _check_variant(variant)
-    eps_ = _check_eps(eps, A.dtype)
-    frame = _check_frame(frame)
+    variant = check_variant(variant)
+    eps_ = check_eps(eps, A.dtype)
+    frame = check_frame(frame)
     _warn_rank_above_size(A, B)
     if variant == "scalar":
         return _scalar_transform(A, B)
@@ -431,8 +362,8 @@ def map_second_moments(
     left, right = _check_transform(transform)
     for name, t in (("v_A", v_A), ("v_B", v_B)):
         _check_tensor(name, t)
-    if rule not in _SECOND_MOMENT_RULES:
-        raise ValueError(f"rule must be one of {_SECOND_MOMENT_RULES}; got {rule!r}")
+    if rule not in SECOND_MOMENT_RULES:
+        raise ValueError(f"rule must be one of {SECOND_MOMENT_RULES}; got {rule!r}")
     if rule == "keep":
         return v_A.clone(), v_B.clone()
     if rule == "reset":
@@ -513,7 +444,7 @@ def preconditioner(
     ``variant="scalar"`` both are ``(..., 1, 1)``:
     ``(p^2, 1 / p^2)``.
     """
-    return _metric(refactor_transform(A, B, variant=variant, eps=eps))
+    return metric(*refactor_transform(A, B, variant=variant, eps=eps))
 
 
 def precondition(

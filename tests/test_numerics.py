@@ -100,8 +100,8 @@ def test_frames_share_the_metric_and_paper_frame_is_diagonal() -> None:
     assert torch.allclose(T_sym.left, T_sym.left.mT, atol=1e-12)  # S^{1/2}
     A2, B2 = refactor(A, B, frame="paper")
     G = A2 @ A2.mT
-    # diagonal up to the tie-breaker (1e-9 of the mean eigenvalue, rotating by ~delta / gap)
-    assert torch.allclose(G, torch.diag(torch.linalg.svdvals(B @ A)[:5]), atol=1e-7 * float(G.diagonal().max()))
+    # diagonal up to the tie-breaker (1e-6 of the mean eigenvalue, rotating by ~delta / gap)
+    assert torch.allclose(G, torch.diag(torch.linalg.svdvals(B @ A)[:5]), atol=1e-5 * float(G.diagonal().max()))
     # sign convention: the largest entry of every column of the rotation V_G is positive
     rot = torch.linalg.solve(T_sym.right, T_pap.right)
     idx = rot.abs().argmax(0)
@@ -201,7 +201,7 @@ def test_rank_above_size_is_skipped_by_default_with_a_warning() -> None:
         reflora.attach(torch.optim.SGD([A1, B1], lr=0.1), [(A1, B1)])
     with pytest.raises(ValueError, match=r"rank_above_size must be 'skip' or 'act'; got 'drop'"):
         reflora.attach(torch.optim.SGD([A2, B2], lr=0.1), [(A2, B2)], rank_above_size="drop")
-    with pytest.raises(ValueError, match=r"frame must be one of \('symmetric', 'paper'\); got 'eigen'"):
+    with pytest.raises(ValueError, match=r"frame must be one of \('paper', 'symmetric'\); got 'eigen'"):
         reflora.attach(torch.optim.SGD([A2, B2], lr=0.1), [(A2, B2)], frame="eigen")
 
 
