@@ -189,6 +189,64 @@ def training_step(rank: int, repeats: int, layers: int, seq: int, batch: int) ->
         print(f"{'-'.join(mode):<26} {t * 1e3:>12.0f}ms {t / base_t - 1:>+8.1%} {hk * 1e3:>12.2f}ms {hk / base_t:>11.2%}")
 
 
+def small_model(repeats: int, width: int = 256, batch: int = 256, r: int = 4, compile_kernel: bool = False) -> dict:
+    """(c) the hook's fixed cost: a PEFT MLP with 6 LoRA'd linear maps of one shape, a step of a few ms.
+
+    Every mode trains its own copy of the same model; the copies step in a shuffled round-robin
+    so that machine drift hits them alike; the median step time of each is compared with plain
+    AdamW's. Returns ``{mode: ratio}``.
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    base = nn.Sequential(*layers[:-1])
+    names = [str(i) for i in range(0, 11, 2)]
+    model0 = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=names))
+    x = torch.randn(batch, width)
+    y = torch.randn(batch, width)
+    runs = {}
+    for mode in [None, *MODES]:
+        model = copy.deepcopy(model0)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        if mode is not None:
+            reflora.attach(opt, model, variant=mode[0], space=mode[1], compile=compile_kernel)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            (model(x) - y).square().mean().backward()
+            opt.step()
+
+        runs[mode] = (step, [])
+    order = list(runs)
+    rng = random.Random(0)
+    for rep in range(repeats + 5):
+        rng.shuffle(order)
+        for mode in order:
+            step, ts = runs[mode]
+            t0 = time.perf_counter()
+            step()
+            if rep >= 5:  # warm-up rounds
+                ts.append(time.perf_counter() - t0)
+    base_t = statistics.median(runs[None][1])
+    label = " (compile=True)" if compile_kernel else ""
+    print(f"\n(c) fixed cost{label}: PEFT MLP, 6 LoRA'd Linear({width}, {width}), r={r}, batch {batch}, AdamW, "
+          f"{repeats} interleaved steps per mode")
+    head = f"{'mode':<26} {'step (median)':>14} {'vs AdamW':>9}"
+    print(head + "\n" + "-" * len(head))
+    print(f"{'AdamW (no hook)':<26} {base_t * 1e3:>12.2f}ms {'':>9}")
+    ratios = {}
+    for mode in MODES:
+        t = statistics.median(runs[mode][1])
+        ratios[mode] = t / base_t
+        print(f"{'-'.join(mode):<26} {t * 1e3:>12.2f}ms {t / base_t:>8.2f}x")
+    return ratios
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8, help="LLaMA-7B layers for (a) (default 8)")
@@ -199,12 +257,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--skip-model", action="store_true", help="run (a) only")
     ap.add_argument("--device", default="cpu", help="device for (a), e.g. cuda (default cpu)")
+    ap.add_argument("--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
+                    help="(a) hook alone at LLaMA-7B shapes, (b) 110M Llama training step, (c) small-model fixed cost")
+    ap.add_argument("--small-repeats", type=int, default=200, help="steps per mode in (c)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    hook_only(args.layers, args.ranks, args.repeats, args.device)
-    if not args.skip_model:
+    if "a" in args.sections:
+        hook_only(args.layers, args.ranks, args.repeats, args.device)
+    if "b" in args.sections and not args.skip_model:
         training_step(16, args.repeats, args.model_layers, args.seq, args.batch)
+    if "c" in args.sections and not args.skip_model:
+        small_model(args.small_repeats)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def balanced_metric(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     r"""RefLoRA's refactoring from the Grams ``X = A A^T`` and ``Y = B^T B`` (float64, batched).
 
-    Returns ``(left, right, S, S_inv, live)`` with ``A' = left @ A``, ``B' = B @ right``,
+    Returns, for finite ``X`` and ``Y``, ``(left, right, S, S_inv, live)`` with ``A' = left @ A``, ``B' = B @ right``,
     ``left @ right^T = I``, ``S = left^T left`` and ``live`` the number of live directions.
 
     The paper's ``S`` solves ``S X S = Y`` (the geometric mean ``X^{-1} # Y``), which exists only
@@ -102,9 +102,12 @@ def balanced_metric(
     """
     cd = X.dtype
     eye = torch.eye(X.shape[-1], dtype=cd, device=X.device)
-    lam_a, V_a = safe_eigh(X)
+    # X and Y are finite here (full_kernel masks non-finite pairs), so plain eigh is safe
+    lam_a, V_a = sym_eigh(X)
+    lam_a = lam_a.clamp_min(0.0)
     Z0 = V_a * lam_a.sqrt()[..., None, :]
-    sig2, V_m = safe_eigh(Z0.mT @ Y @ Z0)
+    sig2, V_m = sym_eigh(Z0.mT @ Y @ Z0)
+    sig2 = sig2.clamp_min(0.0)
     Z = Z0 @ V_m
     scale = lam_a.amax(-1, keepdim=True) * Y.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
     live = sig2 > eps * scale
@@ -136,8 +139,9 @@ def balanced_metric(
         rel = (1e-10 * s.amax(-1, keepdim=True) / s.amin(-1, keepdim=True)).clamp(1e-9, 1e-3)
         delta = rel * G.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(torch.finfo(cd).tiny)
         ramp = torch.arange(r - 1, -1, -1, dtype=cd, device=G.device)
-        _, V_g = sym_eigh(G + torch.diag_embed(delta * ramp))
-        V_g = _canonical_signs(V_g.flip(-1))  # descending, like the singular values
+        # eigenvectors of -G come in descending order of G's eigenvalues, like the singular values
+        _, V_g = sym_eigh(-(G + torch.diag_embed(delta * ramp)))
+        V_g = _canonical_signs(V_g)
         left, right = V_g.mT @ left, right @ V_g
     # no live direction (B = 0, A = 0): exactly the identity, not eigh's round-off of it
     any_live = live.any(-1)[..., None, None]
