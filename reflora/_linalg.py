@@ -68,8 +68,9 @@ def balanced_metric(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     r"""RefLoRA's refactoring from the Grams ``X = A A^T`` and ``Y = B^T B`` (float64, batched).
 
-    Returns, for finite ``X`` and ``Y``, ``(left, right, S, S_inv, live)`` with ``A' = left @ A``, ``B' = B @ right``,
-    ``left @ right^T = I``, ``S = left^T left`` and ``live`` the number of live directions.
+    Returns, for finite ``X`` and ``Y``, ``(left, right, S, S_inv, live)`` with ``A' = left @ A``,
+    ``B' = B @ right``, ``left @ right^T = I``, ``S = left^T left`` and ``live`` the number of live
+    directions.
 
     The paper's ``S`` solves ``S X S = Y`` (the geometric mean ``X^{-1} # Y``), which exists only
     when ``B A`` has full rank ``r``. Here the directions are split by the singular values
