@@ -34,6 +34,10 @@ Semantics (documented in the README too):
 * Pairs whose ``A.grad`` or ``B.grad`` is ``None`` this step (frozen, unused) are skipped.
 * With ``warmup_steps`` longer than the run, nothing is touched: the run is bit-identical to
   the bare optimizer.
+* Inside ``torch.compile`` (a compiled ``opt.step()`` or train step) the hooks do not branch in
+  Python on the step: the counter is a 0-d tensor advanced in place, warmup / interval / a
+  scaler's skip are a 0-d bool tensor and every update is selected with ``torch.where``, so one
+  graph serves every step (the r x r kernel then runs every step; eager steps skip it).
 """
 
 from __future__ import annotations
@@ -828,7 +832,13 @@ def attach(
             :func:`reflora.functional.refactor_transform`).
         second_moment: rule for element-wise second moments in parameter space
             (``"square"``: exact for the scalar variant; ``"keep"``; ``"reset"``).
-        compile: run the per-group kernel through ``torch.compile(fullgraph=True)``.
+        compile: in eager steps, run the per-group r x r kernel through
+            ``torch.compile(fullgraph=True)``: one compiled kernel per shape key, group sizes
+            padded to powers of two (any number of distinct ranks, member sets that vary from
+            step to step); a key needing more than 6 graphs runs eagerly, with one warning.
+            Independent of this flag, the hooks work inside a compiled ``opt.step()`` or train
+            step: no recompile after warm-up, no graph break in reflora (see the README,
+            "Compiled steps"); there the kernel runs every step, warmup included.
         frame: parameter space only: which refactor ``P`` with ``P P^T = S`` is applied:
             ``"paper"`` (default: the paper's closed form, balanced Grams ``diag(sigma)``, with a
             canonical sign and tie rule so that factors are reproducible across devices,
