@@ -34,15 +34,20 @@ Semantics (documented in the README too):
 * Pairs whose ``A.grad`` or ``B.grad`` is ``None`` this step (frozen, unused) are skipped.
 * With ``warmup_steps`` longer than the run, nothing is touched: the run is bit-identical to
   the bare optimizer.
+* Inside ``torch.compile`` (a compiled ``opt.step()`` or train step) the hooks do not branch in
+  Python on the step: the counter is a 0-d tensor advanced in place, warmup / interval / a
+  scaler's skip are a 0-d bool tensor and every update is selected with ``torch.where``, so one
+  graph serves every step (the r x r kernel then runs every step; eager steps skip it).
 """
 
 from __future__ import annotations
 
 import inspect
+import types
 import warnings
 import weakref
 from collections import defaultdict
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -110,9 +115,25 @@ def _sq_norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t, dim=(-2, -1), dtype=cd) for t in tensors]).square()
 
 
-def _scale_inplace(xs: list[Tensor], s: Tensor) -> None:
+def _copy_gated(xs: list[Tensor], new: list[Tensor], gate: Tensor | None) -> None:
+    """``x_i <- new_i``, or, under a traced step, ``x_i <- where(gate, new_i, x_i)``.
+
+    A compiled step must not branch in Python on the step counter (every step would be a new
+    guard value, i.e. a recompile), so it computes every update and keeps the old value where
+    the 0-d ``gate`` is false. Selecting the *output* (not scaling the transform to the identity)
+    leaves non-finite values and the ``second_moment="reset"`` rule exactly as they were.
+    """
+    if gate is not None:
+        new = [torch.where(gate, n, x) for n, x in zip(new, xs)]
+    torch._foreach_copy_(xs, new)
+
+
+def _scale_inplace(xs: list[Tensor], s: Tensor, gate: Tensor | None = None) -> None:
     """``x_i <- s[i] * x_i``; ``s`` is ``(G, 1, 1)`` (a scalar per pair) or ``(G, E, 1, 1)`` (per expert)."""
     s = s.to(xs[0].dtype)
+    if gate is not None:
+        # multiplying by exactly 1 leaves every value (inf and NaN included) as it was
+        s = torch.where(gate, s, 1.0)
     if s.dim() == 3:
         torch._foreach_mul_(xs, list(s.flatten().unbind(0)))
         return
@@ -131,26 +152,87 @@ def _apply_dtype(T: Tensor, x: Tensor) -> Tensor:
     return T.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _left_inplace(T: Tensor, xs: list[Tensor]) -> None:
+def _left_inplace(T: Tensor, xs: list[Tensor], gate: Tensor | None = None) -> None:
     """``x_i <- T[i] @ x_i`` for every ``x_i`` (computed in float32 or wider, written back with copy_)."""
     T = _apply_dtype(T, xs[0])
     if xs[0].numel() <= _STACK_MAX_NUMEL:
         out = T @ torch.stack(xs).to(T.dtype)
-        torch._foreach_copy_(xs, list(out.unbind(0)))
+        _copy_gated(xs, list(out.unbind(0)), gate)
         return
-    for t, x in zip(T.unbind(0), xs):
-        x.copy_(t @ x.to(t.dtype))
+    for t, x in zip(T.unbind(0), xs):  # one pair at a time: no second copy of the whole group
+        _copy_gated([x], [t @ x.to(t.dtype)], gate)
 
 
-def _right_inplace(xs: list[Tensor], T: Tensor) -> None:
+def _right_inplace(xs: list[Tensor], T: Tensor, gate: Tensor | None = None) -> None:
     """``x_i <- x_i @ T[i]``."""
     T = _apply_dtype(T, xs[0])
     if xs[0].numel() <= _STACK_MAX_NUMEL:
         out = torch.stack(xs).to(T.dtype) @ T
-        torch._foreach_copy_(xs, list(out.unbind(0)))
+        _copy_gated(xs, list(out.unbind(0)), gate)
         return
     for t, x in zip(T.unbind(0), xs):
-        x.copy_(x.to(t.dtype) @ t)
+        _copy_gated([x], [x.to(t.dtype) @ t], gate)
+
+
+# ------------------------------------------------------------------------------- compile=True
+# Eager steps with compile=True run the r x r kernel through torch.compile. The kernel sees the
+# Grams only, (G, [E,] r, r): its graphs depend on r, E, the dtype, the device, eps, frame and the
+# group size G. Dynamo keeps compiled graphs, and counts recompiles against its limit (8), per
+# *code object*, so one compiled function shared by every shape crashed a PEFT model with 9 or
+# more distinct ranks (rank_pattern). Here every key gets its own copy of the kernel's code object
+# (its own cache), and G is padded to a power of two, so a group whose member set varies (MoE
+# routing, conditional branches) needs at most log2(G) + 1 graphs. A key that would need more
+# than _MAX_GRAPHS_PER_KEY graphs runs eagerly (one warning), never crashes.
+
+_MAX_GRAPHS_PER_KEY = 6
+_BACKEND = "inductor"  # tests swap in "eager": same dynamo caches and guards, no code generation
+_COMPILED: dict[tuple, Callable[..., tuple[Tensor, ...]]] = {}
+_COMPILED_SIZES: dict[tuple, set[int]] = defaultdict(set)
+_WARNED: set[tuple] = set()
+
+
+def _fresh_compiled_kernel() -> Callable[..., tuple[Tensor, ...]]:
+    # a new code object (equal to full_kernel's) is what gives this key a cache of its own
+    fn = types.FunctionType(
+        full_kernel.__code__.replace(), full_kernel.__globals__, full_kernel.__name__,
+        full_kernel.__defaults__, full_kernel.__closure__,
+    )
+    fn.__doc__, fn.__qualname__ = full_kernel.__doc__, full_kernel.__qualname__
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=_BACKEND)
+
+
+def _bucket(G: int) -> int:
+    return 1 << (G - 1).bit_length()
+
+
+def compiled_full_kernel(X: Tensor, Y: Tensor, eps: float, frame: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`full_kernel` through a per-key ``torch.compile`` cache, padded to a bounded set of shapes.
+
+    Padding rows are identity Grams (a balanced pair: finite outputs) and are dropped again.
+    """
+    G = X.shape[0]
+    key = (tuple(X.shape[1:]), X.dtype, X.device, float(eps), frame, _BACKEND)
+    size = _bucket(G)
+    sizes = _COMPILED_SIZES[key]
+    if size not in sizes and len(sizes) >= _MAX_GRAPHS_PER_KEY:
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(
+                f"reflora compile=True: Grams of shape {key[0]} ({X.dtype}, {X.device}) came in "
+                f"{len(sizes) + 1} group sizes; running that kernel eagerly from now on instead of "
+                "recompiling it again (results are the same)",
+                stacklevel=4,
+            )
+        return full_kernel(X, Y, eps, frame)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = _COMPILED[key] = _fresh_compiled_kernel()
+    sizes.add(size)
+    if size != G:
+        eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device).expand(size - G, *X.shape[1:])
+        X, Y = torch.cat([X, eye]), torch.cat([Y, eye])
+    out = fn(X, Y, eps, frame)
+    return out if size == G else tuple(t[:G] for t in out)  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------- input handling
@@ -234,22 +316,37 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def _scaler_skips(optimizer: torch.optim.Optimizer, kwargs: dict[str, Any] | None) -> bool:
-    """Whether ``GradScaler`` told this step's optimizer to skip it (inf/NaN gradients).
+def _found_inf(optimizer: torch.optim.Optimizer, kwargs: dict[str, Any] | None) -> Any:
+    """What ``GradScaler`` told this step's optimizer about inf/NaN gradients (``None``: nothing).
 
     torch's ``GradScaler.step`` steps an optimizer that handles AMP scaling itself
     (``_step_supports_amp_scaling``: the fused Adam / AdamW / SGD / Adagrad) with
     ``optimizer.found_inf`` and ``optimizer.grad_scale`` set as attributes, and the fused kernel
     skips the update when ``found_inf`` is nonzero; every other optimizer is simply not stepped.
-    Older callers passed ``found_inf=`` to ``step()``; both are read. (Reading the tensor syncs
-    with the device, once per step, only while a scaler has set it.)
+    Older callers passed ``found_inf=`` to ``step()``; both are read.
     """
     found_inf = kwargs.get("found_inf") if kwargs else None
     if found_inf is None:
         found_inf = getattr(optimizer, "found_inf", None)
+    return found_inf
+
+
+def _scaler_skips(optimizer: torch.optim.Optimizer, kwargs: dict[str, Any] | None) -> bool:
+    """Eager steps: whether ``GradScaler`` skips this step (reading the tensor syncs with the
+    device, once per step, only while a scaler has set it)."""
+    found_inf = _found_inf(optimizer, kwargs)
     if isinstance(found_inf, Tensor):
         return bool(found_inf.ne(0).any())
     return bool(found_inf)
+
+
+def _scaler_proceeds(optimizer: torch.optim.Optimizer, kwargs: dict[str, Any] | None) -> Tensor | bool:
+    """Traced steps: ``not skipped`` as a 0-d bool tensor (no host sync), or a Python bool when no
+    scaler set a tensor (its presence is a stable guard, not a per-step value)."""
+    found_inf = _found_inf(optimizer, kwargs)
+    if isinstance(found_inf, Tensor):
+        return found_inf.eq(0).all()
+    return not found_inf
 
 
 def _pair_mismatch(saved: list[str], names: list[str]) -> str:
@@ -302,17 +399,77 @@ class RefLoRAHandle:
         self.second_moment = second_moment
         self.compiled = compile
         self.frame = frame
-        self.step_count = 0
+        # The step counter lives in a 0-d int64 tensor on the pairs' device, advanced in place: a
+        # compiled optimizer step reads it as a graph input, where a Python int would be a guard
+        # that changes every step (a recompile per step). Eager steps keep a Python mirror
+        # (``_count``) so that they never sync with the device to branch on it; a traced step
+        # cannot update the mirror and sets it to None, and the next eager read resyncs once.
+        self._step = torch.zeros((), dtype=torch.int64, device=self.pairs[0].A.device)
+        self._count: int | None = 0
         self._skip_count = False
-        self._cache: dict[int, tuple[Tensor, Tensor]] = {}
         self._transport = get_state_transport(optimizer) if space == "parameter" else None
         self._groups = self._make_groups()
-        self._kernel = torch.compile(full_kernel, fullgraph=True, dynamic=False) if compile else full_kernel
+        self._bufs = self._make_cache_buffers()
+        self._cached: set[int] | None = set()  # Python mirror of the buffers' `valid` flags
+        self._kernel = compiled_full_kernel if compile else full_kernel
         self._hooks: list[RemovableHandle] = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
         ]
         self._removed = False
+
+    # -- counter and cache -------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Completed optimizer steps seen since attaching (or restored); skipped steps excluded."""
+        if self._count is None:  # compiled steps advanced the tensor: one sync to catch up
+            self._count = int(self._step)
+        return self._count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._count = int(value)
+        self._step.fill_(self._count)
+
+    def _make_cache_buffers(self) -> list[tuple[Tensor, Tensor, Tensor]] | None:
+        """Per group ``(S, S^{-1}, valid)`` of the gradient-space cache (``interval > 1`` only).
+
+        Preallocated, so that a compiled step writes into fixed tensors instead of growing a dict
+        (a new guard); ``valid[j]`` says whether member ``j`` has a metric yet.
+        """
+        if self.space != "gradient" or self.interval == 1:
+            return None
+        bufs = []
+        for group in self._groups:
+            p = self.pairs[group[0]]
+            r = 1 if self.variant == "scalar" else p.rank
+            shape = (len(group), *((p.experts,) if p.experts > 1 else ()), r, r)
+            kw = dict(dtype=compute_dtype(p.A.dtype), device=p.A.device)
+            bufs.append((torch.zeros(shape, **kw), torch.zeros(shape, **kw),
+                         torch.zeros(len(group), dtype=torch.bool, device=p.A.device)))
+        return bufs
+
+    def _cached_pairs(self) -> set[int]:
+        if self._bufs is None:
+            return set()
+        if self._cached is None:  # compiled steps wrote the buffers: read the flags back once
+            self._cached = {
+                group[j] for group, (_, _, valid) in zip(self._groups, self._bufs) for j in valid.nonzero().flatten().tolist()
+            }
+        return self._cached
+
+    @property
+    def _cache(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """``{pair index: (S, S^{-1})}`` of the cached metrics (views of the buffers)."""
+        if self._bufs is None:
+            return {}
+        cached = self._cached_pairs()
+        return {
+            i: (S[j], S_inv[j])
+            for group, (S, S_inv, _) in zip(self._groups, self._bufs)
+            for j, i in enumerate(group)
+            if i in cached
+        }
 
     # -- grouping ----------------------------------------------------------------------------
     def _make_groups(self) -> list[list[int]]:
@@ -335,6 +492,9 @@ class RefLoRAHandle:
 
     # -- hooks -------------------------------------------------------------------------------
     def _pre_hook(self, optimizer, args, kwargs) -> None:
+        if torch.compiler.is_compiling():
+            self._traced_pre_hook(optimizer, kwargs)
+            return
         self._skip_count = False
         if _scaler_skips(optimizer, kwargs):
             # the optimizer will skip this step itself: touch nothing, count nothing
@@ -356,9 +516,47 @@ class RefLoRAHandle:
                 self._check_state(self.pairs[i] for g in self._groups for i in self._members(g))
                 self._parameter_step()
 
+    def _traced_pre_hook(self, optimizer, kwargs) -> None:
+        """The pre-hook inside ``torch.compile`` (a compiled ``opt.step`` or train step).
+
+        Nothing here branches in Python on the step counter or the scaler's verdict: the
+        warmup / interval / skip decision is a 0-d bool tensor, every update is computed and
+        selected with ``torch.where``, so one graph serves every step (the r x r kernel runs
+        every step, also where eager would skip it: the price of not recompiling).
+        """
+        proceeds = _scaler_proceeds(optimizer, kwargs)
+        if proceeds is False:
+            return  # a scaler's Python verdict: a stable guard, not a per-step value
+        t = self._step
+        started = t >= self.warmup_steps
+        if isinstance(proceeds, Tensor):
+            started = started & proceeds.to(t.device)
+        active = started if self.interval == 1 else started & ((t - self.warmup_steps) % self.interval == 0)
+        with torch.no_grad():
+            if self.space == "gradient":
+                self._gradient_step(refresh=True, gate=started, refresh_gate=active)
+            else:
+                # every pair's grads are read before opt.state is: a parameter first reached as a
+                # key of opt.state has its .grad guarded by identity, and zero_grad(set_to_none=True)
+                # frees that tensor every step, which invalidates the compiled graph
+                members = [i for g in self._groups for i in self._members(g)]
+                self._check_state(self.pairs[i] for i in members)
+                self._parameter_step(gate=active)
+
     def _post_hook(self, optimizer, args, kwargs) -> None:
+        if torch.compiler.is_compiling():
+            proceeds = _scaler_proceeds(optimizer, kwargs)
+            if isinstance(proceeds, Tensor):
+                self._step.add_(proceeds.to(self._step.device, torch.int64))
+            elif proceeds:
+                self._step.add_(1)
+            # the Python mirrors cannot follow a traced step; eager code resyncs from the tensors
+            self._count = None
+            self._cached = None
+            return
         if not self._skip_count:
-            self.step_count += 1
+            self._count = self.step_count + 1
+            self._step.add_(1)
 
     def _members(self, group: list[int]) -> list[int]:
         return [i for i in group if self.pairs[i].A.grad is not None and self.pairs[i].B.grad is not None]
@@ -370,51 +568,97 @@ class RefLoRAHandle:
             left, right = scalar_kernel(_sq_norms([p.a() for p in pairs]), _sq_norms([p.b() for p in pairs]))
             return left, right, *metric(left, right)
         X, Y = _gram_stack(pairs)
-        return self._kernel(X, Y, self._eps_for(pairs[0].A.dtype), self.frame)
+        # inside an outer torch.compile the kernel is traced into that graph: no nested wrapper
+        kernel = full_kernel if torch.compiler.is_compiling() else self._kernel
+        return kernel(X, Y, self._eps_for(pairs[0].A.dtype), self.frame)
 
-    def _gradient_step(self, refresh: bool) -> None:
-        for group in self._groups:
+    def _gradient_step(
+        self, refresh: bool, gate: Tensor | None = None, refresh_gate: Tensor | None = None
+    ) -> None:
+        """Precondition the gradients. Eager: ``refresh`` says whether ``S`` is recomputed (else
+        the cached one is applied). Traced: ``gate`` (started, not skipped) and ``refresh_gate``
+        (a refresh step) are 0-d bool tensors and ``S`` is computed every step."""
+        for g, group in enumerate(self._groups):
             members = self._members(group)
             if not members:
                 continue
             pairs = [self.pairs[i] for i in members]
-            if refresh or any(i not in self._cache for i in members):
+            bufs = None if self._bufs is None else self._bufs[g]
+            if gate is not None:
+                gate = gate.to(pairs[0].A.device)
                 _, _, S, S_inv = self._metric(pairs)
-                if self.interval > 1:
-                    for k, i in enumerate(members):
-                        self._cache[i] = (S[k], S_inv[k])
+                if bufs is not None:
+                    assert refresh_gate is not None
+                    S, S_inv = self._traced_cache(bufs, group, members, S, S_inv, gate, refresh_gate.to(gate.device))
+            elif refresh or any(i not in self._cached_pairs() for i in members):
+                _, _, S, S_inv = self._metric(pairs)
+                if bufs is not None:
+                    pos = torch.tensor([group.index(i) for i in members], device=S.device)
+                    bufs[0].index_copy_(0, pos, S)
+                    bufs[1].index_copy_(0, pos, S_inv)
+                    bufs[2].index_fill_(0, pos, True)
+                    self._cached_pairs().update(members)
             else:
-                S = torch.stack([self._cache[i][0] for i in members])
-                S_inv = torch.stack([self._cache[i][1] for i in members])
+                assert bufs is not None
+                pos = [group.index(i) for i in members]
+                S, S_inv = bufs[0][pos], bufs[1][pos]
             gA = [p.grad_a() for p in pairs]
             gB = [p.grad_b() for p in pairs]
             if self.variant == "scalar":
-                _scale_inplace(gA, S_inv)
-                _scale_inplace(gB, S)
+                _scale_inplace(gA, S_inv, gate)
+                _scale_inplace(gB, S, gate)
             else:
-                _left_inplace(S_inv, gA)
-                _right_inplace(gB, S)
+                _left_inplace(S_inv, gA, gate)
+                _right_inplace(gB, S, gate)
 
-    def _parameter_step(self) -> None:
+    @staticmethod
+    def _traced_cache(
+        bufs: tuple[Tensor, Tensor, Tensor], group: list[int], members: list[int],
+        S: Tensor, S_inv: Tensor, gate: Tensor, refresh_gate: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """The cache step as tensor arithmetic: the fresh ``S`` at a refresh step or for a pair
+        without a cached one, else the cached ``S``; what was applied is stored when ``gate``."""
+        S_buf, S_inv_buf, valid = bufs
+        pos = [group.index(i) for i in members]
+        if pos == list(range(len(group))):
+            idx = None
+            old, old_inv, ok = S_buf, S_inv_buf, valid
+        else:
+            idx = torch.tensor(pos, device=S.device)
+            old, old_inv, ok = S_buf[idx], S_inv_buf[idx], valid[idx]
+        fresh = (refresh_gate | ~ok).view(-1, *(1,) * (S.dim() - 1))
+        S, S_inv = torch.where(fresh, S, old), torch.where(fresh, S_inv, old_inv)
+        new = (torch.where(gate, S, old), torch.where(gate, S_inv, old_inv), ok | gate)
+        for buf, value in zip(bufs, new):
+            if idx is None:
+                buf.copy_(value)
+            else:
+                buf.index_copy_(0, idx, value)
+        return S, S_inv
+
+    def _parameter_step(self, gate: Tensor | None = None) -> None:
+        """Refactor every group; traced steps pass ``gate`` (a 0-d bool: act this step)."""
         for group in self._groups:
             members = self._members(group)
             if not members:
                 continue
             pairs = [self.pairs[i] for i in members]
+            if gate is not None:
+                gate = gate.to(pairs[0].A.device)
             left, right, _, _ = self._metric(pairs)
             As, Bs = [p.a() for p in pairs], [p.b() for p in pairs]
             gA, gB = [p.grad_a() for p in pairs], [p.grad_b() for p in pairs]
             if self.variant == "scalar":
-                _scale_inplace(As, left)  # p A
-                _scale_inplace(Bs, right)  # B / p
-                _scale_inplace(gA, right)  # P^-1 grad_A
-                _scale_inplace(gB, left)  # grad_B P
+                _scale_inplace(As, left, gate)  # p A
+                _scale_inplace(Bs, right, gate)  # B / p
+                _scale_inplace(gA, right, gate)  # P^-1 grad_A
+                _scale_inplace(gB, left, gate)  # grad_B P
             else:
-                _left_inplace(left, As)
-                _right_inplace(Bs, right)
-                _left_inplace(right.mT, gA)
-                _right_inplace(gB, left.mT)
-            self._transport_state(pairs, Transform(left, right))
+                _left_inplace(left, As, gate)
+                _right_inplace(Bs, right, gate)
+                _left_inplace(right.mT, gA, gate)
+                _right_inplace(gB, left.mT, gate)
+            self._transport_state(pairs, Transform(left, right), gate)
 
     def _check_state(self, pairs: Iterable[LoRAPair]) -> None:
         """Raise (before anything is modified) if the transport cannot move these pairs' state."""
@@ -429,7 +673,7 @@ class RefLoRAHandle:
                 if state:
                     check(state, param, ctx, f"factor {label} of pair {pair.name!r}")
 
-    def _transport_state(self, pairs: list[LoRAPair], T: Transform) -> None:
+    def _transport_state(self, pairs: list[LoRAPair], T: Transform, gate: Tensor | None = None) -> None:
         opt = self.optimizer
         with_state = [k for k, p in enumerate(pairs) if opt.state.get(p.A) and opt.state.get(p.B)]
         if not with_state:
@@ -473,7 +717,7 @@ class RefLoRAHandle:
         for new, param_of, view in ((newA, lambda p: p.A, viewA), (newB, lambda p: p.B, viewB)):
             for key, value in new.items():
                 dst = [view(opt.state[param_of(p)][key]) for p in chosen]
-                torch._foreach_copy_(dst, list(value.unbind(0)))
+                _copy_gated(dst, list(value.unbind(0)), gate)
 
     # -- public ------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -525,13 +769,28 @@ class RefLoRAHandle:
         saved = [canonical_name(n) for n in state["pair_names"]]
         if saved != names:
             raise ValueError(_pair_mismatch(saved, names))
-        self.step_count = int(state["step_count"])
+        self.step_count = int(state["step_count"])  # an int in every checkpoint, old and new
         index = {n: i for i, n in enumerate(names)}
-        self._cache = {}
+        where = {i: (g, j) for g, group in enumerate(self._groups) for j, i in enumerate(group)}
+        if self._bufs is not None:
+            for _, _, valid in self._bufs:
+                valid.zero_()
+        self._cached = set()
         for name, (S, S_inv) in state["cache"].items():
+            if self._bufs is None:
+                raise ValueError("checkpoint holds cached metrics but this handle caches none (interval=1)")
             i = index[canonical_name(name)]
-            dev = self.pairs[i].A.device
-            self._cache[i] = (S.to(dev), S_inv.to(dev))
+            g, j = where[i]
+            S_buf, S_inv_buf, valid = self._bufs[g]
+            if S.shape != S_buf.shape[1:]:
+                raise ValueError(
+                    f"cached metric of pair {name!r} has shape {tuple(S.shape)}; this handle expects "
+                    f"{tuple(S_buf.shape[1:])}"
+                )
+            S_buf[j].copy_(S)
+            S_inv_buf[j].copy_(S_inv)
+            valid[j] = True
+            self._cached.add(i)
 
     def __repr__(self) -> str:
         return (
@@ -573,7 +832,13 @@ def attach(
             :func:`reflora.functional.refactor_transform`).
         second_moment: rule for element-wise second moments in parameter space
             (``"square"``: exact for the scalar variant; ``"keep"``; ``"reset"``).
-        compile: run the per-group kernel through ``torch.compile(fullgraph=True)``.
+        compile: in eager steps, run the per-group r x r kernel through
+            ``torch.compile(fullgraph=True)``: one compiled kernel per shape key, group sizes
+            padded to powers of two (any number of distinct ranks, member sets that vary from
+            step to step); a key needing more than 6 graphs runs eagerly, with one warning.
+            Independent of this flag, the hooks work inside a compiled ``opt.step()`` or train
+            step: no recompile after warm-up, no graph break in reflora (see the README,
+            "Compiled steps"); there the kernel runs every step, warmup included.
         frame: parameter space only: which refactor ``P`` with ``P P^T = S`` is applied:
             ``"paper"`` (default: the paper's closed form, balanced Grams ``diag(sigma)``, with a
             canonical sign and tie rule so that factors are reproducible across devices,
