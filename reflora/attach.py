@@ -51,7 +51,7 @@ from torch.utils.hooks import RemovableHandle
 from reflora._kernels import (
     SECOND_MOMENT_RULES,
     check_eps,
-    check_frame,
+    check_solver,
     check_variant,
     full_kernel,
     grams,
@@ -291,6 +291,7 @@ class RefLoRAHandle:
         second_moment: str,
         compile: bool,
         frame: str = "paper",
+        solver: str = "eigh",
     ) -> None:
         self.optimizer = optimizer
         self.pairs: tuple[LoRAPair, ...] = tuple(pairs)
@@ -302,6 +303,7 @@ class RefLoRAHandle:
         self.second_moment = second_moment
         self.compiled = compile
         self.frame = frame
+        self.solver = solver
         self.step_count = 0
         self._skip_count = False
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}
@@ -370,7 +372,7 @@ class RefLoRAHandle:
             left, right = scalar_kernel(_sq_norms([p.a() for p in pairs]), _sq_norms([p.b() for p in pairs]))
             return left, right, *metric(left, right)
         X, Y = _gram_stack(pairs)
-        return self._kernel(X, Y, self._eps_for(pairs[0].A.dtype), self.frame)
+        return self._kernel(X, Y, self._eps_for(pairs[0].A.dtype), self.frame, self.solver)
 
     def _gradient_step(self, refresh: bool) -> None:
         for group in self._groups:
@@ -537,7 +539,7 @@ class RefLoRAHandle:
         return (
             f"RefLoRAHandle(variant={self.variant!r}, space={self.space!r}, pairs={len(self.pairs)}, "
             f"groups={self.num_groups}, warmup_steps={self.warmup_steps}, interval={self.interval}, "
-            f"step_count={self.step_count})"
+            f"solver={self.solver!r}, step_count={self.step_count})"
         )
 
 
@@ -552,8 +554,9 @@ def attach(
     eps: float | None = None,
     second_moment: Literal["square", "keep", "reset"] = "square",
     compile: bool = False,
-    frame: Literal["paper", "symmetric"] = "paper",
+    frame: Literal["paper", "symmetric"] | None = None,
     rank_above_size: Literal["skip", "act"] = "skip",
+    solver: Literal["eigh", "newton_schulz"] = "eigh",
 ) -> RefLoRAHandle:
     r"""Make ``optimizer`` a RefLoRA optimizer for ``pairs`` (arXiv 2505.18877).
 
@@ -575,15 +578,22 @@ def attach(
             (``"square"``: exact for the scalar variant; ``"keep"``; ``"reset"``).
         compile: run the per-group kernel through ``torch.compile(fullgraph=True)``.
         frame: parameter space only: which refactor ``P`` with ``P P^T = S`` is applied:
-            ``"paper"`` (default: the paper's closed form, balanced Grams ``diag(sigma)``, with a
+            ``"paper"`` (the paper's closed form, balanced Grams ``diag(sigma)``, with a
             canonical sign and tie rule so that factors are reproducible across devices,
             compilation and ranks) or ``"symmetric"`` (``S^{1/2}``, closest to the identity;
-            measured to help far less under AdamW). Gradient space depends on ``S`` only.
+            measured to help far less under AdamW). ``None`` (default): ``"paper"`` with
+            ``solver="eigh"``, ``"symmetric"`` with ``solver="newton_schulz"`` (``"paper"`` with
+            it raises). Gradient space depends on ``S`` only.
         rank_above_size: pairs whose rank exceeds the layer's size (``r > min(m, n)``: a 3-label
             head, an MoE router) have at least ``r - min(m, n)`` directions that ``B A`` can never
             use. ``"skip"`` (default) leaves them to the bare optimizer, with one warning naming
             them; ``"act"`` applies RefLoRA to their live directions (stable, but measured to
             train worse than plain LoRA under AdamW in gradient space; see the README).
+        solver: full variant: how the ``r x r`` kernel is computed. ``"eigh"`` (default:
+            eigendecompositions, exact dead directions) or ``"newton_schulz"`` (matrix products
+            only, a fixed step count: no eigensolver, which is slow for small batched matrices
+            on GPUs; symmetric frame only; dead directions regularised, see
+            :func:`reflora.functional.refactor_transform`). Ignored by ``variant="scalar"``.
 
     Returns:
         A :class:`RefLoRAHandle`.
@@ -610,7 +620,7 @@ def attach(
         raise TypeError(f"compile must be a bool; got {type(compile).__name__}")
     if second_moment not in SECOND_MOMENT_RULES:
         raise ValueError(f"second_moment must be one of {SECOND_MOMENT_RULES}; got {second_moment!r}")
-    frame = check_frame(frame)
+    solver, frame = check_solver(solver, frame)
     if rank_above_size not in ("skip", "act"):
         raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {rank_above_size!r}")
     pair_list = _skip_rank_above_size(_as_pairs(pairs), rank_above_size)
@@ -665,6 +675,7 @@ def attach(
         second_moment=second_moment,
         compile=compile,
         frame=frame,
+        solver=solver,
     )
     if space == "parameter":
         try:  # state the transport cannot move is an error now, not at some later step
