@@ -624,6 +624,19 @@ def attach(
     if rank_above_size not in ("skip", "act"):
         raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {rank_above_size!r}")
     pair_list = _skip_rank_above_size(_as_pairs(pairs), rank_above_size)
+    if solver == "newton_schulz" and variant == "full" and space == "parameter":
+        above = [p for p in pair_list if p.shape[0] > min(p.shape[1], p.shape[2])]
+        if above:
+            # the eigh-free solver cannot tell dead directions from live ones; on a direction
+            # dead in one factor its P is conditioned like 1e3-1e6, and refactoring by it every
+            # step sent the factors to NaN in every case measured
+            raise ValueError(
+                f"solver='newton_schulz' with space='parameter' cannot refactor pairs whose rank exceeds "
+                f"the layer's size (r > min(m, n)), e.g. {above[0].name!r} (r={above[0].shape[0]}, "
+                f"m={above[0].shape[1]}, n={above[0].shape[2]}): it has no dead-direction handling and the "
+                "refactor becomes ill-conditioned (measured: NaN). Use solver='eigh', space='gradient', or "
+                "rank_above_size='skip' (the default, which leaves such pairs to the bare optimizer)"
+            )
     if eps is not None:
         check_eps(eps, pair_list[0].A.dtype)
 
