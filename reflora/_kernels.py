@@ -5,8 +5,10 @@ Python branch on tensor values). The functional API validates its inputs and cal
 optimizer hook (:mod:`reflora.attach`) stacks same-shape pairs and calls them once per group.
 
 * :func:`grams`: ``(A A^T, B^T B)`` in float64, the only O((m + n) r^2) work of the full variant.
-* :func:`full_kernel`: ``(left, right, S, S^{-1})`` from the Grams (all ``r x r``).
+* :func:`full_kernel`: ``(left, right, S, S^{-1})`` from the Grams (all ``r x r``), by the
+  ``eigh`` construction or the eigh-free Newton-Schulz solver (``solver=``).
 * :func:`scalar_kernel`: RefLoRA-S's ``(p, 1/p)`` from the squared Frobenius norms.
+* :func:`metric_kernel`: ``(S, S^{-1})`` only (gradient space; skips the roots where it can).
 * :func:`metric`: ``(S, S^{-1})`` of a transform.
 """
 
@@ -15,23 +17,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reflora._linalg import balanced_metric, compute_dtype, default_eps
+from reflora._linalg import (
+    balanced_metric,
+    compute_dtype,
+    default_eps,
+    newton_schulz_geomean,
+    newton_schulz_metric,
+)
 
 __all__ = [
     "FRAMES",
     "SECOND_MOMENT_RULES",
+    "SOLVERS",
     "VARIANTS",
     "check_eps",
     "check_frame",
+    "check_solver",
     "check_variant",
     "full_kernel",
     "grams",
     "metric",
+    "metric_kernel",
     "scalar_kernel",
 ]
 
 VARIANTS = ("full", "scalar")
 FRAMES = ("paper", "symmetric")
+SOLVERS = ("eigh", "newton_schulz")
 SECOND_MOMENT_RULES = ("square", "keep", "reset")
 
 
@@ -45,6 +57,26 @@ def check_frame(frame: object) -> str:
     if frame not in FRAMES:
         raise ValueError(f"frame must be one of {FRAMES}; got {frame!r}")
     return frame  # type: ignore[return-value]
+
+
+def check_solver(solver: object, frame: object = None) -> tuple[str, str]:
+    """Validate ``solver`` and resolve ``frame`` against it: ``(solver, frame)``.
+
+    ``frame=None`` means the solver's natural frame: ``"paper"`` for ``"eigh"``, ``"symmetric"``
+    for ``"newton_schulz"``, which computes ``S^{1/2}`` and has no eigenbasis to rotate into.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+    if frame is None:
+        return solver, "paper" if solver == "eigh" else "symmetric"  # type: ignore[return-value]
+    frame = check_frame(frame)
+    if solver == "newton_schulz" and frame == "paper":
+        raise ValueError(
+            "frame='paper' needs the eigenbasis of the balanced Gram, which solver='newton_schulz' "
+            "does not compute (it has no eigendecomposition); use frame='symmetric' (or leave "
+            "frame unset) with solver='newton_schulz', or solver='eigh' for the paper frame"
+        )
+    return solver, frame  # type: ignore[return-value]
 
 
 def check_eps(eps: object, dtype: torch.dtype) -> float:
@@ -64,22 +96,46 @@ def grams(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return Ac @ Ac.mT, Bc.mT @ Bc
 
 
+def _finite_only(X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(finite, X, Y)`` with non-finite pairs' Grams zeroed (kept away from ``eigh``, which
+    could raise, and from the iteration); their outputs are set to NaN by :func:`_nan_where`."""
+    finite = torch.isfinite(X).flatten(-2).all(-1) & torch.isfinite(Y).flatten(-2).all(-1)
+    finite = finite[..., None, None]
+    return finite, torch.where(finite, X, 0.0), torch.where(finite, Y, 0.0)
+
+
+def _nan_where(finite: Tensor, out: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    nan = torch.full((), float("nan"), dtype=out[0].dtype, device=out[0].device)
+    return tuple(torch.where(finite, t, nan) for t in out)
+
+
 def full_kernel(
-    X: Tensor, Y: Tensor, eps: float, frame: str = "paper"
+    X: Tensor, Y: Tensor, eps: float, frame: str = "paper", solver: str = "eigh"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(left, right, S, S^{-1})`` of a stack of pairs from their Grams (compute dtype).
 
-    See :func:`reflora._linalg.balanced_metric` for the construction. A non-finite factor shows
-    up as a non-finite Gram (NaN/Inf propagate through the product); such pairs get NaN outputs
-    and are kept away from ``eigh``, which could otherwise raise.
+    ``solver="eigh"``: :func:`reflora._linalg.balanced_metric` (either frame).
+    ``solver="newton_schulz"``: :func:`reflora._linalg.newton_schulz_metric` (matmuls only,
+    symmetric frame only; ``frame="paper"`` raises). A non-finite factor shows up as a
+    non-finite Gram (NaN/Inf propagate through the product); such pairs get NaN outputs.
     """
-    finite = torch.isfinite(X).flatten(-2).all(-1) & torch.isfinite(Y).flatten(-2).all(-1)
-    finite = finite[..., None, None]
-    X = torch.where(finite, X, 0.0)
-    Y = torch.where(finite, Y, 0.0)
-    out = balanced_metric(X, Y, eps, frame)[:4]
-    nan = torch.full((), float("nan"), dtype=X.dtype, device=X.device)
-    return tuple(torch.where(finite, t, nan) for t in out)  # type: ignore[return-value]
+    solver, frame = check_solver(solver, frame)
+    finite, X, Y = _finite_only(X, Y)
+    if solver == "newton_schulz":
+        out = newton_schulz_metric(X, Y, eps)
+    else:
+        out = balanced_metric(X, Y, eps, frame)[:4]
+    return _nan_where(finite, out)  # type: ignore[return-value]
+
+
+def metric_kernel(X: Tensor, Y: Tensor, eps: float, solver: str = "eigh") -> tuple[Tensor, Tensor]:
+    """``(S, S^{-1})`` only: for ``"newton_schulz"`` this skips the square-root iteration (about
+    40% of its matmuls), for ``"eigh"`` it is ``full_kernel``'s ``S`` and ``S^{-1}``."""
+    solver, _ = check_solver(solver)
+    if solver == "eigh":
+        return full_kernel(X, Y, eps, "symmetric", solver)[2:]
+    finite, X, Y = _finite_only(X, Y)
+    return _nan_where(finite, newton_schulz_geomean(X, Y, eps)[:2])  # type: ignore[return-value]
 
 
 def scalar_kernel(a_sq: Tensor, b_sq: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["balanced_metric", "compute_dtype", "default_eps", "safe_eigh", "sym_eigh"]
+__all__ = ["balanced_metric", "compute_dtype", "default_eps", "newton_schulz_geomean", "newton_schulz_metric", "newton_schulz_sqrt", "safe_eigh", "sym_eigh"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -148,3 +148,142 @@ def balanced_metric(
     any_live = live.any(-1)[..., None, None]
     left, right, S, S_inv = (torch.where(any_live, t, eye) for t in (left, right, S, S_inv))
     return left, right, S, S_inv, live.sum(-1)
+
+
+# ----------------------------------------------------------------------------- eigh-free solver
+
+# Relative diagonal shift of the normalised Grams (a fraction of their mean eigenvalue). It
+# bounds the spectra the iteration has to converge on, so a fixed step count suffices for every
+# input, dead directions included; it perturbs a live eigenvalue x_i by NS_SHIFT * mean(x), i.e.
+# S by at most about NS_SHIFT * (cond(A)^2 + cond(B)^2) relative (1e-6 at cond(A) = cond(B) = 1e3).
+NS_SHIFT = 1e-12
+
+# The fast phase: an odd quintic z (a + b z^2 + c z^4) with slope a = 3.4445 at 0 (Jordan et
+# al.'s Muon coefficients): small eigenvalues of z grow 3.44x per step (vs 1.5x for the cubic),
+# and it maps (0, 1] into (0, 1.21) and [0.3, 1.21] into [0.68, 1.14] (checked numerically), so
+# nothing leaves the cubic's basin (0, sqrt 3). It does not converge to 1 by itself: the cubic
+# Newton-Schulz step z (3 - z^2) / 2 finishes, taking [0.68, 1.14] to 1 within 1e-16 in six
+# steps (seven used: one for the round-off of the matrix products).
+_NS_FAST = (3.4445, -4.7750, 2.0315)
+_NS_FINAL_STEPS = 7
+
+
+def _ns_fast_steps(z_min: float) -> int:
+    """Quintic steps after which every ``z`` in ``[z_min, 1]`` lies in ``[0.68, 1.14]``."""
+    a, b, c = _NS_FAST
+    z, k = z_min, 0
+    while z < 0.3:
+        z, k = a * z + b * z**3 + c * z**5, k + 1
+    return k + 2  # two more steps take [0.3, 1.21] into the attractor [0.68, 1.14]
+
+
+def _coupled_sign(P: Tensor, Q: Tensor, fast_steps: int) -> tuple[Tensor, Tensor]:
+    r"""Off-diagonal blocks of ``sign([[0, P], [Q, 0]])`` by a fixed polynomial iteration.
+
+    ``Z = [[0, P], [Q, 0]]`` stays block off-diagonal under any odd polynomial ``Z g(Z^2)``
+    (``Z^2 = diag(PQ, QP)``), so only the two ``r x r`` blocks are iterated::
+
+        M = Q P,  G = g(M),  P <- P G,  Q <- G Q
+
+    with ``g(M) = a + b M + c M^2`` (``fast_steps`` times) then ``g(M) = (3 - M) / 2``. The
+    eigenvalues of ``QP`` must lie in ``(0, 1]`` and be at least ``z_min^2`` (``fast_steps`` from
+    :func:`_ns_fast_steps`). ``P``, ``Q`` symmetric stay symmetric (``P g(QP)`` is a polynomial
+    in ``P Q P ...``); they are re-symmetrised each step so round-off cannot drift.
+    """
+    a, b, c = _NS_FAST
+    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+    for step in range(fast_steps + _NS_FINAL_STEPS):
+        M = Q @ P
+        if step < fast_steps:
+            G = a * eye + M @ (b * eye + c * M)
+        else:
+            G = 1.5 * eye - 0.5 * M
+        P, Q = P @ G, G @ Q
+        P, Q = 0.5 * (P + P.mT), 0.5 * (Q + Q.mT)
+    return P, Q
+
+
+def newton_schulz_metric(X: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""RefLoRA's metric and its symmetric-frame refactor by matrix multiplications only.
+
+    Returns ``(left, right, S, S_inv) = (S^{1/2}, S^{-1/2}, S, S^{-1})`` from the float64 Grams
+    ``X = A A^T`` and ``Y = B^T B`` (batched), with ``S = X^{-1} # Y`` the SPD solution of
+    ``S X S = Y``: :func:`newton_schulz_geomean` then :func:`newton_schulz_sqrt`. No
+    ``eigh``/``svd``/``solve``, a fixed number of steps set by ``r``, no branch on values.
+    """
+    S, S_inv, any_live = newton_schulz_geomean(X, Y, eps)
+    left, right = newton_schulz_sqrt(S)
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    # no product at all (B = 0, A = 0): exactly the identity, like the eigh kernel
+    left, right = (torch.where(any_live, m, eye) for m in (left, right))
+    return left, right, S, S_inv
+
+
+def newton_schulz_geomean(X: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(S, S^{-1}, any_live)``: the geometric mean ``S = X^{-1} # Y`` by a coupled Newton-Schulz sign iteration.
+
+    .. code-block:: text
+
+        X^ = X / tr X + d I / r,  Y^ = Y / tr Y + d I / r        (d = NS_SHIFT = 1e-12)
+        c^2 = tr(X^ Y^)  >= rho(X^ Y^)                           (eigenvalues of Z^2 in (0, 1])
+        sign([[0, Y^], [X^, 0]] / c) = [[0, S^], [S^^{-1}, 0]]   (S^ = Y^ (X^ Y^)^{-1/2} = X^^{-1} # Y^)
+        S = sqrt(tr Y / tr X) S^,   S^{-1} = sqrt(tr X / tr Y) S^^{-1}
+
+    ``sign(Z) = Z (Z^2)^{-1/2}`` with ``Z^2 = diag(Y^ X^, X^ Y^)``; :func:`_coupled_sign` iterates
+    its two blocks (``P -> S^``, ``Q -> S^^{-1}``). Dividing both by the same ``c`` keeps the
+    limit (``sign(Z / c) = sign(Z)``); normalising by the traces first uses the homogeneity
+    ``(a X)^{-1} # (b Y) = sqrt(b / a) X^{-1} # Y`` so that the iteration sees unit-trace Grams
+    whatever the scale and imbalance of the factors. The shift bounds the eigenvalues of
+    ``Z^2 / c^2`` below by ``(d / r)^2 / (1 + d)^2``, so the step count that converges that bound
+    (set from ``r`` alone) converges every input.
+
+    Dead directions: the iteration cannot see the spectrum; the shift ``d`` (a fraction 1e-12 of
+    each normalised Gram's mean eigenvalue) makes every pair well posed instead:
+
+    * a direction dead in both factors gets the scalar balance ``sqrt(tr Y / tr X)``
+      (RefLoRA-S's ``p^2``) where the eigh kernel gives 1;
+    * a direction dead in one factor only (``r > min(m, n)``, or an exactly rank-deficient
+      factor) gets a metric up to ``d^{-1/2} = 1e6`` times larger or smaller than that, where
+      eigh gives 1: finite, ``S S^{-1} = I`` and the product kept, but the other factor's step
+      along that direction is damped by up to ``1e-6``;
+    * a pair with no product at all, ``tr(X Y) = ||B A||_F^2 <= eps tr X tr Y`` (``B = 0``,
+      ``A = 0``), gets exactly the identity, as with eigh (``any_live`` is False).
+
+    On live directions the shift changes ``S`` by at most about ``d (cond(A)^2 + cond(B)^2)``
+    relative (measured up to 0.6 of it; 1e-6 at ``cond(A) = cond(B) = 1e3``).
+    """
+    r = X.shape[-1]
+    eye = torch.eye(r, dtype=X.dtype, device=X.device)
+    tx = X.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    ty = Y.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    txy = (X * Y).sum((-2, -1))[..., None, None]  # tr(XY) = ||B A||_F^2 (both symmetric)
+    any_live = txy > eps * tx * ty
+    tx = torch.where(any_live, tx, 1.0)
+    ty = torch.where(any_live, ty, 1.0)
+    shift = (NS_SHIFT / r) * eye
+    Xn = X / tx + shift
+    Yn = Y / ty + shift
+    c = (Xn * Yn).sum((-2, -1))[..., None, None].sqrt()
+    P, Q = _coupled_sign(Yn / c, Xn / c, _ns_fast_steps(NS_SHIFT / r / (1.0 + NS_SHIFT)))
+    ratio = (ty / tx).sqrt()
+    S, S_inv = (torch.where(any_live, m, eye) for m in (P * ratio, Q / ratio))
+    return S, S_inv, any_live
+
+
+def newton_schulz_sqrt(S: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(S^{1/2}, S^{-1/2})`` of an SPD ``S`` from :func:`newton_schulz_geomean` (coupled Newton-Schulz).
+
+    .. code-block:: text
+
+        sign([[0, S / t], [I, 0]]) = [[0, (S / t)^{1/2}], [(S / t)^{-1/2}, 0]],   t = tr S
+
+    (the Newton-Schulz form of Denman-Beavers), rescaled by ``sqrt(t)``. ``t >= rho(S)`` puts
+    the spectrum in ``(0, 1]``; the geometric mean of shifted Grams has ``cond(S) <= r / d``, so
+    the eigenvalues of ``S / t`` are at least ``d / r^2`` and the step count is again set by ``r``.
+    """
+    r = S.shape[-1]
+    eye = torch.eye(r, dtype=S.dtype, device=S.device)
+    t = S.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    # half the bound as margin: S is itself an iterate, and cond(S) <= r / d holds up to 1 + d / r
+    R, R_inv = _coupled_sign(S / t, eye.expand_as(S), _ns_fast_steps((NS_SHIFT / r**2) ** 0.5 / 2))
+    return R * t.sqrt(), R_inv / t.sqrt()

@@ -56,7 +56,7 @@ from torch.utils.hooks import RemovableHandle
 from reflora._kernels import (
     SECOND_MOMENT_RULES,
     check_eps,
-    check_frame,
+    check_solver,
     check_variant,
     full_kernel,
     grams,
@@ -205,13 +205,15 @@ def _bucket(G: int) -> int:
     return 1 << (G - 1).bit_length()
 
 
-def compiled_full_kernel(X: Tensor, Y: Tensor, eps: float, frame: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def compiled_full_kernel(
+    X: Tensor, Y: Tensor, eps: float, frame: str, solver: str = "eigh"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`full_kernel` through a per-key ``torch.compile`` cache, padded to a bounded set of shapes.
 
     Padding rows are identity Grams (a balanced pair: finite outputs) and are dropped again.
     """
     G = X.shape[0]
-    key = (tuple(X.shape[1:]), X.dtype, X.device, float(eps), frame, _BACKEND)
+    key = (tuple(X.shape[1:]), X.dtype, X.device, float(eps), frame, solver, _BACKEND)
     size = _bucket(G)
     sizes = _COMPILED_SIZES[key]
     if size not in sizes and len(sizes) >= _MAX_GRAPHS_PER_KEY:
@@ -223,7 +225,7 @@ def compiled_full_kernel(X: Tensor, Y: Tensor, eps: float, frame: str) -> tuple[
                 "recompiling it again (results are the same)",
                 stacklevel=4,
             )
-        return full_kernel(X, Y, eps, frame)
+        return full_kernel(X, Y, eps, frame, solver)
     fn = _COMPILED.get(key)
     if fn is None:
         fn = _COMPILED[key] = _fresh_compiled_kernel()
@@ -231,7 +233,7 @@ def compiled_full_kernel(X: Tensor, Y: Tensor, eps: float, frame: str) -> tuple[
     if size != G:
         eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device).expand(size - G, *X.shape[1:])
         X, Y = torch.cat([X, eye]), torch.cat([Y, eye])
-    out = fn(X, Y, eps, frame)
+    out = fn(X, Y, eps, frame, solver)
     return out if size == G else tuple(t[:G] for t in out)  # type: ignore[return-value]
 
 
@@ -388,6 +390,7 @@ class RefLoRAHandle:
         second_moment: str,
         compile: bool,
         frame: str = "paper",
+        solver: str = "eigh",
     ) -> None:
         self.optimizer = optimizer
         self.pairs: tuple[LoRAPair, ...] = tuple(pairs)
@@ -406,6 +409,7 @@ class RefLoRAHandle:
         # cannot update the mirror and sets it to None, and the next eager read resyncs once.
         self._step = torch.zeros((), dtype=torch.int64, device=self.pairs[0].A.device)
         self._count: int | None = 0
+        self.solver = solver
         self._skip_count = False
         self._transport = get_state_transport(optimizer) if space == "parameter" else None
         self._groups = self._make_groups()
@@ -570,7 +574,7 @@ class RefLoRAHandle:
         X, Y = _gram_stack(pairs)
         # inside an outer torch.compile the kernel is traced into that graph: no nested wrapper
         kernel = full_kernel if torch.compiler.is_compiling() else self._kernel
-        return kernel(X, Y, self._eps_for(pairs[0].A.dtype), self.frame)
+        return kernel(X, Y, self._eps_for(pairs[0].A.dtype), self.frame, self.solver)
 
     def _gradient_step(
         self, refresh: bool, gate: Tensor | None = None, refresh_gate: Tensor | None = None
@@ -796,7 +800,7 @@ class RefLoRAHandle:
         return (
             f"RefLoRAHandle(variant={self.variant!r}, space={self.space!r}, pairs={len(self.pairs)}, "
             f"groups={self.num_groups}, warmup_steps={self.warmup_steps}, interval={self.interval}, "
-            f"step_count={self.step_count})"
+            f"solver={self.solver!r}, step_count={self.step_count})"
         )
 
 
@@ -811,8 +815,9 @@ def attach(
     eps: float | None = None,
     second_moment: Literal["square", "keep", "reset"] = "square",
     compile: bool = False,
-    frame: Literal["paper", "symmetric"] = "paper",
+    frame: Literal["paper", "symmetric"] | None = None,
     rank_above_size: Literal["skip", "act"] = "skip",
+    solver: Literal["eigh", "newton_schulz"] = "eigh",
 ) -> RefLoRAHandle:
     r"""Make ``optimizer`` a RefLoRA optimizer for ``pairs`` (arXiv 2505.18877).
 
@@ -840,15 +845,22 @@ def attach(
             step: no recompile after warm-up, no graph break in reflora (see the README,
             "Compiled steps"); there the kernel runs every step, warmup included.
         frame: parameter space only: which refactor ``P`` with ``P P^T = S`` is applied:
-            ``"paper"`` (default: the paper's closed form, balanced Grams ``diag(sigma)``, with a
+            ``"paper"`` (the paper's closed form, balanced Grams ``diag(sigma)``, with a
             canonical sign and tie rule so that factors are reproducible across devices,
             compilation and ranks) or ``"symmetric"`` (``S^{1/2}``, closest to the identity;
-            measured to help far less under AdamW). Gradient space depends on ``S`` only.
+            measured to help far less under AdamW). ``None`` (default): ``"paper"`` with
+            ``solver="eigh"``, ``"symmetric"`` with ``solver="newton_schulz"`` (``"paper"`` with
+            it raises). Gradient space depends on ``S`` only.
         rank_above_size: pairs whose rank exceeds the layer's size (``r > min(m, n)``: a 3-label
             head, an MoE router) have at least ``r - min(m, n)`` directions that ``B A`` can never
             use. ``"skip"`` (default) leaves them to the bare optimizer, with one warning naming
             them; ``"act"`` applies RefLoRA to their live directions (stable, but measured to
             train worse than plain LoRA under AdamW in gradient space; see the README).
+        solver: full variant: how the ``r x r`` kernel is computed. ``"eigh"`` (default:
+            eigendecompositions, exact dead directions) or ``"newton_schulz"`` (matrix products
+            only, a fixed step count: no eigensolver, which is slow for small batched matrices
+            on GPUs; symmetric frame only; dead directions regularised, see
+            :func:`reflora.functional.refactor_transform`). Ignored by ``variant="scalar"``.
 
     Returns:
         A :class:`RefLoRAHandle`.
@@ -875,10 +887,23 @@ def attach(
         raise TypeError(f"compile must be a bool; got {type(compile).__name__}")
     if second_moment not in SECOND_MOMENT_RULES:
         raise ValueError(f"second_moment must be one of {SECOND_MOMENT_RULES}; got {second_moment!r}")
-    frame = check_frame(frame)
+    solver, frame = check_solver(solver, frame)
     if rank_above_size not in ("skip", "act"):
         raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {rank_above_size!r}")
     pair_list = _skip_rank_above_size(_as_pairs(pairs), rank_above_size)
+    if solver == "newton_schulz" and variant == "full" and space == "parameter":
+        above = [p for p in pair_list if p.shape[0] > min(p.shape[1], p.shape[2])]
+        if above:
+            # the eigh-free solver cannot tell dead directions from live ones; on a direction
+            # dead in one factor its P is conditioned like 1e3-1e6, and refactoring by it every
+            # step sent the factors to NaN in every case measured
+            raise ValueError(
+                f"solver='newton_schulz' with space='parameter' cannot refactor pairs whose rank exceeds "
+                f"the layer's size (r > min(m, n)), e.g. {above[0].name!r} (r={above[0].shape[0]}, "
+                f"m={above[0].shape[1]}, n={above[0].shape[2]}): it has no dead-direction handling and the "
+                "refactor becomes ill-conditioned (measured: NaN). Use solver='eigh', space='gradient', or "
+                "rank_above_size='skip' (the default, which leaves such pairs to the bare optimizer)"
+            )
     if eps is not None:
         check_eps(eps, pair_list[0].A.dtype)
 
@@ -930,6 +955,7 @@ def attach(
         second_moment=second_moment,
         compile=compile,
         frame=frame,
+        solver=solver,
     )
     if space == "parameter":
         try:  # state the transport cannot move is an error now, not at some later step

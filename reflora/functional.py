@@ -42,6 +42,18 @@ repeated in the README):
   round-off. ``frame="symmetric"`` takes ``P = S^{1/2}`` (unique without any convention; the
   identity for an already balanced pair); measured to help far less under AdamW
   (``benchmarks/second_moment.py``).
+* **Solver.** ``solver="eigh"`` (default) is the construction above. ``solver="newton_schulz"``
+  computes ``S`` and ``S^{-1}`` as the blocks of ``sign([[0, Y], [X, 0]])`` and ``S^{\pm 1/2}``
+  as those of ``sign([[0, S], [I, 0]])`` by coupled Newton-Schulz iterations: matrix products
+  only, a fixed step count set by ``r`` (about 30 + 20 steps), traceable and fast on GPUs where
+  batched ``eigh`` of small matrices is slow. It gives the symmetric frame only (``frame=None``
+  resolves to it; ``frame="paper"`` raises). It cannot see the spectrum, so instead of dead
+  directions both Grams get a diagonal shift of 1e-12 of their mean eigenvalue: a direction dead
+  in both factors gets RefLoRA-S's scalar metric ``sqrt(tr Y / tr X)`` instead of 1, one dead in
+  a single factor (``r > min(m, n)``) a metric up to 1e6 times that (finite, product kept, but
+  steps along it damped), and a pair with ``||B A||_F^2 <= eps ||A||_F^2 ||B||_F^2`` (``B = 0``)
+  exactly the identity, as with eigh. Full-rank pairs agree with eigh to about
+  ``1e-12 (cond(A)^2 + cond(B)^2)`` (README: "Eigh-free solver (measured)").
 * **Non-finite input.** A pair holding NaN/Inf gets NaN outputs; the other pairs of the batch
   are computed as usual (bad matrices are replaced before ``eigh``, which could otherwise raise).
 
@@ -59,11 +71,12 @@ from torch import Tensor
 from reflora._kernels import (
     SECOND_MOMENT_RULES,
     check_eps,
-    check_frame,
+    check_solver,
     check_variant,
     full_kernel,
     grams,
     metric,
+    metric_kernel,
     scalar_kernel,
 )
 from reflora._linalg import compute_dtype
@@ -84,6 +97,7 @@ __all__ = [
 
 Variant = Literal["full", "scalar"]
 Frame = Literal["paper", "symmetric"]
+Solver = Literal["eigh", "newton_schulz"]
 SecondMomentRule = Literal["square", "keep", "reset"]
 
 
@@ -237,8 +251,8 @@ def _check_transform(transform: object) -> Transform:
 # ----------------------------------------------------------------------------- the math
 
 
-def _full_transform(A: Tensor, B: Tensor, eps: float, frame: str = "paper") -> Transform:
-    return Transform(*full_kernel(*grams(A, B), eps, frame)[:2])
+def _full_transform(A: Tensor, B: Tensor, eps: float, frame: str = "paper", solver: str = "eigh") -> Transform:
+    return Transform(*full_kernel(*grams(A, B), eps, frame, solver)[:2])
 
 
 def _scalar_transform(A: Tensor, B: Tensor) -> Transform:
@@ -266,7 +280,8 @@ def refactor_transform(
     *,
     variant: Variant = "full",
     eps: float | None = None,
-    frame: Frame = "paper",
+    frame: Frame | None = None,
+    solver: Solver = "eigh",
 ) -> Transform:
     r"""Compute the optimal refactoring of ``(A, B)`` without applying it.
 
@@ -274,6 +289,7 @@ def refactor_transform(
 
         full:   left = P^T,  right = P^{-T},  P P^T = S = (A A^T)^{-1} # (B^T B)
                 frame="paper": P = V_A diag(1/a) V_M diag(sigma^{1/2});  frame="symmetric": P = S^{1/2}
+                solver="eigh": eigendecompositions;  solver="newton_schulz": matmul iterations
         scalar: left = p,    right = 1/p,     p = sqrt(||B||_F / ||A||_F)
 
     Args:
@@ -284,9 +300,16 @@ def refactor_transform(
             singular value is at most ``eps * ||A||_2^2 * ||B||_F^2`` is dead and left as it is.
             ``None`` picks ``64 * machine_eps(float64)`` = 1.4e-14. See the module docstring.
         frame: which ``P`` among those with ``P P^T = S`` (full variant only):
-            ``"paper"`` (default: the paper's closed form, balanced Grams equal to
-            ``diag(sigma)``, with a canonical sign and tie rule) or ``"symmetric"``
-            (``S^{1/2}``, closest to the identity).
+            ``"paper"`` (the paper's closed form, balanced Grams equal to ``diag(sigma)``, with a
+            canonical sign and tie rule) or ``"symmetric"`` (``S^{1/2}``, closest to the
+            identity). ``None`` (default): ``"paper"`` with ``solver="eigh"``, ``"symmetric"``
+            with ``solver="newton_schulz"`` (which cannot produce the paper frame: passing
+            ``frame="paper"`` with it raises ``ValueError``).
+        solver: ``"eigh"`` (default: symmetric eigendecompositions, exact dead-direction
+            handling) or ``"newton_schulz"`` (matrix products only, a fixed number of steps:
+            no eigensolver, which is slow for small batched matrices on GPUs; dead directions
+            are regularised instead, see :func:`reflora._linalg.newton_schulz_geomean` and the
+            module docstring). Full variant only; ``"scalar"`` has nothing to decompose.
 
     Returns:
         A :class:`Transform` in float64.
@@ -305,11 +328,11 @@ def refactor_transform(
     A, B = _check_pair(A, B)
     variant = check_variant(variant)
     eps_ = check_eps(eps, A.dtype)
-    frame = check_frame(frame)
+    solver, frame = check_solver(solver, frame)
     _warn_rank_above_size(A, B)
     if variant == "scalar":
         return _scalar_transform(A, B)
-    return _full_transform(A, B, eps_, frame)
+    return _full_transform(A, B, eps_, frame, solver)
 
 
 def apply_transform(transform: Transform, A: Tensor, B: Tensor) -> Refactored:
@@ -381,7 +404,8 @@ def refactor(
     *,
     variant: Variant = "full",
     eps: float | None = None,
-    frame: Frame = "paper",
+    frame: Frame | None = None,
+    solver: Solver = "eigh",
 ) -> Refactored | RefactoredWithGrads:
     r"""Replace ``(A, B)`` by its optimal (balanced) factorization of the same product.
 
@@ -399,7 +423,9 @@ def refactor(
             mapped into the new coordinates (``P^{-1} grad_A``, ``grad_B P``).
         variant: ``"full"`` (RefLoRA) or ``"scalar"`` (RefLoRA-S).
         eps: live-direction threshold, see :func:`refactor_transform`.
-        frame: ``"paper"`` (default) or ``"symmetric"``, see :func:`refactor_transform`.
+        frame: ``"paper"``, ``"symmetric"`` or ``None`` (the solver's: ``"paper"`` for eigh,
+            ``"symmetric"`` for Newton-Schulz), see :func:`refactor_transform`.
+        solver: ``"eigh"`` (default) or ``"newton_schulz"``, see :func:`refactor_transform`.
 
     Returns:
         ``Refactored(A', B')`` (a 2-tuple) without ``grads``;
@@ -425,7 +451,7 @@ def refactor(
                 f"grads must be a (grad_A, grad_B) tuple or None; got {type(grads).__name__}"
             )
         gA, gB = _check_grads(A, B, grads[0], grads[1])
-    T = refactor_transform(A, B, variant=variant, eps=eps, frame=frame)
+    T = refactor_transform(A, B, variant=variant, eps=eps, frame=frame, solver=solver)
     A2, B2 = apply_transform(T, A, B)
     if grads is None:
         return Refactored(A2, B2)
@@ -434,7 +460,12 @@ def refactor(
 
 
 def preconditioner(
-    A: Tensor, B: Tensor, *, variant: Variant = "full", eps: float | None = None
+    A: Tensor,
+    B: Tensor,
+    *,
+    variant: Variant = "full",
+    eps: float | None = None,
+    solver: Solver = "eigh",
 ) -> tuple[Tensor, Tensor]:
     r"""The metric ``S = P P^T`` and its inverse, in the compute dtype.
 
@@ -442,9 +473,17 @@ def preconditioner(
     geometric mean ``(A A^T)^{-1} # (B^T B)``); ``S = I`` for an already balanced pair and for a
     pair with no live direction such as ``B = 0`` (see the module docstring). For
     ``variant="scalar"`` both are ``(..., 1, 1)``:
-    ``(p^2, 1 / p^2)``.
+    ``(p^2, 1 / p^2)``. ``solver``: ``"eigh"`` (default) or ``"newton_schulz"`` (see
+    :func:`refactor_transform`; here it skips the square-root iteration, which ``S`` does not need).
     """
-    return metric(*refactor_transform(A, B, variant=variant, eps=eps))
+    solver, _ = check_solver(solver)
+    if solver == "eigh" or variant == "scalar":
+        return metric(*refactor_transform(A, B, variant=variant, eps=eps, solver=solver))
+    A, B = _check_pair(A, B)
+    check_variant(variant)
+    eps_ = check_eps(eps, A.dtype)
+    _warn_rank_above_size(A, B)
+    return metric_kernel(*grams(A, B), eps_, solver)
 
 
 def precondition(
@@ -455,6 +494,7 @@ def precondition(
     *,
     variant: Variant = "full",
     eps: float | None = None,
+    solver: Solver = "eigh",
 ) -> tuple[Tensor, Tensor]:
     r"""The gradient-space form of RefLoRA: precondition the factor gradients.
 
@@ -473,6 +513,7 @@ def precondition(
         grad_A, grad_B: their gradients, same shapes.
         variant: ``"full"`` or ``"scalar"``.
         eps: live-direction threshold, see :func:`refactor_transform`.
+        solver: ``"eigh"`` (default) or ``"newton_schulz"``, see :func:`refactor_transform`.
 
     Returns:
         ``(grad_A', grad_B')`` in the gradients' dtypes.
@@ -490,7 +531,7 @@ def precondition(
     """
     A, B = _check_pair(A, B)
     gA, gB = _check_grads(A, B, grad_A, grad_B)
-    S, S_inv = preconditioner(A, B, variant=variant, eps=eps)
+    S, S_inv = preconditioner(A, B, variant=variant, eps=eps, solver=solver)
     cd = S.dtype
     gA2 = _matmul_left(S_inv, gA.to(cd)).to(gA.dtype)
     gB2 = _matmul_right(gB.to(cd), S).to(gB.dtype)

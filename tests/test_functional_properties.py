@@ -23,6 +23,7 @@ from strategies import PairSpec, build, pair_specs
 from conftest import DEVICES
 
 VARIANTS = ["full", "scalar"]
+SOLVERS = ["eigh", "newton_schulz"]
 
 
 def f64(*ts):
@@ -115,12 +116,13 @@ def test_invariant_to_starting_factorization(spec: PairSpec, dev: str) -> None:
     assert max_rel(d1 - d2, d1.abs().max()) <= 4 * tol
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("dev", DEVICES)
 @given(spec=pair_specs(dtypes=(torch.float64,), full_rank=True, max_cond=100.0))
-def test_preconditioner_solves_riccati(spec: PairSpec, dev: str) -> None:
-    """S is symmetric positive definite and S (A A^T) S = B^T B."""
+def test_preconditioner_solves_riccati(spec: PairSpec, dev: str, solver: str) -> None:
+    """S is symmetric positive definite and S (A A^T) S = B^T B (either solver)."""
     A, B = build(spec, dev)
-    S, S_inv = f64(*preconditioner(A, B))
+    S, S_inv = f64(*preconditioner(A, B, solver=solver))
     A, B = f64(A, B)
     X, Y = A @ A.mT, B.mT @ B
     assert max_rel(S - S.mT, S.abs().max()) <= 1e-10
@@ -315,23 +317,26 @@ def test_half_precision_is_computed_in_float64_and_cast_back(dtype, variant, dev
 # --------------------------------------------------------------------------- degenerate input
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_zero_B_like_peft_init(variant, device) -> None:
+def test_zero_B_like_peft_init(variant, solver, device) -> None:
     A = torch.randn(4, 32, device=device)
     B = torch.zeros(16, 4, device=device)
-    A2, B2 = refactor(A, B, variant=variant)
+    A2, B2 = refactor(A, B, variant=variant, solver=solver)
     assert torch.equal(A2, A) and torch.equal(B2, B)
     gA, gB = torch.zeros_like(A), torch.randn_like(B)
-    pA, pB = precondition(A, B, gA, gB, variant=variant)
+    pA, pB = precondition(A, B, gA, gB, variant=variant, solver=solver)
     assert torch.equal(pB, gB) and torch.equal(pA, gA)
     # and the same with A = 0, B != 0
-    A2, B2 = refactor(torch.zeros_like(A), torch.randn_like(B), variant=variant)
+    A2, B2 = refactor(torch.zeros_like(A), torch.randn_like(B), variant=variant, solver=solver)
     assert not A2.any() and torch.isfinite(B2).all()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "variant,solver", [("full", "eigh"), ("full", "newton_schulz"), ("scalar", "eigh")]
+)  # the scalar variant ignores the solver
 @pytest.mark.parametrize("space", ["gradient", "parameter"])
-def test_trains_from_B_zero_without_warmup(variant, space) -> None:
+def test_trains_from_B_zero_without_warmup(variant, solver, space) -> None:
     """PEFT init (A random, B = 0), no warmup: loss falls, nothing becomes NaN."""
     g = torch.Generator().manual_seed(0)
     n, m, r = 24, 40, 4
@@ -348,10 +353,10 @@ def test_trains_from_B_zero_without_warmup(variant, space) -> None:
         loss.backward()
         with torch.no_grad():
             if space == "gradient":
-                gA, gB = precondition(A, B, A.grad, B.grad, variant=variant)
+                gA, gB = precondition(A, B, A.grad, B.grad, variant=variant, solver=solver)
                 A.grad.copy_(gA); B.grad.copy_(gB)
             else:
-                T = refactor_transform(A, B, variant=variant)
+                T = refactor_transform(A, B, variant=variant, solver=solver)
                 A2, B2 = apply_transform(T, A, B)
                 gA, gB = map_first_moments(T, A.grad, B.grad)
                 A.copy_(A2); B.copy_(B2); A.grad.copy_(gA); B.grad.copy_(gB)
@@ -365,28 +370,30 @@ def test_trains_from_B_zero_without_warmup(variant, space) -> None:
     assert losses[-1] < 0.05 * losses[0]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_non_finite_pair_is_isolated(variant) -> None:
+@pytest.mark.parametrize(
+    "variant,solver", [("full", "eigh"), ("full", "newton_schulz"), ("scalar", "eigh")]
+)
+def test_non_finite_pair_is_isolated(variant, solver) -> None:
     g = torch.Generator().manual_seed(2)
     A = torch.randn(4, 6, 30, generator=g)
     B = torch.randn(4, 20, 6, generator=g)
     gA, gB = torch.randn_like(A), torch.randn_like(B)
     A_bad = A.clone(); A_bad[1, 0, 0] = float("nan")
     B_bad = B.clone(); B_bad[2, 3, 1] = float("inf")
-    out = refactor(A_bad, B_bad, (gA, gB), variant=variant)
-    ref = refactor(A, B, (gA, gB), variant=variant)
+    out = refactor(A_bad, B_bad, (gA, gB), variant=variant, solver=solver)
+    ref = refactor(A, B, (gA, gB), variant=variant, solver=solver)
     for k in range(4):
         assert torch.isnan(out[k][1]).all() and torch.isnan(out[k][2]).all()
         for i in (0, 3):
             assert torch.allclose(out[k][i], ref[k][i], atol=1e-5)
-    pre = precondition(A_bad, B_bad, gA, gB, variant=variant)
-    pre_ref = precondition(A, B, gA, gB, variant=variant)
+    pre = precondition(A_bad, B_bad, gA, gB, variant=variant, solver=solver)
+    pre_ref = precondition(A, B, gA, gB, variant=variant, solver=solver)
     for k in range(2):
         assert not torch.isfinite(pre[k][1]).all()
         assert torch.allclose(pre[k][0], pre_ref[k][0]) and torch.allclose(pre[k][3], pre_ref[k][3])
     # a non-finite gradient only touches its own pair too
     gA_bad = gA.clone(); gA_bad[0, 0, 0] = float("inf")
-    pre = precondition(A, B, gA_bad, gB, variant=variant)
+    pre = precondition(A, B, gA_bad, gB, variant=variant, solver=solver)
     assert torch.allclose(pre[0][1:], pre_ref[0][1:])
 
 
