@@ -61,6 +61,7 @@ from reflora._kernels import (
     full_kernel,
     grams,
     metric,
+    metric_kernel,
     scalar_kernel,
 )
 from reflora._linalg import compute_dtype, default_eps
@@ -576,6 +577,17 @@ class RefLoRAHandle:
         kernel = full_kernel if torch.compiler.is_compiling() else self._kernel
         return kernel(X, Y, self._eps_for(pairs[0].A.dtype), self.frame, self.solver)
 
+    def _S(self, pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
+        """``(S, S^{-1})`` for a group: what gradient space needs. The frame does not enter ``S``,
+        so the paper frame's rotation (a fourth eigh) and Newton-Schulz's square roots are skipped."""
+        if self.variant == "scalar":
+            return self._metric(pairs)[2:]
+        X, Y = _gram_stack(pairs)
+        eps = self._eps_for(pairs[0].A.dtype)
+        if self.compiled and not torch.compiler.is_compiling():
+            return self._kernel(X, Y, eps, "symmetric", self.solver)[2:]
+        return metric_kernel(X, Y, eps, self.solver)
+
     def _gradient_step(
         self, refresh: bool, gate: Tensor | None = None, refresh_gate: Tensor | None = None
     ) -> None:
@@ -590,12 +602,12 @@ class RefLoRAHandle:
             bufs = None if self._bufs is None else self._bufs[g]
             if gate is not None:
                 gate = gate.to(pairs[0].A.device)
-                _, _, S, S_inv = self._metric(pairs)
+                S, S_inv = self._S(pairs)
                 if bufs is not None:
                     assert refresh_gate is not None
                     S, S_inv = self._traced_cache(bufs, group, members, S, S_inv, gate, refresh_gate.to(gate.device))
             elif refresh or any(i not in self._cached_pairs() for i in members):
-                _, _, S, S_inv = self._metric(pairs)
+                S, S_inv = self._S(pairs)
                 if bufs is not None:
                     pos = torch.tensor([group.index(i) for i in members], device=S.device)
                     bufs[0].index_copy_(0, pos, S)
