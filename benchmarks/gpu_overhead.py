@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per training step (default 4 x 2048)")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--no-compile", action="store_true", help="skip the compile=True rows")
+    ap.add_argument("--compile-ranks", type=int, nargs="*", default=[16],
+                    help="ranks at which the eigh rows are also timed with compile=True (a compile per shape)")
     ap.add_argument("--no-per-layer", action="store_true", help="skip the per-layer rows")
     args = ap.parse_args(argv)
     dev = args.device
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{variant}/{space}/{solver}" if variant == "full" else f"{variant}/{space}"
             t_g = hook_time(pairs, args.repeats, dev, **kw)
             t_l = float("nan") if args.no_per_layer else hook_time(pairs, max(2, args.repeats // 4), dev, per_layer=True, **kw)
-            t_c = float("nan") if args.no_compile or variant == "scalar" else hook_time(pairs, args.repeats, dev, compile=True, **kw)
+            compiled = r in args.compile_ranks and variant == "full" and solver == "eigh"
+            t_c = hook_time(pairs, args.repeats, dev, compile=True, **kw) if compiled else float("nan")
             print(f"{r:>3} {t_step * 1e3:>7.0f}ms {label:<30} {t_g * 1e3:>7.1f}ms {t_l * 1e3:>8.1f}ms "
                   f"{t_c * 1e3:>7.1f}ms {t_g / t_step:>12.2%}")
     return 0

@@ -697,8 +697,11 @@ class RefLoRAHandle:
         assert self._transport is not None
         layA, layB = pairs[0].layout
         experts = pairs[0].experts
-        sel = torch.tensor(with_state, device=T.left.device)
-        T_sel = Transform(T.left.index_select(0, sel), T.right.index_select(0, sel))
+        if len(with_state) == len(pairs):  # the usual case: no index tensor, no host-to-device copy
+            T_sel = T
+        else:
+            sel = torch.tensor(with_state, device=T.left.device)
+            T_sel = Transform(T.left.index_select(0, sel), T.right.index_select(0, sel))
         chosen = [pairs[k] for k in with_state]
         # A spec transport gets exactly its "first" / "second" keys (_check_state has made sure
         # they are parameter-shaped); a function transport gets every state tensor with at least
