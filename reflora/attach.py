@@ -609,15 +609,23 @@ class RefLoRAHandle:
             elif refresh or any(i not in self._cached_pairs() for i in members):
                 S, S_inv = self._S(pairs)
                 if bufs is not None:
-                    pos = torch.tensor([group.index(i) for i in members], device=S.device)
-                    bufs[0].index_copy_(0, pos, S)
-                    bufs[1].index_copy_(0, pos, S_inv)
-                    bufs[2].index_fill_(0, pos, True)
+                    if members == group:  # the usual case: no index tensor, no host-to-device copy
+                        bufs[0].copy_(S)
+                        bufs[1].copy_(S_inv)
+                        bufs[2].fill_(True)
+                    else:
+                        pos = torch.tensor([group.index(i) for i in members], device=S.device)
+                        bufs[0].index_copy_(0, pos, S)
+                        bufs[1].index_copy_(0, pos, S_inv)
+                        bufs[2].index_fill_(0, pos, True)
                     self._cached_pairs().update(members)
             else:
                 assert bufs is not None
-                pos = [group.index(i) for i in members]
-                S, S_inv = bufs[0][pos], bufs[1][pos]
+                if members == group:
+                    S, S_inv = bufs[0], bufs[1]
+                else:
+                    pos = [group.index(i) for i in members]
+                    S, S_inv = bufs[0][pos], bufs[1][pos]
             gA = [p.grad_a() for p in pairs]
             gB = [p.grad_b() for p in pairs]
             if self.variant == "scalar":
