@@ -21,7 +21,8 @@ MODES = [None, ("full", "gradient"), ("full", "parameter"), ("full", "parameter"
 SHAPES = [(16, 8, 4), (8, 32, 3), (8, 4, 32), (4, 8, 32)]  # (r, m, n); the last one is the control
 
 
-def run(mode, opt_name: str, r: int, m: int, n: int, seed: int, steps: int = 80) -> float:
+def run(mode, opt_name: str, r: int, m: int, n: int, seed: int, steps: int = 80, **attach_kw) -> tuple[float, float]:
+    """``(first, final)`` training loss of one run (``mode`` None: plain LoRA). tests/test_numerics.py uses it too."""
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(64, m, generator=g)
     Y = X @ torch.randn(n, m, generator=g).T
@@ -30,14 +31,17 @@ def run(mode, opt_name: str, r: int, m: int, n: int, seed: int, steps: int = 80)
     opt = (torch.optim.AdamW([A, B], lr=1e-2, weight_decay=0.0) if opt_name == "AdamW"
            else torch.optim.SGD([A, B], lr=0.02, momentum=0.9))
     if mode is not None:
-        frame = mode[2] if len(mode) > 2 else "paper"
-        reflora.attach(opt, [(A, B)], variant=mode[0], space=mode[1], frame=frame, rank_above_size="act")
+        kw = {"frame": mode[2] if len(mode) > 2 else None, "rank_above_size": "act", **attach_kw}
+        reflora.attach(opt, [(A, B)], variant=mode[0], space=mode[1], **kw)
+    losses = []
     for _ in range(steps):
         opt.zero_grad()
-        ((X @ (B @ A).T - Y) ** 2).mean().backward()
+        loss = ((X @ (B @ A).T - Y) ** 2).mean()
+        losses.append(float(loss))
+        loss.backward()
         opt.step()
     with torch.no_grad():
-        return float(((X @ (B @ A).T - Y) ** 2).mean())
+        return losses[0], float(((X @ (B @ A).T - Y) ** 2).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     print(head + "\n" + "-" * len(head))
     for shape in SHAPES:
         for opt_name in ("AdamW", "SGD"):
-            res = [[run(mode, opt_name, *shape, s) for s in range(args.seeds)] for mode in MODES]
+            res = [[run(mode, opt_name, *shape, s)[1] for s in range(args.seeds)] for mode in MODES]
             cells = []
             for k, vals in enumerate(res):
                 med = f"{statistics.median(vals):.3g}"

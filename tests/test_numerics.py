@@ -3,6 +3,7 @@ reproducible factors (eager == compiled), and the rank-above-size handling of at
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ import reflora
 from reflora.functional import RankAboveSizeWarning, precondition, preconditioner, refactor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import rank_above_size  # noqa: E402  (benchmarks/rank_above_size.py prints the README's table)
 from numerics import errors  # noqa: E402  (benchmarks/numerics.py prints the README's table)
 
 from conftest import DEVICES  # noqa: E402
@@ -159,25 +161,10 @@ def test_parameter_space_factors_equal_eager_and_compiled(frame) -> None:
 # --------------------------------------------------------------------------- attach: r > min(m, n)
 
 
-def _train(mode, opt_name, r, m, n, seed, steps=80, **kw):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(64, m, generator=g)
-    Y = X @ torch.randn(n, m, generator=g).T
-    A = torch.nn.Parameter(torch.randn(r, m, generator=g) / m**0.5)
-    B = torch.nn.Parameter(torch.zeros(n, r))
-    opt = (torch.optim.AdamW([A, B], lr=1e-2, weight_decay=0.0) if opt_name == "adamw"
-           else torch.optim.SGD([A, B], lr=0.02, momentum=0.9))
-    if mode is not None:
-        reflora.attach(opt, [(A, B)], variant=mode[0], space=mode[1], **kw)
-    first = None
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = ((X @ (B @ A).T - Y) ** 2).mean()
-        first = first if first is not None else loss.item()
-        loss.backward()
-        opt.step()
-        assert torch.isfinite(A).all() and torch.isfinite(B).all()
-    return first, ((X @ (B @ A).T - Y) ** 2).mean().item()
+def _train(mode, opt_name, r, m, n, seed, **kw):
+    first, last = rank_above_size.run(mode, {"adamw": "AdamW", "sgd": "SGD"}[opt_name], r, m, n, seed, **kw)
+    assert math.isfinite(last)
+    return first, last
 
 
 @pytest.mark.parametrize("mode", MODES, ids=[f"{v}-{s}" for v, s in MODES])
