@@ -403,6 +403,7 @@ class RefLoRAHandle:
         self.second_moment = second_moment
         self.compiled = compile
         self.frame = frame
+        self.solver = solver
         # The step counter lives in a 0-d int64 tensor on the pairs' device, advanced in place: a
         # compiled optimizer step reads it as a graph input, where a Python int would be a guard
         # that changes every step (a recompile per step). Eager steps keep a Python mirror
@@ -410,7 +411,6 @@ class RefLoRAHandle:
         # cannot update the mirror and sets it to None, and the next eager read resyncs once.
         self._step = torch.zeros((), dtype=torch.int64, device=self.pairs[0].A.device)
         self._count: int | None = 0
-        self.solver = solver
         self._skip_count = False
         self._transport = get_state_transport(optimizer) if space == "parameter" else None
         self._groups = self._make_groups()
