@@ -271,8 +271,9 @@ def test_batched_equals_loop_and_vmap(spec: PairSpec, variant: str) -> None:
     vmapped = torch.func.vmap(lambda a, b, x, y: refactor(a, b, (x, y), variant=variant))(A, B, gA, gB)
     pre = precondition(A, B, gA, gB, variant=variant)
     pre_v = torch.func.vmap(lambda a, b, x, y: precondition(a, b, x, y, variant=variant))(A, B, gA, gB)
-    # the paper frame's tie-breaker bounds the eigenvectors' sensitivity to round-off by 1e-10 cond(S)
-    rel = max(1e3 * mach_eps(spec.dtype), 1e-6)
+    # the paper frame's tie-breaker bounds the eigenvectors' sensitivity to round-off (~1e-8;
+    # up to ~3e-5 where dead directions, r > min(m, n), leave a degenerate block to it)
+    rel = max(1e3 * mach_eps(spec.dtype), 1e-6 if spec.r <= min(spec.m, spec.n) else 1e-4)
     tol = dict(rtol=rel, atol=rel * float(A.abs().max() + B.abs().max() + 1))
     for k in range(4):
         assert torch.allclose(vmapped[k], batched[k], **tol)

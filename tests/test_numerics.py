@@ -116,7 +116,10 @@ def test_refactoring_a_refactored_pair_changes_nothing(frame) -> None:
     A, B = torch.randn(4, 30, generator=g, dtype=torch.float64), torch.randn(20, 4, generator=g, dtype=torch.float64)
     A, B = refactor(A, B, frame=frame)
     A3, B3 = refactor(A, B, frame=frame)
-    assert torch.allclose(A3, A, atol=1e-10) and torch.allclose(B3, B, atol=1e-10)
+    # the symmetric frame is the identity on a balanced pair; the paper frame's tie-breaker
+    # (1e-7 of the mean singular value) turns its basis by about delta / gap
+    tol = 1e-10 if frame == "symmetric" else 1e-6 * float(A.abs().max())
+    assert torch.allclose(A3, A, atol=tol) and torch.allclose(B3, B, atol=tol)
 
 
 # --------------------------------------------------------------------------- shapes and swaps
