@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["balanced_metric", "compute_dtype", "default_eps", "newton_schulz_geomean", "newton_schulz_metric", "newton_schulz_sqrt", "safe_eigh", "sym_eigh"]
+__all__ = ["balanced_metric", "compute_dtype", "default_eps", "newton_schulz_geomean", "newton_schulz_metric", "newton_schulz_sqrt", "sym_eigh"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,21 +34,6 @@ def default_eps(dtype: torch.dtype | None = None) -> float:
     accepted for backward compatibility and ignored: the kernel always runs in float64.
     """
     return 64.0 * torch.finfo(torch.float64).eps
-
-
-def safe_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """``eigh`` of a batch of symmetric PSD matrices that never raises on bad values.
-
-    LAPACK may report a convergence failure (and torch then raises) for a matrix holding
-    NaN or Inf. Such matrices are replaced by the identity before the call; the caller is
-    responsible for masking the corresponding outputs. Eigenvalues come back clamped at zero:
-    round-off makes them slightly negative, and their square roots would be NaN.
-    """
-    ok = torch.isfinite(gram).flatten(-2).all(-1)[..., None, None]
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    gram = torch.where(ok, gram, eye)
-    evals, evecs = sym_eigh(gram)
-    return evals.clamp_min(0.0), evecs
 
 
 def sym_eigh(mat: Tensor) -> tuple[Tensor, Tensor]:

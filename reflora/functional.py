@@ -474,15 +474,16 @@ def preconditioner(
     pair with no live direction such as ``B = 0`` (see the module docstring). For
     ``variant="scalar"`` both are ``(..., 1, 1)``:
     ``(p^2, 1 / p^2)``. ``solver``: ``"eigh"`` (default) or ``"newton_schulz"`` (see
-    :func:`refactor_transform`; here it skips the square-root iteration, which ``S`` does not need).
+    :func:`refactor_transform`; ``S`` needs neither the frame's rotation nor the square roots,
+    so neither is computed).
     """
     solver, _ = check_solver(solver)
-    if solver == "eigh" or variant == "scalar":
-        return metric(*refactor_transform(A, B, variant=variant, eps=eps, solver=solver))
     A, B = _check_pair(A, B)
-    check_variant(variant)
+    if check_variant(variant) == "scalar":
+        return metric(*refactor_transform(A, B, variant=variant, eps=eps, solver=solver))
     eps_ = check_eps(eps, A.dtype)
     _warn_rank_above_size(A, B)
+    # the kernel's own S and S^-1: no frame rotation, no square roots, no recomputation from P
     return metric_kernel(*grams(A, B), eps_, solver)
 
 
