@@ -10,6 +10,9 @@ optimizer hook (:mod:`reflora.attach`) stacks same-shape pairs and calls them on
 * :func:`scalar_kernel`: RefLoRA-S's ``(p, 1/p)`` from the squared Frobenius norms.
 * :func:`metric_kernel`: ``(S, S^{-1})`` only (gradient space; skips the roots where it can).
 * :func:`metric`: ``(S, S^{-1})`` of a transform.
+* :func:`eager_kernel`: the eager hook's shortcut on CPU: the two-``eigh`` kernel for pairs
+  whose directions are all live, the general one for the rest (it syncs with the host to
+  decide, so it is not for traced code nor for CUDA, where the hook must not sync).
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from typing import Callable
+
 from reflora._linalg import (
     balanced_metric,
     compute_dtype,
     default_eps,
+    live_metric,
+    mm,
     newton_schulz_geomean,
     newton_schulz_metric,
 )
@@ -34,6 +41,7 @@ __all__ = [
     "check_frame",
     "check_solver",
     "check_variant",
+    "eager_kernel",
     "full_kernel",
     "grams",
     "metric",
@@ -93,7 +101,7 @@ def grams(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     """``(A A^T, B^T B)`` in the compute dtype: the only O((m + n) r^2) work of the full variant."""
     cd = compute_dtype(A.dtype)
     Ac, Bc = A.to(cd), B.to(cd)
-    return Ac @ Ac.mT, Bc.mT @ Bc
+    return mm(Ac, Ac.mT), mm(Bc.mT, Bc)
 
 
 def _finite_only(X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -157,3 +165,28 @@ def metric(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
     if left.shape[-1] == 1:
         return left.square(), right.square()
     return left.mT @ left, right @ right.mT
+
+
+def eager_kernel(
+    X: Tensor, Y: Tensor, eps: float, frame: str | None,
+    general: Callable[[Tensor, Tensor], tuple[Tensor, ...]],
+) -> tuple[Tensor, ...]:
+    """``general(X, Y)``'s answer, computed by :func:`reflora._linalg.live_metric` where it can.
+
+    ``frame=None`` asks for ``(S, S^{-1})`` (``general`` must return those), ``"paper"`` for
+    ``(left, right, S, S^{-1})``. Every pair whose directions are all live (and, for the paper
+    frame, whose singular values are well separated) gets the two-``eigh`` closed form, which
+    equals the general kernel's result to round-off; the others (non-finite pairs included: their
+    ``sigma^2`` are NaN, so not live) go through ``general``. One host sync decides (two when some
+    pairs need ``general``): eager CPU use only.
+    """
+    try:
+        out, ok = live_metric(X, Y, eps, frame)  # a non-finite Gram gives NaN sigma^2: not ok
+    except torch.linalg.LinAlgError:  # or LAPACK refuses it
+        return general(X, Y)
+    if bool(ok.all()):
+        return out
+    lead, r = X.shape[:-2], X.shape[-1]
+    bad = (~ok).flatten().nonzero().squeeze(-1)
+    sub = general(X.reshape(-1, r, r)[bad], Y.reshape(-1, r, r)[bad])
+    return tuple(t.reshape(-1, r, r).index_copy(0, bad, u).reshape(*lead, r, r) for t, u in zip(out, sub))

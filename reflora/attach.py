@@ -58,13 +58,14 @@ from reflora._kernels import (
     check_eps,
     check_solver,
     check_variant,
+    eager_kernel,
     full_kernel,
     grams,
     metric,
     metric_kernel,
     scalar_kernel,
 )
-from reflora._linalg import compute_dtype, default_eps
+from reflora._linalg import compute_dtype, default_eps, mm
 from reflora.functional import Transform
 from reflora.pairs import LoRAPair, canonical_name, to_core
 from reflora.transport import (
@@ -157,7 +158,7 @@ def _left_inplace(T: Tensor, xs: list[Tensor], gate: Tensor | None = None) -> No
     """``x_i <- T[i] @ x_i`` for every ``x_i`` (computed in float32 or wider, written back with copy_)."""
     T = _apply_dtype(T, xs[0])
     if xs[0].numel() <= _STACK_MAX_NUMEL:
-        out = T @ torch.stack(xs).to(T.dtype)
+        out = mm(T, torch.stack(xs).to(T.dtype))
         _copy_gated(xs, list(out.unbind(0)), gate)
         return
     for t, x in zip(T.unbind(0), xs):  # one pair at a time: no second copy of the whole group
@@ -168,11 +169,39 @@ def _right_inplace(xs: list[Tensor], T: Tensor, gate: Tensor | None = None) -> N
     """``x_i <- x_i @ T[i]``."""
     T = _apply_dtype(T, xs[0])
     if xs[0].numel() <= _STACK_MAX_NUMEL:
-        out = torch.stack(xs).to(T.dtype) @ T
+        out = mm(torch.stack(xs).to(T.dtype), T)
         _copy_gated(xs, list(out.unbind(0)), gate)
         return
     for t, x in zip(T.unbind(0), xs):
         _copy_gated([x], [x.to(t.dtype) @ t], gate)
+
+
+def _apply_many(side: str, chunks: list[tuple[list[Tensor], Tensor]], gate: Tensor | None = None) -> None:
+    """``x <- T[i] @ x`` (``side="left"``) or ``x <- x @ T[i]`` (``"right"``) for every chunk
+    ``(xs, T)`` of same-shape tensors; a scalar ``T`` (``(G, [E,] 1, 1)``) multiplies.
+
+    Small tensors (launch-bound) of one dtype go through one stacked product for all chunks
+    (factors, gradients and optimizer state of a group together), large ones one at a time.
+    """
+    chunks = [(xs, T) for xs, T in chunks if xs]
+    if not chunks:
+        return
+    scalar = chunks[0][1].shape[-1] == 1
+    if chunks[0][0][0].numel() > _STACK_MAX_NUMEL:
+        for xs, T in chunks:
+            for t, x in zip(_apply_dtype(T, xs[0]).unbind(0), xs):  # no second copy of the group
+                y = x.to(t.dtype)
+                _copy_gated([x], [t * y if scalar else (t @ y if side == "left" else y @ t)], gate)
+        return
+    by_dtype: dict[torch.dtype, list[tuple[list[Tensor], Tensor]]] = defaultdict(list)
+    for xs, T in chunks:
+        by_dtype[xs[0].dtype].append((xs, T))
+    for group in by_dtype.values():
+        xs = [x for chunk, _ in group for x in chunk]
+        T = _apply_dtype(torch.cat([T for _, T in group]) if len(group) > 1 else group[0][1], xs[0])
+        X = torch.stack(xs).to(T.dtype)
+        out = T * X if scalar else (mm(T, X) if side == "left" else mm(X, T))
+        _copy_gated(xs, list(out.unbind(0)), gate)
 
 
 # ------------------------------------------------------------------------------- compile=True
@@ -416,7 +445,6 @@ class RefLoRAHandle:
         self._groups = self._make_groups()
         self._bufs = self._make_cache_buffers()
         self._cached: set[int] | None = set()  # Python mirror of the buffers' `valid` flags
-        self._kernel = compiled_full_kernel if compile else full_kernel
         self._hooks: list[RemovableHandle] = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
@@ -516,9 +544,6 @@ class RefLoRAHandle:
             if self.space == "gradient":
                 self._gradient_step(refresh=self._active(t) or self.interval == 1)
             elif self._active(t):
-                # every group's state is checked before any factor changes: a transport that
-                # cannot move some state must never leave a half-refactored model
-                self._check_state(self.pairs[i] for g in self._groups for i in self._members(g))
                 self._parameter_step()
 
     def _traced_pre_hook(self, optimizer, kwargs) -> None:
@@ -541,11 +566,6 @@ class RefLoRAHandle:
             if self.space == "gradient":
                 self._gradient_step(refresh=True, gate=started, refresh_gate=active)
             else:
-                # every pair's grads are read before opt.state is: a parameter first reached as a
-                # key of opt.state has its .grad guarded by identity, and zero_grad(set_to_none=True)
-                # frees that tensor every step, which invalidates the compiled graph
-                members = [i for g in self._groups for i in self._members(g)]
-                self._check_state(self.pairs[i] for i in members)
                 self._parameter_step(gate=active)
 
     def _post_hook(self, optimizer, args, kwargs) -> None:
@@ -566,27 +586,61 @@ class RefLoRAHandle:
     def _members(self, group: list[int]) -> list[int]:
         return [i for i in group if self.pairs[i].A.grad is not None and self.pairs[i].B.grad is not None]
 
-    def _metric(self, pairs: list[LoRAPair]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(left, right, S, S^{-1})`` for a group: ``(G, r, r)``, or ``(G, 1, 1)`` for the
-        scalar variant; pairs with experts add an expert dimension, ``(G, E, ., .)``."""
-        if self.variant == "scalar":
-            left, right = scalar_kernel(_sq_norms([p.a() for p in pairs]), _sq_norms([p.b() for p in pairs]))
-            return left, right, *metric(left, right)
-        X, Y = _gram_stack(pairs)
-        # inside an outer torch.compile the kernel is traced into that graph: no nested wrapper
-        kernel = full_kernel if torch.compiler.is_compiling() else self._kernel
-        return kernel(X, Y, self._eps_for(pairs[0].A.dtype), self.frame, self.solver)
+    def _kernel_call(self, X: Tensor, Y: Tensor, transform: bool) -> tuple[Tensor, ...]:
+        """The r x r kernel on a stack of Grams: ``(left, right, S, S^{-1})`` if ``transform``,
+        else ``(S, S^{-1})`` (gradient space: the frame does not enter ``S``, so the paper frame's
+        rotation and Newton-Schulz's square roots are skipped).
 
-    def _S(self, pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
-        """``(S, S^{-1})`` for a group: what gradient space needs. The frame does not enter ``S``,
-        so the paper frame's rotation (a fourth eigh) and Newton-Schulz's square roots are skipped."""
+        Traced (inside an outer ``torch.compile``): the general kernel, traced into that graph.
+        ``compile=True``: the per-key compiled kernel. Eager on CPU with ``eigh``:
+        :func:`~reflora._kernels.eager_kernel`, two ``eigh`` instead of three or four for pairs
+        whose directions are all live (the same answer to round-off; it syncs with the host to
+        decide, which CUDA steps must not, so they take the general kernel).
+        """
+        eps = self._eps_for(X.dtype)
+        frame, solver = self.frame, self.solver
+        if torch.compiler.is_compiling():
+            return full_kernel(X, Y, eps, frame, solver) if transform else metric_kernel(X, Y, eps, solver)
+        if self.compiled:
+            out = compiled_full_kernel(X, Y, eps, frame if transform else "symmetric", solver)
+            return out if transform else out[2:]
+        if solver == "eigh" and X.device.type == "cpu" and (frame == "paper" or not transform):
+            if transform:
+                return eager_kernel(X, Y, eps, "paper", lambda x, y: full_kernel(x, y, eps, "paper", solver))
+            return eager_kernel(X, Y, eps, None, lambda x, y: metric_kernel(x, y, eps, solver))
+        return full_kernel(X, Y, eps, frame, solver) if transform else metric_kernel(X, Y, eps, solver)
+
+    def _metrics(self, jobs: list[list[LoRAPair]], transform: bool) -> list[tuple[Tensor, ...]]:
+        """Per group of ``jobs``: ``(left, right, S, S^{-1})`` if ``transform`` else ``(S, S^{-1})``,
+        ``(G, r, r)`` (``(G, 1, 1)`` for the scalar variant; experts add a dimension, ``(G, E, ., .)``).
+
+        The kernel depends on the Grams only, so groups whose Grams have the same shape (same
+        rank, different layer sizes) share one batched kernel call: a model with several layer
+        shapes pays the kernel's fixed cost once per rank, not once per shape.
+        """
         if self.variant == "scalar":
-            return self._metric(pairs)[2:]
-        X, Y = _gram_stack(pairs)
-        eps = self._eps_for(pairs[0].A.dtype)
-        if self.compiled and not torch.compiler.is_compiling():
-            return self._kernel(X, Y, eps, "symmetric", self.solver)[2:]
-        return metric_kernel(X, Y, eps, self.solver)
+            stats = [(_sq_norms([p.a() for p in pairs]), _sq_norms([p.b() for p in pairs])) for pairs in jobs]
+        else:
+            stats = [_gram_stack(pairs) for pairs in jobs]
+        batches: dict[tuple, list[int]] = defaultdict(list)
+        for k, (X, _) in enumerate(stats):
+            batches[(X.device, X.shape[1:])].append(k)
+        out: list[tuple[Tensor, ...]] = [()] * len(jobs)
+        for ks in batches.values():
+            X = stats[ks[0]][0] if len(ks) == 1 else torch.cat([stats[k][0] for k in ks])
+            Y = stats[ks[0]][1] if len(ks) == 1 else torch.cat([stats[k][1] for k in ks])
+            if self.variant == "scalar":
+                left, right = scalar_kernel(X, Y)
+                res: tuple[Tensor, ...] = (left, right, *metric(left, right)) if transform else metric(left, right)
+            else:
+                res = self._kernel_call(X, Y, transform)
+            if len(ks) == 1:
+                out[ks[0]] = res
+                continue
+            parts = [t.split([stats[k][0].shape[0] for k in ks]) for t in res]
+            for j, k in enumerate(ks):
+                out[k] = tuple(part[j] for part in parts)
+        return out
 
     def _gradient_step(
         self, refresh: bool, gate: Tensor | None = None, refresh_gate: Tensor | None = None
@@ -594,20 +648,23 @@ class RefLoRAHandle:
         """Precondition the gradients. Eager: ``refresh`` says whether ``S`` is recomputed (else
         the cached one is applied). Traced: ``gate`` (started, not skipped) and ``refresh_gate``
         (a refresh step) are 0-d bool tensors and ``S`` is computed every step."""
+        work = []  # (group index, group, members, pairs, needs a fresh S)
         for g, group in enumerate(self._groups):
             members = self._members(group)
-            if not members:
-                continue
-            pairs = [self.pairs[i] for i in members]
+            if members:
+                fresh = gate is not None or refresh or any(i not in self._cached_pairs() for i in members)
+                work.append((g, group, members, [self.pairs[i] for i in members], fresh))
+        fresh_metrics = iter(self._metrics([w[3] for w in work if w[4]], transform=False))
+        for g, group, members, pairs, fresh in work:
             bufs = None if self._bufs is None else self._bufs[g]
             if gate is not None:
                 gate = gate.to(pairs[0].A.device)
-                S, S_inv = self._S(pairs)
+                S, S_inv = next(fresh_metrics)
                 if bufs is not None:
                     assert refresh_gate is not None
                     S, S_inv = self._traced_cache(bufs, group, members, S, S_inv, gate, refresh_gate.to(gate.device))
-            elif refresh or any(i not in self._cached_pairs() for i in members):
-                S, S_inv = self._S(pairs)
+            elif fresh:
+                S, S_inv = next(fresh_metrics)
                 if bufs is not None:
                     if members == group:  # the usual case: no index tensor, no host-to-device copy
                         bufs[0].copy_(S)
@@ -661,28 +718,76 @@ class RefLoRAHandle:
         return S, S_inv
 
     def _parameter_step(self, gate: Tensor | None = None) -> None:
-        """Refactor every group; traced steps pass ``gate`` (a 0-d bool: act this step)."""
-        for group in self._groups:
-            members = self._members(group)
-            if not members:
+        """Refactor every group; traced steps pass ``gate`` (a 0-d bool: act this step).
+
+        Two phases: every group's transform and everything it will touch are gathered (and the
+        state checked) first, then written. A transport that cannot move some state raises before
+        any factor changes, never leaving a half-refactored model. Every pair's grads are read
+        before ``opt.state`` is: under ``torch.compile`` a parameter first reached as a key of
+        ``opt.state`` has its ``.grad`` guarded by identity, and ``zero_grad(set_to_none=True)``
+        frees that tensor every step, which would invalidate the compiled graph.
+        """
+        jobs = [[self.pairs[i] for i in self._members(group)] for group in self._groups]
+        jobs = [pairs for pairs in jobs if pairs]
+        plans, unfolded = [], []
+        for pairs, (left, right, _, _) in zip(jobs, self._metrics(jobs, transform=True)):
+            # A' = P^T A = left A, B' = B P^{-T} = B right; gradients and first moments are
+            # covectors: P^{-1} g_A = right^T g_A, g_B P = g_B left^T (the scalar variant: p, 1/p)
+            on_a = [([p.a() for p in pairs], left), ([p.grad_a() for p in pairs], right.mT)]
+            on_b = [([p.b() for p in pairs], right), ([p.grad_b() for p in pairs], left.mT)]
+            folded = self._state_chunks(pairs, left, right, on_a, on_b)
+            plans.append((pairs, left, right, on_a, on_b, folded))
+            if not folded:
+                unfolded.extend(pairs)
+        if unfolded:
+            self._check_state(unfolded)
+        for pairs, left, right, on_a, on_b, folded in plans:
+            g = None if gate is None else gate.to(pairs[0].A.device)
+            _apply_many("left", on_a, g)
+            _apply_many("right", on_b, g)
+            if not folded:
+                # the state moves in float32 (or wider), like the factors and gradients
+                T = Transform(_apply_dtype(left, on_a[0][0][0]), _apply_dtype(right, on_a[0][0][0]))
+                self._transport_state(pairs, T, g)
+
+    def _state_chunks(
+        self, pairs: list[LoRAPair], left: Tensor, right: Tensor,
+        on_a: list[tuple[list[Tensor], Tensor]], on_b: list[tuple[list[Tensor], Tensor]],
+    ) -> bool:
+        """Add the optimizer state of ``pairs`` to the factors' products where a spec transport
+        maps it element-wise-free: ``"first"`` state like the gradients, ``"second"`` state by
+        the ``"square"`` rule (``(P^{-1})^{o2} v_A``, ``v_B P^{o2}``) or not at all (``"keep"``).
+        Returns False (nothing added) for anything else, which :meth:`_transport_state` moves:
+        function transports, the ``"reset"`` rule, pairs with and without state in one group,
+        state that is not parameter-shaped (and so raises there)."""
+        spec = getattr(self._transport, "spec", None)
+        if spec is None or self.second_moment == "reset":
+            return False
+        opt = self.optimizer
+        states = [(opt.state.get(p.A), opt.state.get(p.B)) for p in pairs]
+        if not any(sa or sb for sa, sb in states):
+            return True  # no state yet (the first step): nothing to move
+        if not all(sa and sb for sa, sb in states):
+            return False
+        for key in states[0][0]:
+            kind = spec.get(key)
+            if kind == "keep" or (kind == "second" and self.second_moment == "keep"):
                 continue
-            pairs = [self.pairs[i] for i in members]
-            if gate is not None:
-                gate = gate.to(pairs[0].A.device)
-            left, right, _, _ = self._metric(pairs)
-            As, Bs = [p.a() for p in pairs], [p.b() for p in pairs]
-            gA, gB = [p.grad_a() for p in pairs], [p.grad_b() for p in pairs]
-            if self.variant == "scalar":
-                _scale_inplace(As, left, gate)  # p A
-                _scale_inplace(Bs, right, gate)  # B / p
-                _scale_inplace(gA, right, gate)  # P^-1 grad_A
-                _scale_inplace(gB, left, gate)  # grad_B P
-            else:
-                _left_inplace(left, As, gate)
-                _right_inplace(Bs, right, gate)
-                _left_inplace(right.mT, gA, gate)
-                _right_inplace(gB, left.mT, gate)
-            self._transport_state(pairs, Transform(left, right), gate)
+            if kind not in ("first", "second"):
+                return False
+            va, vb = [], []
+            for p, (sa, sb) in zip(pairs, states):
+                a, b = sa.get(key), sb.get(key)
+                if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == p.A.shape and b.shape == p.B.shape):
+                    return False
+                va.append(to_core(a, p.layout[0], p.experts))
+                vb.append(to_core(b, p.layout[1], p.experts))
+            ta, tb = right.mT, left.mT
+            if kind == "second":
+                ta, tb = ta.square(), tb.square()
+            on_a.append((va, ta))
+            on_b.append((vb, tb))
+        return True
 
     def _check_state(self, pairs: Iterable[LoRAPair]) -> None:
         """Raise (before anything is modified) if the transport cannot move these pairs' state."""

@@ -16,7 +16,7 @@ from reflora.adapters import find_pairs
 from reflora.pairs import canonical_name
 from reflora.transport import get_state_transport, register_state_transport, registered_optimizers
 
-from attach_helpers import MODE_IDS, MODES, LoRANet, train
+from attach_helpers import LR, MODE_IDS, MODES, OPTIMIZERS, LoRANet, train
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PARAM_MODES = [("full", "parameter"), ("scalar", "parameter")]
@@ -458,3 +458,41 @@ def test_ambiguous_canonical_names_keep_the_raw_names() -> None:
     model.module = nn.Sequential(LoRALinear(4, 4))
     model.add_module("0", LoRALinear(4, 4))
     assert sorted(p.name for p in find_pairs(model)) == ["0", "module.0"]
+
+
+# --------------------------------------------------------------------------- state transport paths
+
+
+@pytest.mark.parametrize("rule", ["square", "keep", "reset"])
+@pytest.mark.parametrize("variant", ["full", "scalar"])
+@pytest.mark.parametrize("opt_name", ["AdamW", "SGD"])
+def test_parameter_step_moves_state_like_the_functional_maps(opt_name, variant, rule) -> None:
+    """The hook refactors factors, gradients and optimizer state in one batched product per side
+    (spec transports, rules square/keep) or through the transport (reset): both equal the
+    functional core's refactor_transform + map_first_moments / map_second_moments."""
+    from reflora.functional import apply_transform, map_first_moments, map_second_moments, refactor_transform
+
+    net = LoRANet(dtype=torch.float64)
+    opt = OPTIMIZERS[opt_name](list(net.parameters()), LR[opt_name])
+    handle = attach(opt, net.pairs(), variant=variant, space="parameter", second_moment=rule)
+    train(net, opt, 4)
+    opt.zero_grad()
+    net.loss().backward()
+    snap = [(a.detach().clone(), b.detach().clone(), a.grad.clone(), b.grad.clone(),
+             {k: v.clone() for k, v in opt.state[a].items()}, {k: v.clone() for k, v in opt.state[b].items()})
+            for a, b in net.pairs()]
+    handle._pre_hook(opt, (), {})  # the refactor alone, without the optimizer's update
+    first = {"AdamW": ["exp_avg"], "SGD": ["momentum_buffer"]}[opt_name]
+    second = {"AdamW": ["exp_avg_sq"], "SGD": []}[opt_name]
+    for (a, b), (a0, b0, ga, gb, sa, sb) in zip(net.pairs(), snap):
+        T = refactor_transform(a0, b0, variant=variant)
+        want = [*apply_transform(T, a0, b0), *map_first_moments(T, ga, gb)]
+        got = [a, b, a.grad, b.grad]
+        for key in first:
+            want += map_first_moments(T, sa[key], sb[key])
+            got += [opt.state[a][key], opt.state[b][key]]
+        for key in second:
+            want += map_second_moments(T, sa[key], sb[key], rule=rule)
+            got += [opt.state[a][key], opt.state[b][key]]
+        for w, g in zip(want, got):
+            assert torch.allclose(g, w, rtol=1e-9, atol=1e-12 * float(w.abs().max() + 1)), (rule, variant)

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reflora
+from reflora._linalg import _live_basis, _separated
 from reflora.functional import RankAboveSizeWarning, precondition, preconditioner, refactor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -102,12 +103,37 @@ def test_frames_share_the_metric_and_paper_frame_is_diagonal() -> None:
     assert torch.allclose(T_sym.left, T_sym.left.mT, atol=1e-12)  # S^{1/2}
     A2, B2 = refactor(A, B, frame="paper")
     G = A2 @ A2.mT
-    # diagonal up to the tie-breaker (1e-6 of the mean eigenvalue, rotating by ~delta / gap)
-    assert torch.allclose(G, torch.diag(torch.linalg.svdvals(B @ A)[:5]), atol=1e-5 * float(G.diagonal().max()))
-    # sign convention: the largest entry of every column of the rotation V_G is positive
-    rot = torch.linalg.solve(T_sym.right, T_pap.right)
-    idx = rot.abs().argmax(0)
-    assert (rot[idx, torch.arange(5)] > 0).all()
+    sv = torch.linalg.svdvals(B @ A)[:5]
+    # well separated singular values: the exact eigenbasis, diagonal to round-off, descending
+    assert torch.allclose(G, torch.diag(sv), atol=1e-12 * float(sv[0]))
+    assert torch.allclose(B2.mT @ B2, torch.diag(sv), atol=1e-12 * float(sv[0]))
+    # sign convention: the largest entry of every column of right = P^{-T} is positive
+    idx = T_pap.right.abs().argmax(0)
+    assert (T_pap.right[idx, torch.arange(5)] > 0).all()
+
+
+def test_paper_frame_tie_breaker_only_where_the_basis_is_ill_determined() -> None:
+    """Singular values closer than ~1e-4 of their mean get the coordinate-ordering tie-breaker
+    (the balanced Grams are then diagonal to about delta / gap only); the rest the exact basis."""
+    g = torch.Generator().manual_seed(5)
+    U, _ = torch.linalg.qr(torch.randn(30, 4, generator=g, dtype=torch.float64))
+    W, _ = torch.linalg.qr(torch.randn(40, 4, generator=g, dtype=torch.float64))
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    for sv, exact in (([4.0, 3.0, 2.0, 1.0], True), ([4.0, 3.0, 2.0 + 1e-9, 2.0], False)):
+        s = torch.tensor(sv, dtype=torch.float64)
+        A = (Q * s.sqrt()).mT @ W.mT * 2.0  # an imbalanced factorization of U diag(s) W^T
+        B = U @ (Q * s.sqrt()) / 2.0
+        X, Y = A @ A.mT, B.mT @ B
+        lam_a, sig2, _, live = _live_basis(X, Y, 1.4e-14)
+        assert bool(_separated(lam_a, sig2, live)) is exact
+        A2, B2 = refactor(A, B, frame="paper")
+        assert torch.allclose(B2 @ A2, B @ A, atol=1e-12)
+        # exact basis: diagonal to round-off; tie-broken: within the 1e-9 gap of the block
+        off = (A2 @ A2.mT - torch.diag(s)).abs().max()
+        assert off < (1e-12 if exact else 1e-8)
+        # both are reproducible: batched with other pairs, the same factors
+        A3, B3 = refactor(torch.stack([A, 3 * A]), torch.stack([B, B / 3]), frame="paper")
+        assert torch.allclose(A3[0], A2, atol=1e-8) and torch.allclose(B3[0], B2, atol=1e-8)
 
 
 @pytest.mark.parametrize("frame", ["paper", "symmetric"])
@@ -217,3 +243,34 @@ def test_factors_equal_across_devices(frame, dtype) -> None:
     tol = 1e-4 if dtype == torch.float32 else 1e-8
     for c, d in zip(cpu, gpu):
         assert torch.allclose(d.cpu(), c, rtol=tol, atol=tol * float(c.abs().max())), (d.cpu() - c).abs().max()
+
+
+@pytest.mark.parametrize("frame", [None, "paper"])
+def test_eager_shortcut_equals_the_general_kernel(frame) -> None:
+    """attach's eager CPU shortcut (two eigh for all-live pairs, the general kernel for the rest)
+    gives the general kernel's answer, pair by pair, in a stack mixing every kind of pair."""
+    from reflora._kernels import eager_kernel, full_kernel, grams
+
+    g = torch.Generator().manual_seed(7)
+    r, m, n = 4, 24, 20
+    A = torch.randn(7, r, m, generator=g, dtype=torch.float64) * torch.rand(7, r, 1, generator=g, dtype=torch.float64)
+    B = 0.1 * torch.randn(7, n, r, generator=g, dtype=torch.float64)
+    B[1] = 0.0  # no live direction (PEFT's init)
+    B[2, :, 0] = 0.0  # one dead direction
+    B[3] = B[3] @ torch.diag(torch.tensor([1.0, 1.0, 1.0 + 1e-12, 2.0], dtype=torch.float64))  # near ties
+    A[4, 0, 0] = float("nan")  # a non-finite pair in its own stack below
+    X, Y = grams(A, B)
+    ref = full_kernel(X, Y, 1.4e-14, frame or "paper")
+    ref = ref[2:] if frame is None else ref
+    general = lambda x, y: (lambda o: o[2:] if frame is None else o)(full_kernel(x, y, 1.4e-14, frame or "paper"))  # noqa: E731
+    keep = torch.tensor([0, 1, 2, 3, 5, 6])
+    out = eager_kernel(X[keep], Y[keep], 1.4e-14, frame, general)
+    for o, want in zip(out, ref):
+        assert torch.allclose(o, want[keep], rtol=1e-9, atol=1e-9 * float(want[keep].abs().max()))
+    # experts: (G, E, r, r) stacks take the same path
+    out = eager_kernel(X[keep].view(2, 3, r, r), Y[keep].view(2, 3, r, r), 1.4e-14, frame, general)
+    for o, want in zip(out, ref):
+        assert torch.allclose(o.reshape(-1, r, r), want[keep], rtol=1e-9, atol=1e-9 * float(want[keep].abs().max()))
+    # a non-finite Gram anywhere: the whole stack goes to the general kernel (NaN for that pair)
+    out = eager_kernel(X, Y, 1.4e-14, frame, general)
+    assert torch.isnan(out[0][4]).all() and torch.allclose(out[0][0], ref[0][0], rtol=1e-9)
