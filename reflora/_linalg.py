@@ -52,8 +52,7 @@ def sym_eigh(mat: Tensor) -> tuple[Tensor, Tensor]:
 def _canonical_signs(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
     """Flip matching (row of ``left``, column of ``right``) pairs so that the entry of largest
     magnitude in each column of ``right`` is positive (``right @ left`` is unchanged)."""
-    idx = right.abs().argmax(-2, keepdim=True)
-    sign = torch.where(right.gather(-2, idx) < 0, -1.0, 1.0).to(right.dtype)
+    sign = right.gather(-2, right.abs().argmax(-2, keepdim=True)).sign()  # never 0: right is invertible
     return left * sign.mT, right * sign
 
 
@@ -88,9 +87,9 @@ def _separated(lam_a: Tensor, sig2: Tensor, live: Tensor) -> Tensor:
     ``max(1e-4, 1e-6 c)`` of their mean, ``c = cond(A A^T) sigma_max / sigma_min >= cond(S)``: the
     exact eigenbasis of the balanced Gram is then well determined and the paper frame uses it."""
     sig = sig2.sqrt()  # ascending, like lam_a
-    tiny = torch.finfo(sig.dtype).tiny
-    cond = (lam_a[..., -1] * sig[..., -1]) / (lam_a[..., 0] * sig[..., 0]).clamp_min(tiny)
-    gap = (sig[..., 1:] - sig[..., :-1]).amin(-1) if sig.shape[-1] > 1 else sig[..., 0]
+    # a zero eigenvalue makes cond inf or NaN: such a pair has a dead direction and fails anyway
+    cond = (lam_a[..., -1] * sig[..., -1]) / (lam_a[..., 0] * sig[..., 0])
+    gap = sig.diff(dim=-1).amin(-1) if sig.shape[-1] > 1 else sig[..., 0]
     tau = (_GAP_PER_COND * cond).clamp(_GAP_MIN, 1.0)
     return live.all(-1) & (gap >= tau * sig.mean(-1))
 
