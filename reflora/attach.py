@@ -66,6 +66,7 @@ from reflora._kernels import (
     scalar_kernel,
 )
 from reflora._linalg import compute_dtype, default_eps, mm
+from reflora.diagnostics import _group_stats, pair_stats, rows_in_order
 from reflora.functional import Transform
 from reflora.pairs import LoRAPair, canonical_name, to_core
 from reflora.transport import (
@@ -421,6 +422,7 @@ class RefLoRAHandle:
         compile: bool,
         frame: str = "paper",
         solver: str = "eigh",
+        diagnostics_interval: int = 0,
     ) -> None:
         self.optimizer = optimizer
         self.pairs: tuple[LoRAPair, ...] = tuple(pairs)
@@ -433,6 +435,10 @@ class RefLoRAHandle:
         self.compiled = compile
         self.frame = frame
         self.solver = solver
+        self.diagnostics_interval = diagnostics_interval
+        # latest diagnostics: (step, [(pairs, stats of those pairs)]) kept as tensors until read
+        self._diag: tuple[int, list[tuple[list[LoRAPair], dict[str, Tensor]]]] | None = None
+        self._diag_parts: list[tuple[list[LoRAPair], dict[str, Tensor]]] | None = None
         # The step counter lives in a 0-d int64 tensor on the pairs' device, advanced in place: a
         # compiled optimizer step reads it as a graph input, where a Python int would be a guard
         # that changes every step (a recompile per step). Eager steps keep a Python mirror
@@ -538,13 +544,23 @@ class RefLoRAHandle:
         # refactor depend on the factors only, and every gradient map (S^-1 g, g S, P^-1 g,
         # g P) is linear, so it commutes with the kernel's division by grad_scale.
         t = self.step_count
-        if t < self.warmup_steps:
-            return
-        with torch.no_grad():
-            if self.space == "gradient":
-                self._gradient_step(refresh=self._active(t) or self.interval == 1)
-            elif self._active(t):
-                self._parameter_step()
+        due = self.diagnostics_interval > 0 and t % self.diagnostics_interval == 0
+        self._diag_parts = [] if due else None
+        if due and self.space == "parameter" and self.variant == "scalar" and self._active(t):
+            # this step rescales the factors and computes no Grams: take the stats before it does
+            groups = [[self.pairs[i] for i in g] for g in self._groups]
+            self._diag_parts = list(zip(groups, _group_stats(groups, self.variant, self.eps)))
+        try:
+            with torch.no_grad():
+                if t >= self.warmup_steps:
+                    if self.space == "gradient":
+                        self._gradient_step(refresh=self._active(t) or self.interval == 1)
+                    elif self._active(t):
+                        self._parameter_step()
+                if due:
+                    self._finish_diagnostics(t)
+        finally:
+            self._diag_parts = None
 
     def _traced_pre_hook(self, optimizer, kwargs) -> None:
         """The pre-hook inside ``torch.compile`` (a compiled ``opt.step`` or train step).
@@ -622,6 +638,8 @@ class RefLoRAHandle:
             stats = [(_sq_norms([p.a() for p in pairs]), _sq_norms([p.b() for p in pairs])) for pairs in jobs]
         else:
             stats = [_gram_stack(pairs) for pairs in jobs]
+            if self._diag_parts is not None:  # a diagnostics step: reuse this step's Grams
+                self._diag_parts += [(pairs, pair_stats(X, Y, "full", self.eps)) for pairs, (X, Y) in zip(jobs, stats)]
         batches: dict[tuple, list[int]] = defaultdict(list)
         for k, (X, _) in enumerate(stats):
             batches[(X.device, X.shape[1:])].append(k)
@@ -851,7 +869,33 @@ class RefLoRAHandle:
                 dst = [view(opt.state[param_of(p)][key]) for p in chosen]
                 _copy_gated(dst, list(value.unbind(0)), gate)
 
+    def _finish_diagnostics(self, t: int) -> None:
+        """Store this step's diagnostics: the stats computed from the kernel's Grams where it ran,
+        fresh Grams for the other pairs (the scalar variant, cached or warmup steps, no grads)."""
+        parts = self._diag_parts or []
+        seen = {id(p) for pairs, _ in parts for p in pairs}
+        rest = [[self.pairs[i] for i in g if id(self.pairs[i]) not in seen] for g in self._groups]
+        rest = [pairs for pairs in rest if pairs]
+        parts += list(zip(rest, _group_stats(rest, self.variant, self.eps)))
+        self._diag = (t, parts)
+
     # -- public ------------------------------------------------------------------------------
+    def diagnostics(self) -> dict[str, Any] | None:
+        """The latest diagnostics (``attach(..., diagnostics_interval=k)``), or ``None`` if none yet.
+
+        Returns ``{"step": t, "pairs": {name: {stat: float}}}`` with the stats of
+        :mod:`reflora.diagnostics` (imbalance ``log(||A||_F / ||B||_F)``, ``cond_AAt``,
+        ``cond_BtB``, ``S_deviation``, ``sigma_max``, ``sigma_min`` of ``B A``) of every pair as
+        the optimizer step ``t`` began, before RefLoRA acted. They are recorded every ``k``
+        eager optimizer steps as tensors (no host sync) and read here (one sync). Steps run
+        inside ``torch.compile`` do not record them. :func:`reflora.diagnostics.summarize`
+        reduces them to a few scalars.
+        """
+        if self._diag is None:
+            return None
+        t, parts = self._diag
+        return {"step": t, "pairs": rows_in_order(list(self.pairs), [p for p, _ in parts], [s for _, s in parts])}
+
     def remove(self) -> None:
         """Detach from the optimizer; afterwards it steps exactly as without RefLoRA."""
         for h in self._hooks:
@@ -946,6 +990,7 @@ def attach(
     frame: Literal["paper", "symmetric"] | None = None,
     rank_above_size: Literal["skip", "act"] = "skip",
     solver: Literal["eigh", "newton_schulz"] = "eigh",
+    diagnostics_interval: int = 0,
 ) -> RefLoRAHandle:
     r"""Make ``optimizer`` a RefLoRA optimizer for ``pairs`` (arXiv 2505.18877).
 
@@ -989,6 +1034,10 @@ def attach(
             only, a fixed step count: no eigensolver, which is slow for small batched matrices
             on GPUs; symmetric frame only; dead directions regularised, see
             :func:`reflora.functional.refactor_transform`). Ignored by ``variant="scalar"``.
+        diagnostics_interval: every this many optimizer steps (``0``: never), record each pair's
+            imbalance, Gram condition numbers, distance of ``S`` from the identity and extreme
+            singular values of ``B A``, from the Grams the step computes anyway; read them with
+            :meth:`RefLoRAHandle.diagnostics` (see :mod:`reflora.diagnostics`).
 
     Returns:
         A :class:`RefLoRAHandle`.
@@ -1011,6 +1060,7 @@ def attach(
         raise ValueError(f"space must be one of {_SPACES}; got {space!r}")
     warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
     interval = _check_int("interval", interval, 1)
+    diagnostics_interval = _check_int("diagnostics_interval", diagnostics_interval, 0)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool; got {type(compile).__name__}")
     if second_moment not in SECOND_MOMENT_RULES:
@@ -1084,6 +1134,7 @@ def attach(
         compile=compile,
         frame=frame,
         solver=solver,
+        diagnostics_interval=diagnostics_interval,
     )
     if space == "parameter":
         try:  # state the transport cannot move is an error now, not at some later step

@@ -39,6 +39,10 @@ def test_bench_cli_small_run(tmp_path) -> None:
     runs = report["tasks"]["vision"]["runs"]
     assert {r["method"] for r in runs} == set(METHODS)
     assert len(runs) == len(METHODS) * 3  # the lr grid
+    # the imbalance curve of every run that trained (plain LoRA's too), recorded after steps 1..4
+    for r in runs:
+        if not r["error"]:
+            assert [s for s, _ in r["imbalance"]] == [1, 2, 3, 4] and all(v >= 0 for _, v in r["imbalance"])
     for name in ("mf.png", "graph.png", "vision.png"):
         assert (tmp_path / name).stat().st_size > 10_000
 

@@ -64,3 +64,30 @@ def test_trainer_callback_lowers_the_loss(tmp_path) -> None:
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+def test_trainer_logs_diagnostics_through_its_reporting_callbacks(tmp_path) -> None:
+    """add_callback puts RefLoRA's diagnostics summary into every log before the reporting
+    integrations (here a recorder standing in for TensorBoard / W&B) see it."""
+    from reflora.integrations.transformers import add_callback
+
+    seen = []
+
+    class Reporter(transformers.TrainerCallback):  # what TensorBoardCallback / WandbCallback see
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    trainer = _trainer(tmp_path / "run", Reporter(), max_steps=4)
+    trainer.args.save_steps = 100
+    cb = add_callback(trainer, variant="full", space="gradient", diagnostics_interval=2)
+    trainer.train()
+    step_logs = [log for log in seen if "loss" in log]
+    assert len(step_logs) == 4
+    for log in step_logs:
+        assert log["reflora/imbalance_abs_mean"] >= 0 and log["reflora/S_deviation_max"] >= 0
+        assert log["reflora/sigma_max"] >= log["reflora/sigma_min"] >= 0
+    # PEFT starts from B = 0: every pair is infinitely imbalanced at step 0, finite once B moved
+    assert step_logs[0]["reflora/imbalance_abs_max"] == float("inf")
+    assert step_logs[-1]["reflora/imbalance_abs_max"] < float("inf")
+    assert "reflora/cond_AAt_max" in trainer.state.log_history[0]
+    assert cb.handle is None  # removed at train end

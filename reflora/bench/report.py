@@ -80,7 +80,9 @@ def plot_task(runs: list[Run], shared_lr: float, title: str, metric_name: str, p
 
     methods = list(dict.fromkeys(r.method for r in runs))
     lrs = sorted({r.lr for r in runs})
-    fig, axes = plt.subplots(1, 2 if len(lrs) > 1 else 1, figsize=(12 if len(lrs) > 1 else 6.5, 4.2), squeeze=False)
+    color = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
+    panels = 2 + (len(lrs) > 1)
+    fig, axes = plt.subplots(1, panels, figsize=(5.8 * panels, 4.2), squeeze=False)
     ax = axes[0][0]
     for m in methods:
         curves = [_ema(r.losses) for r in runs if r.method == m and r.lr == shared_lr and r.losses]
@@ -88,21 +90,34 @@ def plot_task(runs: list[Run], shared_lr: float, title: str, metric_name: str, p
             continue
         n = min(len(c) for c in curves)
         mean = [statistics.fmean(c[i] for c in curves) for i in range(n)]
-        ax.plot(range(1, n + 1), mean, label=m, lw=1.6 if m.startswith("reflora") else 1.2,
+        ax.plot(range(1, n + 1), mean, label=m, color=color[m], lw=1.6 if m.startswith("reflora") else 1.2,
                 ls="-" if m.startswith("reflora") else "--")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (EMA 0.8, mean over seeds)")
     ax.set_title(f"{title}\nlr = {shared_lr:g}", fontsize=9)
     ax.legend(fontsize=8)
+    ax1 = axes[0][1]
+    for m in methods:
+        curves = [r.imbalance for r in runs if r.method == m and r.lr == shared_lr and r.imbalance]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        xs = [curves[0][i][0] for i in range(n)]
+        mean = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
+        ax1.plot(xs, mean, label=m, color=color[m], lw=1.6 if m.startswith("reflora") else 1.2, ls="-" if m.startswith("reflora") else "--")
+    ax1.set_yscale("symlog", linthresh=1e-3)
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("mean |log(||A||_F / ||B||_F)| over pairs")
+    ax1.set_title("factor imbalance (0: balanced), mean over seeds", fontsize=9)
     if len(lrs) > 1:
-        ax2 = axes[0][1]
+        ax2 = axes[0][2]
         for m in methods:
             ys = []
             for lr in lrs:
                 v = [r.metric for r in runs if r.method == m and r.lr == lr and math.isfinite(r.metric)]
                 ys.append(statistics.fmean(v) if v else float("nan"))
-            ax2.plot(lrs, ys, marker="o", label=m, ls="-" if m.startswith("reflora") else "--")
+            ax2.plot(lrs, ys, marker="o", label=m, color=color[m], ls="-" if m.startswith("reflora") else "--")
         ax2.set_xscale("log")
         ax2.set_xlabel("learning rate")
         ax2.set_ylabel(metric_name)

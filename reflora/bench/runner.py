@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from reflora.bench.methods import MethodUnavailable, make_optimizer
+from reflora.diagnostics import diagnose
 from reflora.bench.tasks import Task
 
 __all__ = ["Run", "run_one", "steps_to"]
@@ -26,6 +27,8 @@ class Run:
     ms_per_step: float = float("nan")
     state_mb: float = float("nan")
     error: str = ""
+    # (step, mean over pairs of |log(||A||_F / ||B||_F)|) after that step, from reflora.diagnostics
+    imbalance: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float:
@@ -68,6 +71,12 @@ def _state_mb(opt, handle) -> float:
     return total / 2**20
 
 
+def _mean_abs_imbalance(model) -> float:
+    """Mean over the model's pairs of ``|log(||A||_F / ||B||_F)|`` (untimed; plain LoRA too)."""
+    rows = diagnose(model).values()
+    return float(statistics.fmean(abs(r["imbalance"]) for r in rows))
+
+
 def run_one(task: Task, method: str, lr: float, seed: int, steps: int) -> Run:
     run = Run(task.name, method, lr, seed)
     torch.manual_seed(seed)
@@ -80,7 +89,8 @@ def run_one(task: Task, method: str, lr: float, seed: int, steps: int) -> Run:
         return run
     times = []
     batches = task.batches(seed)
-    for _ in range(steps):
+    every = max(1, steps // 40)
+    for step in range(steps):
         batch = next(batches)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -93,6 +103,8 @@ def run_one(task: Task, method: str, lr: float, seed: int, steps: int) -> Run:
         if not math.isfinite(value):
             run.error = "diverged (non-finite loss)"
             break
+        if (step + 1) % every == 0 or step == 0:
+            run.imbalance.append((step + 1, _mean_abs_imbalance(model)))
     run.ms_per_step = 1e3 * statistics.median(times[1:] or times)
     run.state_mb = _state_mb(opt, handle)
     run.metric = task.evaluate(model, seed) if not run.error else float("nan")

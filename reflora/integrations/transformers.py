@@ -14,6 +14,16 @@ accelerate's ``AcceleratedOptimizer``) when training begins, writes the handle's
 resumed run continues RefLoRA's step counter and cached metrics exactly. Trainer's own
 gradient accumulation, clipping (``max_grad_norm``, applied to raw gradients before RefLoRA's
 preconditioning), LR schedule and mixed precision are untouched.
+
+Diagnostics: with ``diagnostics_interval=k`` (an :func:`reflora.attach` argument) the callback
+adds :func:`reflora.diagnostics.summarize` of the latest diagnostics (``reflora/imbalance_abs_mean``,
+``reflora/S_deviation_max``, ...) to every log Trainer writes. Trainer runs its reporting
+integrations (TensorBoard, W&B, ...) before the callbacks passed to it, so to have them record
+those values, add the callback with :func:`add_callback`, which puts it ahead of them::
+
+    from reflora.integrations.transformers import add_callback
+
+    add_callback(trainer, variant="full", space="gradient", diagnostics_interval=10)
 """
 
 from __future__ import annotations
@@ -26,8 +36,9 @@ import torch
 from transformers import TrainerCallback
 
 from reflora.attach import RefLoRAHandle, attach
+from reflora.diagnostics import summarize
 
-__all__ = ["STATE_FILE", "RefLoRACallback"]
+__all__ = ["STATE_FILE", "RefLoRACallback", "add_callback"]
 
 STATE_FILE = "reflora.pt"
 
@@ -77,3 +88,30 @@ class RefLoRACallback(TrainerCallback):
             self.handle.remove()
             self.handle = None
         return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        diag = None if self.handle is None else self.handle.diagnostics()
+        if diag is not None and logs is not None:
+            summary = summarize(diag["pairs"])
+            logs.update(summary)
+            if state.log_history:  # Trainer stored its copy of this log before the callbacks ran
+                state.log_history[-1].update(summary)
+        return control
+
+
+def add_callback(trainer: Any, **attach_kwargs: Any) -> RefLoRACallback:
+    """Add a :class:`RefLoRACallback` to ``trainer`` ahead of its reporting integrations.
+
+    ``trainer.add_callback`` appends, and Trainer calls its callbacks in order, so a callback
+    added that way (or passed as ``Trainer(callbacks=...)``) writes its diagnostics into each log
+    after TensorBoard / W&B have already sent it. This inserts the callback right after
+    Trainer's ``DefaultFlowCallback``. Returns the callback (its ``handle`` exists once training
+    begins).
+    """
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    cb = RefLoRACallback(**attach_kwargs)
+    callbacks = trainer.callback_handler.callbacks
+    first = next((i + 1 for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)), 0)
+    callbacks.insert(first, cb)
+    return cb
