@@ -131,19 +131,6 @@ def _copy_gated(xs: list[Tensor], new: list[Tensor], gate: Tensor | None) -> Non
     torch._foreach_copy_(xs, new)
 
 
-def _scale_inplace(xs: list[Tensor], s: Tensor, gate: Tensor | None = None) -> None:
-    """``x_i <- s[i] * x_i``; ``s`` is ``(G, 1, 1)`` (a scalar per pair) or ``(G, E, 1, 1)`` (per expert)."""
-    s = s.to(xs[0].dtype)
-    if gate is not None:
-        # multiplying by exactly 1 leaves every value (inf and NaN included) as it was
-        s = torch.where(gate, s, 1.0)
-    if s.dim() == 3:
-        torch._foreach_mul_(xs, list(s.flatten().unbind(0)))
-        return
-    for x, f in zip(xs, s.unbind(0)):
-        x.mul_(f)  # (E, 1, 1) broadcasts over each expert's block of the (E, r, m) view
-
-
 def _apply_dtype(T: Tensor, x: Tensor) -> Tensor:
     """``T`` in the dtype the transforms are applied in: float32, or float64 for float64 factors.
 
@@ -153,28 +140,6 @@ def _apply_dtype(T: Tensor, x: Tensor) -> Tensor:
     once the pair is balanced).
     """
     return T.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _left_inplace(T: Tensor, xs: list[Tensor], gate: Tensor | None = None) -> None:
-    """``x_i <- T[i] @ x_i`` for every ``x_i`` (computed in float32 or wider, written back with copy_)."""
-    T = _apply_dtype(T, xs[0])
-    if xs[0].numel() <= _STACK_MAX_NUMEL:
-        out = mm(T, torch.stack(xs).to(T.dtype))
-        _copy_gated(xs, list(out.unbind(0)), gate)
-        return
-    for t, x in zip(T.unbind(0), xs):  # one pair at a time: no second copy of the whole group
-        _copy_gated([x], [t @ x.to(t.dtype)], gate)
-
-
-def _right_inplace(xs: list[Tensor], T: Tensor, gate: Tensor | None = None) -> None:
-    """``x_i <- x_i @ T[i]``."""
-    T = _apply_dtype(T, xs[0])
-    if xs[0].numel() <= _STACK_MAX_NUMEL:
-        out = mm(torch.stack(xs).to(T.dtype), T)
-        _copy_gated(xs, list(out.unbind(0)), gate)
-        return
-    for t, x in zip(T.unbind(0), xs):
-        _copy_gated([x], [x.to(t.dtype) @ t], gate)
 
 
 def _apply_many(side: str, chunks: list[tuple[list[Tensor], Tensor]], gate: Tensor | None = None) -> None:
@@ -701,14 +666,8 @@ class RefLoRAHandle:
                 else:
                     pos = [group.index(i) for i in members]
                     S, S_inv = bufs[0][pos], bufs[1][pos]
-            gA = [p.grad_a() for p in pairs]
-            gB = [p.grad_b() for p in pairs]
-            if self.variant == "scalar":
-                _scale_inplace(gA, S_inv, gate)
-                _scale_inplace(gB, S, gate)
-            else:
-                _left_inplace(S_inv, gA, gate)
-                _right_inplace(gB, S, gate)
+            _apply_many("left", [([p.grad_a() for p in pairs], S_inv)], gate)  # S^{-1} grad_A
+            _apply_many("right", [([p.grad_b() for p in pairs], S)], gate)  # grad_B S
 
     @staticmethod
     def _traced_cache(
