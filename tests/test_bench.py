@@ -146,3 +146,31 @@ def test_bench_mf_alone_without_counterpart_errors(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("reflora: --methods lora+ has no counterpart on the mf task") and "--tasks" in err
     assert not (tmp_path / "r").exists()  # nothing was created or run
+
+
+def test_paired_difference_interval_matches_students_t() -> None:
+    from scipy import stats
+
+    from reflora.bench.report import paired
+
+    diffs = [0.012, -0.004, 0.021, 0.008, 0.015, -0.001]
+    lo, hi = stats.t.interval(0.95, len(diffs) - 1, loc=sum(diffs) / len(diffs), scale=stats.sem(diffs))
+    assert paired(diffs) == f"{sum(diffs) / len(diffs):+.3f} [{lo:+.3f}, {hi:+.3f}] (4W 2L)"
+    assert paired([0.1]) == "+0.100 (1W 0L)" and paired([float("nan")]) == "n/a"
+
+
+def test_full_runs_all_seeds_at_the_shared_rate_and_three_on_the_sweep(tmp_path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "reflora", "bench", "--full", "--tasks", "graph", "--methods", "lora", "reflora",
+         "--steps", "2", "--seeds", "4", "--no-plots", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    task = json.loads((tmp_path / "results.json").read_text())["tasks"]["graph"]
+    grid = task["grid"]
+    assert len(grid) == 5 and max(grid) / min(grid) == pytest.approx(30, rel=0.01) and task["shared_lr"] in grid
+    for m in ("lora", "reflora"):
+        for lr in grid:
+            seeds = sorted(r["seed"] for r in task["runs"] if r["method"] == m and r["lr"] == lr)
+            assert seeds == ([0, 1, 2, 3] if lr == task["shared_lr"] else [0, 1, 2])
+    assert "[95% CI]" in res.stdout

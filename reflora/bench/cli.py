@@ -167,20 +167,27 @@ def bench(args) -> int:
         _mf(args, out, report, mf_names)
     for name in [t for t in tasks if t != "mf"]:
         task = TASKS[name]()
-        seeds = args.seeds or (3 if args.full else 1)
+        seeds = args.seeds or (5 if args.full else 1)
         steps = args.steps or (task.full_steps if args.full else task.steps)
-        # the grid runs on every task with --full; by default only where runs are cheap
-        grid = task.lr_grid if (args.full or name != "text") else (task.shared_lr,)
-        jobs = [(m, lr, s) for s in range(seeds) for lr in grid for m in args.methods]
+        # --full: the stability sweep (5 rates over 30x, 3 seeds each) on every task, and all
+        # seeds at the shared rate; by default the 3-point grid where runs are cheap, 1 seed
+        if args.full:
+            grid, grid_seeds = task.full_grid, min(seeds, 3)
+        else:
+            grid, grid_seeds = task.lr_grid if name != "text" else (task.shared_lr,), seeds
+        jobs = [(m, lr, s) for s in range(seeds) for lr in grid for m in args.methods
+                if lr == task.shared_lr or s < grid_seeds]
         runs = []
         for m, lr, s in tqdm(jobs, desc=f"{name}", unit="run", leave=False, disable=None):
             runs.append(run_one(task, m, lr, s, steps))
         print(f"\n== {name}: {task.description}")
-        print(f"   AdamW, {steps} steps, {seeds} seed(s), shared lr {task.shared_lr:g}, grid {list(grid)}; "
-              f"Δ = paired per-seed difference in {task.metric} vs plain LoRA; steps→LoRA = steps to reach plain "
-              "LoRA's final training loss (EMA); overhead = ms/step vs plain LoRA; state MB = optimizer state")
+        print(f"   AdamW, {steps} steps, {seeds} seed(s) at the shared lr {task.shared_lr:g}, grid {list(grid)} "
+              f"({grid_seeds} seed(s) each); Δ = paired per-seed difference in {task.metric} vs plain LoRA, "
+              "mean [95% t-interval] (wins W / losses L); steps→LoRA = steps to reach plain LoRA's final "
+              "training loss (EMA); overhead = ms/step vs plain LoRA; state MB = optimizer state")
         print(task_table(runs, task.shared_lr, task.metric))
         report["tasks"][name] = {"description": task.description, "steps": steps, "seeds": seeds,
+                                 "grid_seeds": grid_seeds,
                                  "shared_lr": task.shared_lr, "grid": list(grid), "metric": task.metric,
                                  "runs": [r.as_dict() for r in runs]}
         if not args.no_plots:

@@ -9,7 +9,25 @@ from pathlib import Path
 
 from reflora.bench.runner import Run, steps_to
 
-__all__ = ["plot_mf", "plot_task", "task_table"]
+__all__ = ["paired", "plot_mf", "plot_task", "task_table"]
+
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired(diffs: list[float]) -> str:
+    """``mean [lo, hi] (wW lL)``: the mean paired difference, its 95% t-interval, wins and losses."""
+    diffs = [d for d in diffs if math.isfinite(d)]
+    if not diffs:
+        return "n/a"
+    mean = statistics.fmean(diffs)
+    wl = f"({sum(d > 0 for d in diffs)}W {sum(d < 0 for d in diffs)}L)"
+    if len(diffs) == 1:
+        return f"{mean:+.3f} {wl}"
+    t = _T975[len(diffs) - 2] if len(diffs) - 1 <= len(_T975) else 1.96
+    half = t * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] {wl}"
 
 
 def _ms(xs: list[float]) -> str:
@@ -29,7 +47,7 @@ def task_table(runs: list[Run], shared_lr: float, metric_name: str) -> str:
     methods = list(dict.fromkeys(r.method for r in runs))
     lrs = sorted({r.lr for r in runs})
     base = {r.seed: r for r in by[("lora", shared_lr)]}
-    head = (f"{'method':<15}{'final loss':>14}{metric_name:>14}{'Δ vs LoRA (wins)':>20}{'steps→LoRA':>12}"
+    head = (f"{'method':<15}{'final loss':>14}{metric_name:>14}{'Δ vs LoRA [95% CI] (W L)':>34}{'steps→LoRA':>12}"
             f"{'ms/step':>9}{'overhead':>9} {'state MB':>10}")
     if len(lrs) > 1:
         head += f"{'best lr':>9}{'best ' + metric_name[:8]:>14}{'grid range':>14}"
@@ -41,16 +59,13 @@ def task_table(runs: list[Run], shared_lr: float, metric_name: str) -> str:
             continue
         metric = [r.metric for r in rs]
         diffs = [r.metric - base[r.seed].metric for r in rs if r.seed in base]
-        delta = "" if m == "lora" or not diffs else (
-            f"{statistics.fmean(diffs):+.3f}" + (f"±{statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "")
-            + f" ({sum(d > 0 for d in diffs)}/{len(diffs)})"
-        )
+        delta = "" if m == "lora" or not diffs else paired(diffs)
         reach = [steps_to(r.losses, base[r.seed].final_loss) if r.seed in base else None for r in rs]
         reach_s = "" if m == "lora" else ("-" if any(x is None for x in reach) else _ms([float(x) for x in reach]))
         ms = [r.ms_per_step for r in rs]
         base_ms = [base[r.seed].ms_per_step for r in rs if r.seed in base]
         over = f"{statistics.fmean(ms) / statistics.fmean(base_ms) - 1:+.0%}" if base_ms and m != "lora" else ""
-        line = (f"{m:<15}{_ms([r.final_loss for r in rs]):>14}{_ms(metric):>14}{delta:>20}{reach_s:>12}"
+        line = (f"{m:<15}{_ms([r.final_loss for r in rs]):>14}{_ms(metric):>14}{delta:>34}{reach_s:>12}"
                 f"{_ms(ms):>9}{over:>9} {_ms([r.state_mb for r in rs]):>10}")
         if len(lrs) > 1:
             per_lr = {lr: [r.metric for r in by[(m, lr)] if math.isfinite(r.metric)] for lr in lrs}

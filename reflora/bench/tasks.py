@@ -43,6 +43,11 @@ class Task:
     evaluate: Callable[[nn.Module, int], float]  # (model, seed) -> held-out metric
     extra: dict = field(default_factory=dict)
 
+    @property
+    def full_grid(self) -> tuple[float, ...]:
+        """``--full``'s stability sweep: 5 learning rates, log-spaced over 30x around ``shared_lr``."""
+        return tuple(float(f"{self.shared_lr * 30 ** (k / 4):.3g}") for k in (-2, -1, 0, 1, 2))
+
 
 def _seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
