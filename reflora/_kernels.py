@@ -152,12 +152,11 @@ def scalar_kernel(a_sq: Tensor, b_sq: Tensor) -> tuple[Tensor, Tensor]:
     ``p = sqrt(||B||_F / ||A||_F)``, taken as a ratio of square roots so that it cannot overflow;
     ``p = 1`` when either factor is zero (PEFT's ``B = 0``), NaN for a non-finite pair.
     """
-    na = a_sq.sqrt()[..., None, None]
-    nb = b_sq.sqrt()[..., None, None]
-    p = nb.sqrt() / na.sqrt()
-    p = torch.where((na > 0) & (nb > 0), p, 1.0)
-    p = torch.where(torch.isfinite(na) & torch.isfinite(nb), p, float("nan"))
-    return p, 1.0 / p
+    ra, rb = a_sq.pow(0.25)[..., None, None], b_sq.pow(0.25)[..., None, None]  # sqrt(||A||), sqrt(||B||)
+    p = torch.where((ra > 0) & (rb > 0), rb / ra, 1.0)
+    # NaN for a non-finite pair (the product of two fourth roots of finite floats cannot overflow)
+    p = torch.where(torch.isfinite(ra * rb), p, float("nan"))
+    return p, p.reciprocal()
 
 
 def metric(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
