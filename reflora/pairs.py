@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EXPERT_LAYOUTS", "LAYOUTS", "LoRAPair", "canonical_name", "to_core"]
+__all__ = ["EXPERT_LAYOUTS", "LAYOUTS", "LoRAPair", "canonical_name", "from_core", "to_core"]
 
 Layout = Literal["plain", "transposed", "flatten", "expert_rows", "expert_cols"]
 EXPERT_LAYOUTS = ("expert_rows", "expert_cols")
@@ -192,3 +192,35 @@ class LoRAPair:
         """
         with torch.no_grad():
             return self.b() @ self.a()
+
+
+def from_core(t: Tensor, layout: str, shape: torch.Size | tuple[int, ...], experts: int = 1) -> Tensor:
+    """The inverse of :func:`to_core`: a tensor in the core's layout back in the stored ``shape``.
+
+    For out-of-place code (:mod:`reflora.func`), where nothing is written through a view: the
+    result is a view where the layout allows one, a reshaped copy otherwise.
+
+    Args:
+        t: the tensor in the core's layout (what :func:`to_core` returns for the stored tensor).
+        layout: one of :data:`LAYOUTS`.
+        shape: the stored tensor's shape.
+        experts: how many expert pairs the stored tensor stacks.
+
+    Example:
+        >>> w = torch.randn(6, 4)
+        >>> torch.equal(from_core(to_core(w, "expert_cols", 2), "expert_cols", w.shape, 2), w)
+        True
+    """
+    if layout == "plain":
+        return t
+    if layout == "transposed":
+        return t.mT
+    if layout == "flatten":
+        return t.reshape(shape)
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    if experts == 1:
+        return t
+    if layout == "expert_rows":
+        return t.reshape(shape)
+    return t.permute(1, 2, 0).reshape(shape)
