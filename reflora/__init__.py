@@ -6,7 +6,7 @@ imported lazily by the parts that need them.
 
 from __future__ import annotations
 
-from reflora import functional, transport
+from reflora import distributed, functional, transport
 from reflora.attach import RefLoRAHandle, UnsupportedOptimizerError, attach
 from reflora.functional import precondition, preconditioner, refactor, refactor_transform
 from reflora.pairs import LoRAPair
@@ -20,6 +20,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "__version__",
     "attach",
+    "distributed",
     "functional",
     "precondition",
     "preconditioner",

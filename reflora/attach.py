@@ -65,6 +65,7 @@ from reflora._kernels import (
     scalar_kernel,
 )
 from reflora._linalg import compute_dtype, default_eps
+from reflora.distributed import any_sharded, group_key, local, localize, reduce_grams, reduce_sq_norms
 from reflora.functional import Transform
 from reflora.pairs import LoRAPair, canonical_name, to_core
 from reflora.transport import (
@@ -100,11 +101,17 @@ _STACK_MAX_NUMEL = 1 << 16
 
 
 def _gram_stack(pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
-    """``(A A^T, B^T B)`` of a group, stacked, in the compute dtype."""
+    """``(A A^T, B^T B)`` of a group, stacked, in the compute dtype.
+
+    Sharded factors (FSDP2 ``DTensor`` s) give this rank's partial Grams, summed over the ranks
+    by one collective (:func:`reflora.distributed.reduce_grams`).
+    """
     if pairs[0].A.numel() <= _STACK_MAX_NUMEL:
-        return grams(torch.stack([p.a() for p in pairs]), torch.stack([p.b() for p in pairs]))
-    X, Y = zip(*(grams(p.a(), p.b()) for p in pairs))
-    return torch.stack(X), torch.stack(Y)
+        X, Y = grams(torch.stack([p.a() for p in pairs]), torch.stack([p.b() for p in pairs]))
+    else:
+        Xs, Ys = zip(*(grams(p.a(), p.b()) for p in pairs))
+        X, Y = torch.stack(Xs), torch.stack(Ys)
+    return reduce_grams(pairs, X, Y)  # distributed hook: a no-op for unsharded pairs
 
 
 def _sq_norms(tensors: list[Tensor]) -> Tensor:
@@ -480,7 +487,7 @@ class RefLoRAHandle:
     def _make_groups(self) -> list[list[int]]:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(self.pairs):
-            key = (p.A.device, p.A.dtype, p.experts, *p.shape, p.layout)
+            key = (p.A.device, p.A.dtype, p.experts, *p.shape, p.layout, group_key(p))
             groups[key].append(i)
         return list(groups.values())
 
@@ -529,6 +536,13 @@ class RefLoRAHandle:
         selected with ``torch.where``, so one graph serves every step (the r x r kernel runs
         every step, also where eager would skip it: the price of not recompiling).
         """
+        if any_sharded(self.pairs):
+            raise NotImplementedError(
+                "RefLoRA's hooks on sharded (DTensor / FSDP2) factors do not run inside a compiled "
+                "optimizer step: the all-reduce of the Grams would have to be traced. Step the optimizer "
+                "eagerly (compile the model's forward instead), or pass compile=True to attach to compile "
+                "the r x r kernel only"
+            )
         proceeds = _scaler_proceeds(optimizer, kwargs)
         if proceeds is False:
             return  # a scaler's Python verdict: a stable guard, not a per-step value
@@ -570,7 +584,9 @@ class RefLoRAHandle:
         """``(left, right, S, S^{-1})`` for a group: ``(G, r, r)``, or ``(G, 1, 1)`` for the
         scalar variant; pairs with experts add an expert dimension, ``(G, E, ., .)``."""
         if self.variant == "scalar":
-            left, right = scalar_kernel(_sq_norms([p.a() for p in pairs]), _sq_norms([p.b() for p in pairs]))
+            # distributed hook: sharded factors give partial norms, summed by one collective
+            a_sq, b_sq = reduce_sq_norms(pairs, _sq_norms([p.a() for p in pairs]), _sq_norms([p.b() for p in pairs]))
+            left, right = scalar_kernel(a_sq, b_sq)
             return left, right, *metric(left, right)
         X, Y = _gram_stack(pairs)
         # inside an outer torch.compile the kernel is traced into that graph: no nested wrapper
@@ -733,7 +749,8 @@ class RefLoRAHandle:
         def view_for(layout, param_shape):
             # state shaped like the parameter gets the parameter's view; other shapes (factored
             # states) are left to the transport, which sees the layout in its context
-            return lambda v: to_core(v, layout, experts) if v.shape == param_shape else v
+            # (distributed hook: a DTensor state is moved through its local shard)
+            return lambda v: to_core(local(v), layout, experts) if v.shape == param_shape else v
 
         viewA = view_for(layA, chosen[0].A.shape)
         viewB = view_for(layB, chosen[0].B.shape)
@@ -765,11 +782,22 @@ class RefLoRAHandle:
 
         Pairs are named canonically (:func:`reflora.pairs.canonical_name`), so the state loads
         into a handle on the same model with or without DDP / ``torch.compile`` / FSDP wrappers.
+
+        The structure depends on the configuration only, never on the steps taken: a handle that
+        caches metrics (gradient space, ``interval > 1``) lists every pair under ``"cache"`` (zeros
+        until computed) and names the computed ones under ``"cached"``. So a freshly attached
+        handle's ``state_dict()`` is a complete template for ``torch.distributed.checkpoint``,
+        which loads only the keys the template has. Every tensor is ``r x r`` and the same on
+        every rank (replicated), so it loads into any world size.
         """
-        cache = {
-            canonical_name(self.pairs[i].name): (S.clone(), S_inv.clone())
-            for i, (S, S_inv) in sorted(self._cache.items())
-        }
+        cache: dict[str, tuple[Tensor, Tensor]] = {}
+        cached: list[str] = []
+        if self._bufs is not None:
+            done = self._cached_pairs()
+            for group, (S, S_inv, _) in zip(self._groups, self._bufs):
+                for j, i in enumerate(group):
+                    cache[canonical_name(self.pairs[i].name)] = (S[j].clone(), S_inv[j].clone())
+            cached = [canonical_name(self.pairs[i].name) for i in sorted(done)]
         return {
             "step_count": self.step_count,
             "variant": self.variant,
@@ -778,6 +806,7 @@ class RefLoRAHandle:
             "interval": self.interval,
             "pair_names": [canonical_name(p.name) for p in self.pairs],
             "cache": cache,
+            "cached": cached,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -803,7 +832,11 @@ class RefLoRAHandle:
             for _, _, valid in self._bufs:
                 valid.zero_()
         self._cached = set()
+        # checkpoints before "cached" existed held computed metrics only
+        valid_names = {canonical_name(n) for n in state.get("cached", state["cache"])}
         for name, (S, S_inv) in state["cache"].items():
+            if canonical_name(name) not in valid_names:
+                continue
             if self._bufs is None:
                 raise ValueError("checkpoint holds cached metrics but this handle caches none (interval=1)")
             i = index[canonical_name(name)]
@@ -914,6 +947,9 @@ def attach(
     if rank_above_size not in ("skip", "act"):
         raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {rank_above_size!r}")
     pair_list = _skip_rank_above_size(_as_pairs(pairs), rank_above_size)
+    # distributed hook: DTensor (FSDP2) factors get local views and known reductions; placements
+    # this variant cannot use raise here (reflora.distributed)
+    pair_list = localize(pair_list, variant)
     if solver == "newton_schulz" and variant == "full" and space == "parameter":
         above = [p for p in pair_list if p.shape[0] > min(p.shape[1], p.shape[2])]
         if above:
@@ -958,6 +994,15 @@ def attach(
                     f"pair {pair.name!r} is already managed by {other!r} on this optimizer; "
                     "call handle.remove() first"
                 )
+    if space == "parameter" and any_sharded(pair_list):
+        transport = get_state_transport(opt)
+        if transport is not None and getattr(transport, "spec", None) is None:
+            raise UnsupportedOptimizerError(
+                f"space='parameter' on sharded (DTensor / FSDP2) factors moves optimizer state shard by shard, "
+                f"which needs state shaped like its parameter; {_qualname(opt)}'s transport is a function "
+                "(factored state, e.g. Adafactor). Use space='gradient', or an optimizer with parameter-shaped "
+                "state (SGD, Adam, AdamW, ...)"
+            )
     if space == "parameter" and get_state_transport(opt) is None:
         raise UnsupportedOptimizerError(
             f"space='parameter' must move {_qualname(opt)}'s state with the factors, and no "
