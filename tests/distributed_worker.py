@@ -454,7 +454,49 @@ def dcp_config(args, index, cfg):
     }
 
 
-SCENARIOS = {"train": scenario_train, "dcp": scenario_dcp}
+# ----------------------------------------------------------------------------- raw DTensor factors
+
+
+def scenario_placements(args):
+    """Raw factors distributed by hand (``distribute_tensor``) with the placements in ``args``:
+    every mode, 3 AdamW steps, against the same steps on plain tensors in this process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    init()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    parse = {"R": Replicate(), "S0": Shard(0), "S1": Shard(1)}
+    out = []
+    for case in args["cases"]:
+        r, m, n = case["shape"]
+        g = torch.Generator().manual_seed(3)
+        A0, B0, T = torch.randn(r, m, generator=g), torch.randn(n, r, generator=g), torch.randn(n, m, generator=g)
+        for variant, space in (("full", "gradient"), ("full", "parameter"), ("scalar", "gradient"), ("scalar", "parameter")):
+            if variant == "full" and case.get("scalar_only"):
+                continue
+            runs = {}
+            for sharded in (False, True):
+                if sharded:
+                    A = nn.Parameter(distribute_tensor(A0.clone(), mesh, [parse[case["A"]]]))
+                    B = nn.Parameter(distribute_tensor(B0.clone(), mesh, [parse[case["B"]]]))
+                else:
+                    A, B = nn.Parameter(A0.clone()), nn.Parameter(B0.clone())
+                whole = (lambda t: t.full_tensor()) if sharded else (lambda t: t)
+                opt = torch.optim.AdamW([A, B], lr=1e-2)
+                reflora.attach(opt, [(A, B)], variant=variant, space=space)
+                reflora.distributed.comm_stats().reset()
+                for _ in range(3):
+                    opt.zero_grad()
+                    ((whole(B) @ whole(A)) - T).square().sum().backward()
+                    opt.step()
+                runs[sharded] = (whole(B) @ whole(A)).detach(), reflora.distributed.comm_stats().calls, \
+                    tuple(reflora.distributed.local(A).shape)
+            out.append({"case": case, "mode": f"{variant}/{space}", "error": rel(runs[True][0], runs[False][0]),
+                        "calls": runs[True][1], "local_A": runs[True][2]})
+    return out
+
+
+SCENARIOS = {"train": scenario_train, "dcp": scenario_dcp, "placements": scenario_placements}
 
 
 def main() -> None:

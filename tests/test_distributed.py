@@ -122,3 +122,25 @@ def test_dcp_checkpoint_resumes_on_two_and_on_one_process(tmp_path) -> None:
             assert res["loaded_step_count"] == 3 and res["step_count"] == 6, (cfg, res)
             assert res["resumed_error"] < 1e-5, (cfg, res)
         assert len(saved[0][c]["loaded_cached"]) == (14 if cfg.get("interval", 1) > 1 else 0)
+
+
+def test_placements_replicated_uneven_and_empty_shards() -> None:
+    # hand-distributed factors on 2 ranks: replicated factors must be counted once in the sum,
+    # uneven shards (m = 5) and an empty one (m = 1: rank 1 holds no column of A) must work
+    cases = [
+        {"A": "S1", "B": "S0", "shape": [4, 12, 10], "calls": 1},
+        {"A": "R", "B": "S0", "shape": [4, 12, 10], "calls": 1},
+        {"A": "S1", "B": "R", "shape": [4, 12, 10], "calls": 1},
+        {"A": "R", "B": "R", "shape": [4, 12, 10], "calls": 0},
+        {"A": "S1", "B": "S0", "shape": [3, 5, 7], "calls": 1},
+        {"A": "S1", "B": "S0", "shape": [1, 1, 6], "calls": 1},
+        {"A": "S0", "B": "S1", "shape": [4, 12, 10], "calls": 1, "scalar_only": True},
+    ]
+    runs = launch("placements", 2, {"cases": cases}, timeout=120)
+    for rank, results in enumerate(runs):
+        assert len(results) == 4 * 6 + 2
+        for res in results:
+            assert res["error"] < 1e-5, res
+            assert res["calls"] == 3 * res["case"]["calls"], res  # one all-reduce per step, or none
+        empty = [res for res in results if res["case"]["shape"] == [1, 1, 6]]
+        assert all(res["local_A"] == ((1, 1) if rank == 0 else (1, 0)) for res in empty)
