@@ -43,6 +43,7 @@ Semantics (documented in the README too):
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 import warnings
 import weakref
@@ -67,6 +68,8 @@ from reflora._kernels import (
 from reflora._linalg import compute_dtype, default_eps
 from reflora.distributed import any_sharded, group_key, local, localize, reduce_grams, reduce_sq_norms
 from reflora.functional import Transform
+from reflora.integrations.deepspeed import check_zero, check_zero_stage, zero_optimizer
+from reflora.integrations.deepspeed import handle_class as zero_handle_class
 from reflora.pairs import LoRAPair, canonical_name, to_core
 from reflora.transport import (
     TransportContext,
@@ -860,6 +863,21 @@ class RefLoRAHandle:
         )
 
 
+def _attach_zero(zero: tuple[Any, torch.optim.Optimizer], pairs: list[LoRAPair], **kw: Any) -> RefLoRAHandle:
+    wrapper, inner = zero
+    check_zero(wrapper, pairs, kw["space"])
+    registered = _ATTACHED.setdefault(inner, {})
+    for pair in pairs:
+        for t in (pair.A, pair.B):
+            other = registered.get(id(t))
+            if other is not None and not other._removed:
+                raise ValueError(f"pair {pair.name!r} is already managed by {other!r}; call handle.remove() first")
+    handle = zero_handle_class()(wrapper, inner, pairs, **kw)
+    for pair in pairs:
+        registered[id(pair.A)] = registered[id(pair.B)] = handle
+    return handle
+
+
 def attach(
     optimizer: torch.optim.Optimizer,
     pairs: nn.Module | Iterable[tuple[Tensor, Tensor] | LoRAPair],
@@ -934,6 +952,9 @@ def attach(
         1
     """
     opt = _unwrap_optimizer(optimizer)
+    zero = zero_optimizer(optimizer)  # DeepSpeed: see below
+    if zero is not None:
+        check_zero_stage(zero[0])  # ZeRO-3 first: its factors are empty placeholders
     variant = check_variant(variant)
     if space not in _SPACES:
         raise ValueError(f"space must be one of {_SPACES}; got {space!r}")
@@ -966,6 +987,13 @@ def attach(
     if eps is not None:
         check_eps(eps, pair_list[0].A.dtype)
 
+    if zero is not None:
+        # DeepSpeed ZeRO steps on flat partitions: gradient space through tensor hooks on the
+        # factors (reflora.integrations.deepspeed); what it cannot do raises here
+        return _attach_zero(zero, pair_list, variant=variant, space=space, warmup_steps=warmup_steps,
+                            interval=interval, eps=eps, second_moment=second_moment, compile=compile,
+                            frame=frame, solver=solver)
+
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     seen: dict[int, str] = {}
     for pair in pair_list:
@@ -973,9 +1001,13 @@ def attach(
             if not t.dtype.is_floating_point:
                 raise TypeError(f"pair {pair.name!r}: {label} has dtype {t.dtype}; expected a floating dtype")
             if id(t) not in in_opt:
+                hint = (
+                    " (under DeepSpeed, pass engine.optimizer, DeepSpeed's wrapper: the torch optimizer "
+                    "inside steps on flat partitions)" if "deepspeed" in sys.modules else ""
+                )
                 raise ValueError(
                     f"pair {pair.name!r}: its {label} factor (shape {tuple(t.shape)}) is not a parameter "
-                    f"of this {_qualname(opt)}; build the optimizer over the LoRA parameters first"
+                    f"of this {_qualname(opt)}; build the optimizer over the LoRA parameters first{hint}"
                 )
             if id(t) in seen:
                 raise ValueError(
