@@ -17,6 +17,13 @@ results are written back with ``copy_`` under ``no_grad``. A pair stacking ``E``
 (:attr:`reflora.LoRAPair.experts`) is ``E`` independent pairs: a group of them stacks to
 ``(G, E, r, m)`` and every expert gets its own ``S``.
 
+Distributed training (README, "Multi-GPU and multi-node"): under DDP the factors are replicated
+and nothing changes. FSDP2 factors are ``DTensor`` shards: each rank forms partial Grams (or
+squared norms) from its own shard, one all-reduce per same-shape group sums them, and every
+transform stays on the rank's shard (:mod:`reflora.distributed`). Under DeepSpeed ZeRO-1/2 the
+gradient-space modes precondition the gradients before DeepSpeed reduces them
+(:mod:`reflora.integrations.deepspeed`).
+
 Semantics (documented in the README too):
 
 * ``warmup_steps`` and ``interval`` count *optimizer steps* (so gradient accumulation does not

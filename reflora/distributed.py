@@ -50,6 +50,7 @@ __all__ = [
     "CommStats",
     "ShardedLoRAPair",
     "ShardingError",
+    "any_sharded",
     "comm_stats",
     "group_key",
     "is_dtensor",

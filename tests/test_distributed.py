@@ -144,3 +144,22 @@ def test_placements_replicated_uneven_and_empty_shards() -> None:
             assert res["calls"] == 3 * res["case"]["calls"], res  # one all-reduce per step, or none
         empty = [res for res in results if res["case"]["shape"] == [1, 1, 6]]
         assert all(res["local_A"] == ((1, 1) if rank == 0 else (1, 0)) for res in empty)
+
+
+def test_fsdp2_example_under_torchrun(tmp_path) -> None:
+    import sys
+    from pathlib import Path
+
+    from distributed_launch import ROOT, _env, run_command
+
+    env = _env(0, 1, "", str(tmp_path), None)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        env.pop(k)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", str(ROOT / "examples" / "fsdp2.py"), "--steps", "3",
+           "--checkpoint", str(tmp_path / "ckpt")]
+    run_command([cmd], [env], [tmp_path / "log"], timeout=120)
+    out = (tmp_path / "log").read_text()
+    # r = 8, 14 pairs in 3 same-shape groups: 14 x 2 x 64 float64 = 14336 bytes in 3 all-reduces
+    assert out.count("RefLoRA: 3 all-reduce(s), 14336 bytes") == 3, out[-3000:]
+    assert "checkpoint saved and loaded" in out and "(RefLoRA step 3)" in out
