@@ -172,3 +172,20 @@ def test_lora_shard_placement_on_a_peft_model() -> None:
     assert {got[n] for n in got if "lora_B" in n} == {Shard(0)}
     assert {got[n] for n in got if "lora_" not in n} == {None}
     assert re.search(r"lora_A", next(n for n in got if got[n] == Shard(1)))
+
+
+def test_trainer_callback_names_the_presharding_fix(mesh) -> None:
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from reflora.integrations.transformers import RefLoRACallback
+
+    A0, B0, _ = _factors()
+    pair = (_dt(mesh, A0, Shard(0)), _dt(mesh, B0, Shard(0)))  # what accelerate's fully_shard gives lora_A
+    opt = torch.optim.AdamW(list(pair), lr=1e-2)
+    cb = RefLoRACallback(pairs=[pair], variant="full")
+    with pytest.raises(ShardingError, match=r"its rank dimension r.*Under Trainer / accelerate.*NO_WRAP"):
+        cb.on_train_begin(SimpleNamespace(output_dir="."), SimpleNamespace(global_step=0), None,
+                          model=nn.Linear(1, 1), optimizer=opt)
+    RefLoRACallback(pairs=[pair], variant="scalar").on_train_begin(  # the scalar variant takes it
+        SimpleNamespace(output_dir="."), SimpleNamespace(global_step=0), None, model=nn.Linear(1, 1), optimizer=opt)
