@@ -133,9 +133,13 @@ def _outer_dims(role: str, layout: str, ndim: int, experts: int) -> tuple[int, .
     return ()
 
 
-def _rank_dims(role: str, layout: str, ndim: int, experts: int) -> str:
-    r, other = ("r", "m") if role == "A" else ("r", "n")
-    return f"its rank dimension {r}" if _outer_dims(role, layout, ndim, experts) else f"a dimension mixing {r} and {other}"
+def _what_dim(role: str, layout: str, dim: int, experts: int) -> str:
+    """What a stored dimension that is not in :func:`_outer_dims` holds (for error messages)."""
+    if experts > 1:
+        return f"a dimension that stacks the {experts} experts' slices"
+    if layout == "flatten" and role == "B" and dim >= 2:
+        return "a 1x1 kernel dimension"
+    return "its rank dimension r"
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,7 @@ def _factor_sharding(pair: LoRAPair, role: str, t: Tensor, variant: str) -> _Fac
             alt = "" if expert_stack else ", or use variant='scalar', which works with any placement"
             raise ShardingError(
                 f"{where} is sharded along stored dimension {dim} ({pl!r} on mesh dimension {mesh_dim} of size "
-                f"{mesh.size(mesh_dim)}), which splits {_rank_dims(role, layout, t.dim(), pair.experts)}: {why}. "
+                f"{mesh.size(mesh_dim)}), which splits {_what_dim(role, layout, dim, pair.experts)}: {why}. "
                 f"{fix}{alt}"
             )
         dims.append(mesh_dim)

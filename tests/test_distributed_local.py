@@ -189,3 +189,30 @@ def test_trainer_callback_names_the_presharding_fix(mesh) -> None:
                           model=nn.Linear(1, 1), optimizer=opt)
     RefLoRACallback(pairs=[pair], variant="scalar").on_train_begin(  # the scalar variant takes it
         SimpleNamespace(output_dir="."), SimpleNamespace(global_step=0), None, model=nn.Linear(1, 1), optimizer=opt)
+
+
+@pytest.mark.parametrize("variant,space", [("full", "parameter"), ("scalar", "gradient")])
+def test_sharded_expert_stack_equals_plain_tensors(mesh, variant, space) -> None:
+    # PEFT's MoE layout: A (E * r, m) expert-major rows, B (n, r * E) expert-minor columns; sharded
+    # as lora_shard_placement does (A along m, B along n), every expert is still its own pair
+    from reflora.pairs import to_core
+
+    g = torch.Generator().manual_seed(4)
+    E, r, m, n = 2, 2, 12, 10
+    A0, B0, T = torch.randn(E * r, m, generator=g), torch.randn(n, r * E, generator=g), torch.randn(E, n, m, generator=g)
+    out = []
+    for sharded in (False, True):
+        A = nn.Parameter(distribute_tensor(A0.clone(), mesh, [Shard(1)]) if sharded else A0.clone())
+        B = nn.Parameter(distribute_tensor(B0.clone(), mesh, [Shard(0)]) if sharded else B0.clone())
+        whole = (lambda t: t.full_tensor()) if sharded else (lambda t: t)
+        pair = LoRAPair("experts", A, B, ("expert_rows", "expert_cols"), experts=E)
+        opt = torch.optim.AdamW([A, B], lr=1e-2)
+        reflora.attach(opt, [pair], variant=variant, space=space)
+        for _ in range(3):
+            opt.zero_grad()
+            prod = to_core(whole(B), "expert_cols", E) @ to_core(whole(A), "expert_rows", E)
+            (prod - T).square().sum().backward()
+            opt.step()
+        out.append((whole(A).detach(), whole(B).detach()))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-6, atol=1e-7)
