@@ -124,7 +124,7 @@ def _worker(a) -> None:
                 variant, space = mode.split("/")
                 handle = reflora.attach(opt, m, variant=variant, space=space)
             opt.register_step_pre_hook(lambda *_: marks.__setitem__("t1", time.perf_counter()))
-            steps, hooks, comm, ours = [], [], [], []
+            steps, hooks, comm, ours, waits = [], [], [], [], []
             g = torch.Generator().manual_seed(rank)
             for step in range(a.steps + 2):
                 ids = torch.randint(0, 256, (a.batch, a.seq), generator=g)
@@ -140,6 +140,7 @@ def _worker(a) -> None:
                 hooks.append(marks["t1"] - marks["t0"])
                 comm.append(counter.bytes)
                 ours.append(reflora.distributed.comm_stats().bytes)
+                waits.append(reflora.distributed.comm_stats().seconds)
             pairs = handle.pairs if handle is not None else reflora.adapters.find_pairs(m)
             groups = handle.num_groups if handle is not None else 0
             grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
@@ -147,7 +148,7 @@ def _worker(a) -> None:
                 handle.remove()
             results.append({
                 "backend": backend, "mode": mode, "step_ms": 1e3 * statistics.median(steps[2:]),
-                "hook_ms": 1e3 * statistics.median(hooks[2:]),
+                "hook_ms": 1e3 * statistics.median(hooks[2:]), "allreduce_ms": 1e3 * statistics.median(waits[2:]),
                 "comm_bytes": {k: statistics.median(c[k] for c in comm[2:]) for k in comm[0]},
                 "reflora_bytes": statistics.median(ours[2:]), "groups": groups, "pairs": len(pairs),
                 "grad_bytes": grad_bytes,
@@ -213,16 +214,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{first['groups']} same-shape groups); {a.batch}x{a.seq} tokens per rank; AdamW; medians of {a.steps} steps, "
           "max over ranks")
     print()
-    head = f"{'backend':8} {'mode':18} {'step':>9} {'hook':>9} {'hook/step':>9} {'bytes/step/rank':>16} {'of which RefLoRA':>17}"
+    head = (f"{'backend':8} {'mode':18} {'step':>9} {'hook':>9} {'in all-reduce':>13} {'hook/step':>9} "
+            f"{'bytes/step/rank':>16} {'of which RefLoRA':>17}")
     print(head)
     print("-" * len(head))
     for r in rows:
         comm = sum(r["comm_bytes"].values()) if r["backend"] == "fsdp2" else r["grad_bytes"] + r["reflora_bytes"]
         star = " " if r["backend"] == "fsdp2" else "*"
         hook = "" if r["mode"] == "bare" else f"{r['hook_ms']:.2f}ms"
+        wait = "" if r["mode"] == "bare" or r["backend"] == "ddp" else f"{r['allreduce_ms']:.2f}ms"
         share = "" if r["mode"] == "bare" else f"{100 * r['hook_ms'] / r['step_ms']:.2f}%"
         ours = "" if r["mode"] == "bare" else _mb(r["reflora_bytes"])
-        print(f"{r['backend']:8} {r['mode']:18} {r['step_ms']:7.1f}ms {hook:>9} {share:>9} {_mb(comm):>15}{star} {ours:>17}")
+        print(f"{r['backend']:8} {r['mode']:18} {r['step_ms']:7.1f}ms {hook:>9} {wait:>13} {share:>9} {_mb(comm):>15}{star} "
+              f"{ours:>17}")
     print("* DDP's all-reduce runs in its C++ reducer, unseen by the dispatcher: computed as the trainable "
           "gradients' bytes (RefLoRA adds none there: the factors are replicated)")
 

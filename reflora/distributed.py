@@ -35,6 +35,7 @@ live on different meshes or where only one is a ``DTensor``, and the hooks insid
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -98,10 +99,12 @@ class CommStats:
 
     calls: int = 0
     bytes: int = 0
+    seconds: float = 0.0  # wall time inside the collectives (a synchronous all-reduce per call)
 
     def reset(self) -> None:
         self.calls = 0
         self.bytes = 0
+        self.seconds = 0.0
 
 
 _STATS = CommStats()
@@ -315,7 +318,9 @@ def _all_reduce(parts: list[tuple[Tensor, int]], sharding: _PairSharding) -> lis
             # only coordinate 0 adds it in, so the sum counts it once
             keep = [contrib[role] for _, role in parts]
             flat = torch.cat([c if k else torch.zeros_like(c) for c, k in zip(flat.split(sizes), keep)])
+        start = time.perf_counter()
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=sharding.mesh.get_group(d))
+        _STATS.seconds += time.perf_counter() - start
         _STATS.calls += 1
         _STATS.bytes += flat.numel() * flat.element_size()
     return [c.view(s) for c, s in zip(flat.split(sizes), shapes)]
