@@ -5,8 +5,9 @@ Started by tests/test_distributed_trainer.py (not a test module):
     torchrun --standalone --nproc-per-node 2 tests/distributed_trainer_script.py OUT.json --backend ddp ...
     accelerate launch --config_file CFG tests/distributed_trainer_script.py OUT.json --backend fsdp2 ...
 
-Trains a PEFT Llama built from a config with checkpoints every 3 steps, and with --resume-from
-continues from one of them. Rank 0 writes the losses, the trained LoRA factors (gathered whole,
+Trains a PEFT Llama built from a config with checkpoints every 3 steps; with --resume-from it
+continues from one of them, with --then-resume it then builds model, Trainer and callback anew
+in the same processes and resumes from checkpoint-3 (OUT.resumed). Rank 0 writes the losses, the trained LoRA factors (gathered whole,
 after training) and what it saw of the sharding to OUT.json / OUT.pt.
 """
 
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=6)
     ap.add_argument("--resume-from", default=None)
+    ap.add_argument("--then-resume", action="store_true",
+                    help="after training, build everything anew and resume from checkpoint-3 (OUT.resumed)")
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--cpu-fsdp-gate", action="store_true",
                     help="lift accelerate's GPU-only gate on its FSDP plugin (see enable_fsdp_on_cpu)")
@@ -78,9 +81,14 @@ def main() -> None:
     a = ap.parse_args()
     if a.cpu_fsdp_gate:
         enable_fsdp_on_cpu()
+    train(a, a.resume_from, a.out)
+    if a.then_resume:
+        train(a, os.path.join(a.run_dir, "checkpoint-3"), a.out + ".resumed")
 
+
+def train(a, resume_from: str | None, out: str) -> None:
     kw = {}
-    if a.backend == "fsdp2" and not os.environ.get("ACCELERATE_USE_FSDP"):
+    if a.backend == "fsdp2":
         cfg = {"version": 2, "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"}
         # a model sharded before Trainer: accelerate keeps it as it is, nothing left to wrap
         cfg.update({"auto_wrap_policy": "NO_WRAP"} if a.preshard else {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
@@ -112,7 +120,7 @@ def main() -> None:
                             world=int(os.environ.get("WORLD_SIZE", "1")), step_count=cb.handle.step_count)
 
     trainer = transformers.Trainer(model=m, args=args, train_dataset=data(), callbacks=[cb, Probe()])
-    trainer.train(resume_from_checkpoint=a.resume_from)
+    trainer.train(resume_from_checkpoint=resume_from)
     factors = {}
     for n, p in trainer.model.named_parameters():
         if p.requires_grad:
@@ -121,8 +129,8 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if rank == 0:
-        torch.save(factors, a.out + ".pt")
-        with open(a.out, "w") as fh:
+        torch.save(factors, out + ".pt")
+        with open(out, "w") as fh:
             json.dump({"losses": losses, "global_step": trainer.state.global_step, "seen": seen}, fh)
 
 

@@ -1,8 +1,9 @@
 """transformers.Trainer + RefLoRACallback on 2 CPU processes, under accelerate launch and torchrun.
 
 Each test trains 6 steps with a checkpoint every 3 (tests/distributed_trainer_script.py), then
-resumes from checkpoint-3 in new processes and must end with the same LoRA factors as the
-uninterrupted run.
+resumes from checkpoint-3 (in new processes under another launcher for DDP; with model,
+Trainer and callback built anew in the same processes for FSDP2) and must end with the same
+LoRA factors as the uninterrupted run.
 
 FSDP2 through Trainer's ``fsdp_config`` (version 2) needs one lifted gate on CPU: accelerate 1.15
 enables its FSDP plugin for GPU-like backends only, and on CPU processes it silently trains
@@ -61,9 +62,13 @@ def _run(tmp: Path, launcher: str, name: str, args: list[str], timeout: float = 
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         env.pop(k)
     run_command([cmd], [env], [tmp / f"{name}.log"], timeout)
-    res = json.loads(out.read_text())
-    res["factors"] = torch.load(str(out) + ".pt", weights_only=False)
-    return res
+    results = []
+    for path in (out, Path(str(out) + ".resumed")):
+        if path.exists():
+            res = json.loads(path.read_text())
+            res["factors"] = torch.load(str(path) + ".pt", weights_only=False)
+            results.append(res)
+    return results[0] if len(results) == 1 else results
 
 
 def _check_resume(tmp: Path, first: dict, resumed: dict, interval: int) -> None:
@@ -87,12 +92,12 @@ def test_trainer_ddp_accelerate_launch_then_resume_under_torchrun(tmp_path) -> N
 
 
 def test_trainer_fsdp2_accelerate_sharding_scalar_variant(tmp_path) -> None:
-    # accelerate's own fully_shard: lora_A on FSDP2's default Shard(0), which the scalar variant takes
+    # accelerate's own fully_shard: lora_A on FSDP2's default Shard(0), which the scalar variant takes;
+    # the resume builds model, Trainer and callback anew in the same processes
     args = ["--backend", "fsdp2", "--cpu-fsdp-gate", "--variant", "scalar", "--space", "parameter", "--interval", "2"]
-    first = _run(tmp_path, "torchrun", "first", args)
+    first, resumed = _run(tmp_path, "torchrun", "first", args + ["--then-resume"])
     assert first["seen"]["sharded"] == "ShardedLoRAPair" and first["seen"]["placements"] == "(Shard(dim=0),)"
     assert (tmp_path / "run" / "checkpoint-3" / "pytorch_model_fsdp_0").is_dir()  # a sharded checkpoint
-    resumed = _run(tmp_path, "torchrun", "resumed", args + ["--resume-from", str(tmp_path / "run" / "checkpoint-3")])
     _check_resume(tmp_path, first, resumed, 2)
 
 
@@ -101,9 +106,8 @@ def test_trainer_fsdp2_presharded_model_full_variant(tmp_path) -> None:
     # before Trainer; accelerate keeps an already sharded model as it is
     args = ["--backend", "fsdp2", "--cpu-fsdp-gate", "--preshard", "--variant", "full", "--space", "gradient",
             "--interval", "2"]
-    first = _run(tmp_path, "torchrun", "first", args)
+    first, resumed = _run(tmp_path, "torchrun", "first", args + ["--then-resume"])
     assert first["seen"]["sharded"] == "ShardedLoRAPair" and first["seen"]["placements"] == "(Shard(dim=1),)"
-    resumed = _run(tmp_path, "torchrun", "resumed", args + ["--resume-from", str(tmp_path / "run" / "checkpoint-3")])
     _check_resume(tmp_path, first, resumed, 2)
 
 
