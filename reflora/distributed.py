@@ -27,9 +27,10 @@ collective runs over the mesh dimensions a factor is sharded on, and a factor re
 such a dimension contributes its Gram from one coordinate only (it is not counted twice).
 Reductions use ``SUM`` (gloo's ``AVG`` has had correctness bugs, and a sum is what a Gram is).
 
-Not supported (a clear error at ``attach``): ``Partial`` placements, a pair whose ``A`` and ``B``
-live on different meshes or where only one is a ``DTensor``, and the hooks inside a compiled
-``opt.step()`` on sharded factors (the collective would have to be traced).
+Not supported, with a clear error: ``Partial`` placements, a pair whose ``A`` and ``B`` live on
+different meshes or where only one is a ``DTensor`` (at ``attach``), and the hooks inside a
+compiled ``opt.step()`` on sharded factors (at that step: the collective would have to be traced;
+``attach(..., compile=True)``, which compiles the ``r x r`` kernel only, works).
 """
 
 from __future__ import annotations
