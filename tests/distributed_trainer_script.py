@@ -84,6 +84,13 @@ def main() -> None:
     train(a, a.resume_from, a.out)
     if a.then_resume:
         train(a, os.path.join(a.run_dir, "checkpoint-3"), a.out + ".resumed")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        # a process group left to interpreter shutdown can abort the process ("terminate called
+        # without an active exception" from gloo's threads): close it
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def train(a, resume_from: str | None, out: str) -> None:
