@@ -6,7 +6,7 @@ imported lazily by the parts that need them.
 
 from __future__ import annotations
 
-from reflora import diagnostics, func, functional, transport
+from reflora import diagnostics, distributed, func, functional, transport
 from reflora.attach import RefLoRAHandle, UnsupportedOptimizerError, attach
 from reflora.functional import precondition, preconditioner, refactor, refactor_transform
 from reflora.pairs import LoRAPair
@@ -21,6 +21,7 @@ __all__ = [
     "__version__",
     "attach",
     "diagnostics",
+    "distributed",
     "func",
     "functional",
     "precondition",

@@ -17,6 +17,13 @@ results are written back with ``copy_`` under ``no_grad``. A pair stacking ``E``
 (:attr:`reflora.LoRAPair.experts`) is ``E`` independent pairs: a group of them stacks to
 ``(G, E, r, m)`` and every expert gets its own ``S``.
 
+Distributed training (README, "Multi-GPU and multi-node"): under DDP the factors are replicated
+and nothing changes. FSDP2 factors are ``DTensor`` shards: each rank forms partial Grams (or
+squared norms) from its own shard, one all-reduce per same-shape group sums them, and every
+transform stays on the rank's shard (:mod:`reflora.distributed`). Under DeepSpeed ZeRO-1/2 the
+gradient-space modes precondition the gradients before DeepSpeed reduces them
+(:mod:`reflora.integrations.deepspeed`).
+
 Semantics (documented in the README too):
 
 * ``warmup_steps`` and ``interval`` count *optimizer steps* (so gradient accumulation does not
@@ -43,6 +50,7 @@ Semantics (documented in the README too):
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 import warnings
 import weakref
@@ -66,8 +74,11 @@ from reflora._kernels import (
     scalar_kernel,
 )
 from reflora._linalg import compute_dtype, default_eps, mm
-from reflora.diagnostics import _group_stats, pair_stats, rows_in_order
+from reflora.diagnostics import pair_stats, rows_in_order
+from reflora.distributed import any_sharded, group_key, local, localize, reduce_grams, reduce_sq_norms
 from reflora.functional import Transform
+from reflora.integrations.deepspeed import check_zero, check_zero_stage, zero_optimizer
+from reflora.integrations.deepspeed import handle_class as zero_handle_class
 from reflora.pairs import LoRAPair, canonical_name, to_core
 from reflora.transport import (
     TransportContext,
@@ -102,11 +113,17 @@ _STACK_MAX_NUMEL = 1 << 16
 
 
 def _gram_stack(pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
-    """``(A A^T, B^T B)`` of a group, stacked, in the compute dtype."""
+    """``(A A^T, B^T B)`` of a group, stacked, in the compute dtype.
+
+    Sharded factors (FSDP2 ``DTensor`` s) give this rank's partial Grams, summed over the ranks
+    by one collective (:func:`reflora.distributed.reduce_grams`).
+    """
     if pairs[0].A.numel() <= _STACK_MAX_NUMEL:
-        return grams(torch.stack([p.a() for p in pairs]), torch.stack([p.b() for p in pairs]))
-    X, Y = zip(*(grams(p.a(), p.b()) for p in pairs))
-    return torch.stack(X), torch.stack(Y)
+        X, Y = grams(torch.stack([p.a() for p in pairs]), torch.stack([p.b() for p in pairs]))
+    else:
+        Xs, Ys = zip(*(grams(p.a(), p.b()) for p in pairs))
+        X, Y = torch.stack(Xs), torch.stack(Ys)
+    return reduce_grams(pairs, X, Y)  # distributed hook: a no-op for unsharded pairs
 
 
 def _sq_norms(tensors: list[Tensor]) -> Tensor:
@@ -479,7 +496,7 @@ class RefLoRAHandle:
     def _make_groups(self) -> list[list[int]]:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(self.pairs):
-            key = (p.A.device, p.A.dtype, p.experts, *p.shape, p.layout)
+            key = (p.A.device, p.A.dtype, p.experts, *p.shape, p.layout, group_key(p))
             groups[key].append(i)
         return list(groups.values())
 
@@ -514,7 +531,8 @@ class RefLoRAHandle:
         if due and self.space == "parameter" and self.variant == "scalar" and self._active(t):
             # this step rescales the factors and computes no Grams: take the stats before it does
             groups = [[self.pairs[i] for i in g] for g in self._groups]
-            self._diag_parts = list(zip(groups, _group_stats(groups, self.variant, self.eps)))
+            with torch.no_grad():
+                self._diag_parts = [(pairs, self._stats(pairs)) for pairs in groups]
         try:
             with torch.no_grad():
                 if t >= self.warmup_steps:
@@ -535,6 +553,13 @@ class RefLoRAHandle:
         selected with ``torch.where``, so one graph serves every step (the r x r kernel runs
         every step, also where eager would skip it: the price of not recompiling).
         """
+        if any_sharded(self.pairs):
+            raise NotImplementedError(
+                "RefLoRA's hooks on sharded (DTensor / FSDP2) factors do not run inside a compiled "
+                "optimizer step: the all-reduce of the Grams would have to be traced. Step the optimizer "
+                "eagerly (compile the model's forward instead), or pass compile=True to attach to compile "
+                "the r x r kernel only"
+            )
         proceeds = _scaler_proceeds(optimizer, kwargs)
         if proceeds is False:
             return  # a scaler's Python verdict: a stable guard, not a per-step value
@@ -600,7 +625,9 @@ class RefLoRAHandle:
         shapes pays the kernel's fixed cost once per rank, not once per shape.
         """
         if self.variant == "scalar":
-            stats = [(_sq_norms([p.a() for p in pairs]), _sq_norms([p.b() for p in pairs])) for pairs in jobs]
+            # distributed hook: sharded factors give partial norms, summed by one collective per group
+            stats = [reduce_sq_norms(pairs, _sq_norms([p.a() for p in pairs]), _sq_norms([p.b() for p in pairs]))
+                     for pairs in jobs]
         else:
             stats = [_gram_stack(pairs) for pairs in jobs]
             if self._diag_parts is not None:  # a diagnostics step: reuse this step's Grams
@@ -757,8 +784,9 @@ class RefLoRAHandle:
                 a, b = sa.get(key), sb.get(key)
                 if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == p.A.shape and b.shape == p.B.shape):
                     return False
-                va.append(to_core(a, p.layout[0], p.experts))
-                vb.append(to_core(b, p.layout[1], p.experts))
+                # (distributed hook: a DTensor state is moved through its local shard)
+                va.append(to_core(local(a), p.layout[0], p.experts))
+                vb.append(to_core(local(b), p.layout[1], p.experts))
             ta, tb = right.mT, left.mT
             if kind == "second":
                 ta, tb = ta.square(), tb.square()
@@ -815,7 +843,8 @@ class RefLoRAHandle:
         def view_for(layout, param_shape):
             # state shaped like the parameter gets the parameter's view; other shapes (factored
             # states) are left to the transport, which sees the layout in its context
-            return lambda v: to_core(v, layout, experts) if v.shape == param_shape else v
+            # (distributed hook: a DTensor state is moved through its local shard)
+            return lambda v: to_core(local(v), layout, experts) if v.shape == param_shape else v
 
         viewA = view_for(layA, chosen[0].A.shape)
         viewB = view_for(layB, chosen[0].B.shape)
@@ -835,8 +864,13 @@ class RefLoRAHandle:
         seen = {id(p) for pairs, _ in parts for p in pairs}
         rest = [[self.pairs[i] for i in g if id(self.pairs[i]) not in seen] for g in self._groups]
         rest = [pairs for pairs in rest if pairs]
-        parts += list(zip(rest, _group_stats(rest, self.variant, self.eps)))
+        parts += [(pairs, self._stats(pairs)) for pairs in rest]
         self._diag = (t, parts)
+
+    def _stats(self, pairs: list[LoRAPair]) -> dict[str, Tensor]:
+        """:func:`reflora.diagnostics.pair_stats` of a group (Grams summed over shards when sharded)."""
+        X, Y = _gram_stack(pairs)
+        return pair_stats(X, Y, self.variant, self.eps)
 
     # -- public ------------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, Any] | None:
@@ -873,11 +907,22 @@ class RefLoRAHandle:
 
         Pairs are named canonically (:func:`reflora.pairs.canonical_name`), so the state loads
         into a handle on the same model with or without DDP / ``torch.compile`` / FSDP wrappers.
+
+        The structure depends on the configuration only, never on the steps taken: a handle that
+        caches metrics (gradient space, ``interval > 1``) lists every pair under ``"cache"`` (zeros
+        until computed) and names the computed ones under ``"cached"``. So a freshly attached
+        handle's ``state_dict()`` is a complete template for ``torch.distributed.checkpoint``,
+        which loads only the keys the template has. Every tensor is ``r x r`` and the same on
+        every rank (replicated), so it loads into any world size.
         """
-        cache = {
-            canonical_name(self.pairs[i].name): (S.clone(), S_inv.clone())
-            for i, (S, S_inv) in sorted(self._cache.items())
-        }
+        cache: dict[str, tuple[Tensor, Tensor]] = {}
+        cached: list[str] = []
+        if self._bufs is not None:
+            done = self._cached_pairs()
+            for group, (S, S_inv, _) in zip(self._groups, self._bufs):
+                for j, i in enumerate(group):
+                    cache[canonical_name(self.pairs[i].name)] = (S[j].clone(), S_inv[j].clone())
+            cached = [canonical_name(self.pairs[i].name) for i in sorted(done)]
         return {
             "step_count": self.step_count,
             "variant": self.variant,
@@ -886,6 +931,7 @@ class RefLoRAHandle:
             "interval": self.interval,
             "pair_names": [canonical_name(p.name) for p in self.pairs],
             "cache": cache,
+            "cached": cached,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -911,7 +957,11 @@ class RefLoRAHandle:
             for _, _, valid in self._bufs:
                 valid.zero_()
         self._cached = set()
+        # checkpoints before "cached" existed held computed metrics only
+        valid_names = {canonical_name(n) for n in state.get("cached", state["cache"])}
         for name, (S, S_inv) in state["cache"].items():
+            if canonical_name(name) not in valid_names:
+                continue
             if self._bufs is None:
                 raise ValueError("checkpoint holds cached metrics but this handle caches none (interval=1)")
             i = index[canonical_name(name)]
@@ -933,6 +983,21 @@ class RefLoRAHandle:
             f"groups={self.num_groups}, warmup_steps={self.warmup_steps}, interval={self.interval}, "
             f"solver={self.solver!r}, step_count={self.step_count})"
         )
+
+
+def _attach_zero(zero: tuple[Any, torch.optim.Optimizer], pairs: list[LoRAPair], **kw: Any) -> RefLoRAHandle:
+    wrapper, inner = zero
+    check_zero(wrapper, pairs, kw["space"])
+    registered = _ATTACHED.setdefault(inner, {})
+    for pair in pairs:
+        for t in (pair.A, pair.B):
+            other = registered.get(id(t))
+            if other is not None and not other._removed:
+                raise ValueError(f"pair {pair.name!r} is already managed by {other!r}; call handle.remove() first")
+    handle = zero_handle_class()(wrapper, inner, pairs, **kw)
+    for pair in pairs:
+        registered[id(pair.A)] = registered[id(pair.B)] = handle
+    return handle
 
 
 def attach(
@@ -1014,6 +1079,9 @@ def attach(
         1
     """
     opt = _unwrap_optimizer(optimizer)
+    zero = zero_optimizer(optimizer)  # DeepSpeed: see below
+    if zero is not None:
+        check_zero_stage(zero[0])  # ZeRO-3 first: its factors are empty placeholders
     variant = check_variant(variant)
     if space not in _SPACES:
         raise ValueError(f"space must be one of {_SPACES}; got {space!r}")
@@ -1028,6 +1096,9 @@ def attach(
     if rank_above_size not in ("skip", "act"):
         raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {rank_above_size!r}")
     pair_list = _skip_rank_above_size(_as_pairs(pairs), rank_above_size)
+    # distributed hook: DTensor (FSDP2) factors get local views and known reductions; placements
+    # this variant cannot use raise here (reflora.distributed)
+    pair_list = localize(pair_list, variant)
     if solver == "newton_schulz" and variant == "full" and space == "parameter":
         above = [p for p in pair_list if p.shape[0] > min(p.shape[1], p.shape[2])]
         if above:
@@ -1044,6 +1115,13 @@ def attach(
     if eps is not None:
         check_eps(eps, pair_list[0].A.dtype)
 
+    if zero is not None:
+        # DeepSpeed ZeRO steps on flat partitions: gradient space through tensor hooks on the
+        # factors (reflora.integrations.deepspeed); what it cannot do raises here
+        return _attach_zero(zero, pair_list, variant=variant, space=space, warmup_steps=warmup_steps,
+                            interval=interval, eps=eps, second_moment=second_moment, compile=compile,
+                            frame=frame, solver=solver)
+
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     seen: dict[int, str] = {}
     for pair in pair_list:
@@ -1051,9 +1129,13 @@ def attach(
             if not t.dtype.is_floating_point:
                 raise TypeError(f"pair {pair.name!r}: {label} has dtype {t.dtype}; expected a floating dtype")
             if id(t) not in in_opt:
+                hint = (
+                    " (under DeepSpeed, pass engine.optimizer, DeepSpeed's wrapper: the torch optimizer "
+                    "inside steps on flat partitions)" if "deepspeed" in sys.modules else ""
+                )
                 raise ValueError(
                     f"pair {pair.name!r}: its {label} factor (shape {tuple(t.shape)}) is not a parameter "
-                    f"of this {_qualname(opt)}; build the optimizer over the LoRA parameters first"
+                    f"of this {_qualname(opt)}; build the optimizer over the LoRA parameters first{hint}"
                 )
             if id(t) in seen:
                 raise ValueError(
@@ -1072,6 +1154,15 @@ def attach(
                     f"pair {pair.name!r} is already managed by {other!r} on this optimizer; "
                     "call handle.remove() first"
                 )
+    if space == "parameter" and any_sharded(pair_list):
+        transport = get_state_transport(opt)
+        if transport is not None and getattr(transport, "spec", None) is None:
+            raise UnsupportedOptimizerError(
+                f"space='parameter' on sharded (DTensor / FSDP2) factors moves optimizer state shard by shard, "
+                f"which needs state shaped like its parameter; {_qualname(opt)}'s transport is a function "
+                "(factored state, e.g. Adafactor). Use space='gradient', or an optimizer with parameter-shaped "
+                "state (SGD, Adam, AdamW, ...)"
+            )
     if space == "parameter" and get_state_transport(opt) is None:
         raise UnsupportedOptimizerError(
             f"space='parameter' must move {_qualname(opt)}'s state with the factors, and no "

@@ -95,7 +95,15 @@ def diagnose(pairs: Any, variant: str = "full", eps: float | None = None) -> dic
     """
     from reflora.attach import _as_pairs
 
+    from reflora.distributed import is_dtensor
+
     pair_list = _as_pairs(pairs)
+    if any(is_dtensor(p.A) or is_dtensor(p.B) for p in pair_list):
+        raise ValueError(
+            "diagnose() takes unsharded pairs; these are FSDP2 / DTensor shards. Use "
+            "reflora.attach(..., diagnostics_interval=k) and handle.diagnostics(), which sums the "
+            "shards' Grams over the ranks"
+        )
     by_shape: dict[tuple, list] = {}
     for p in pair_list:
         by_shape.setdefault((p.A.device, p.experts, *p.shape, p.layout), []).append(p)

@@ -135,8 +135,12 @@ class LoRAPair:
                     "pass before looking for pairs or building the optimizer"
                 )
             if lay == "flatten" and p.dim() < 2 or lay != "flatten" and p.dim() != 2:
+                zero3 = (
+                    " (a DeepSpeed ZeRO-3 partitioned parameter, which RefLoRA cannot see; use ZeRO-1/2 with "
+                    "space='gradient', or FSDP2)" if hasattr(p, "ds_id") else ""
+                )
                 raise ValueError(
-                    f"pair {self.name!r}: {label} must be 2-D for layout {lay!r}; got shape {tuple(p.shape)}"
+                    f"pair {self.name!r}: {label} must be 2-D for layout {lay!r}; got shape {tuple(p.shape)}{zero3}"
                 )
             if E > 1 and lay not in EXPERT_LAYOUTS:
                 raise ValueError(

@@ -1,4 +1,4 @@
-"""The GPU-check benchmark runs (tiny, on CPU): its table has every row, and every time is finite."""
+"""The benchmark scripts run (tiny, on CPU): their tables have every row, and every time is finite."""
 
 from __future__ import annotations
 
@@ -30,3 +30,35 @@ def test_gpu_overhead_runs_small_on_cpu(capsys) -> None:
             assert cell.endswith("ms") and math.isfinite(float(cell[:-2]))
         assert compiled == "nanms"  # --compile-ranks given empty: no compiled rows
         assert share.endswith("%")
+
+
+@pytest.mark.distributed
+def test_distributed_benchmark_runs_small_on_two_processes(capsys) -> None:
+    import importlib.util
+
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    # by path, under its own name: a top-level `distributed` module may be dask's
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed.py"
+    spec = importlib.util.spec_from_file_location("reflora_benchmark_distributed", path)
+    bench_distributed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_distributed)
+
+    args = ["--hidden", "32", "--inter", "64", "--layers", "1", "--heads", "2", "--rank", "4", "--seq", "16",
+            "--steps", "2", "--timeout", "120"]
+    assert bench_distributed.main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("fsdp2 ", "ddp "))]
+    modes = ["bare", "full/gradient", "full/parameter", "scalar/gradient", "scalar/parameter"]
+    assert [(r[0], r[1]) for r in rows] == [(b, m) for b in ("fsdp2", "ddp") for m in modes]
+    for r in rows:
+        assert r[2].endswith("ms") and math.isfinite(float(r[2][:-2]))
+    # RefLoRA's bytes per step under FSDP2: 7 pairs x 2 Grams x 4 x 4 float64 (full), 7 x 2 float64 (scalar)
+    ours = {r[1]: r[-1] for r in rows if r[0] == "fsdp2" and r[1] != "bare"}
+    assert ours == {"full/gradient": "1.75KB", "full/parameter": "1.75KB", "scalar/gradient": "0.11KB",
+                    "scalar/parameter": "0.11KB"}
+    assert all(r[-1] == "0.00KB" for r in rows if r[0] == "ddp" and r[1] != "bare")
+    growth = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d", line)]
+    assert [int(g[0]) for g in growth] == [8, 16, 32, 64, 128, 256, 512, 1024]

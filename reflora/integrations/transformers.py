@@ -24,6 +24,11 @@ those values, add the callback with :func:`add_callback`, which puts it ahead of
     from reflora.integrations.transformers import add_callback
 
     add_callback(trainer, variant="full", space="gradient", diagnostics_interval=10)
+
+Under several processes the handle's state (``r x r``, the same on every rank) is written by the
+main process only and read by every rank. With FSDP2 (``fsdp_config`` version 2) accelerate shards
+``lora_A`` along its rank dimension, which the scalar variant takes as it is; for the full variant
+shard the model before building the Trainer (README, "Multi-GPU and multi-node").
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from transformers import TrainerCallback
 
 from reflora.attach import RefLoRAHandle, attach
 from reflora.diagnostics import summarize
+from reflora.distributed import ShardingError
 
 __all__ = ["STATE_FILE", "RefLoRACallback", "add_callback"]
 
@@ -62,7 +68,16 @@ class RefLoRACallback(TrainerCallback):
             raise RuntimeError("RefLoRACallback needs Trainer to pass model and optimizer to callbacks")
         if self.handle is not None:
             self.handle.remove()
-        self.handle = attach(optimizer, model if self.pairs is None else self.pairs, **self.attach_kwargs)
+        try:
+            self.handle = attach(optimizer, model if self.pairs is None else self.pairs, **self.attach_kwargs)
+        except ShardingError as e:
+            # accelerate calls fully_shard itself, without a shard_placement_fn
+            raise ShardingError(
+                f"{e}. Under Trainer / accelerate (FSDP2), which shards the model itself: shard it before building "
+                "the Trainer (place = reflora.distributed.lora_shard_placement(model); fully_shard(layer, "
+                "shard_placement_fn=place) for each decoder layer, then fully_shard(model, shard_placement_fn=place)) "
+                "and set fsdp_config['auto_wrap_policy'] = 'NO_WRAP'; accelerate keeps an already sharded model"
+            ) from e
         if state.global_step > 0:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
             if os.path.exists(path):

@@ -1,0 +1,145 @@
+"""transformers.Trainer + RefLoRACallback on several CPU processes (run by torchrun or accelerate launch).
+
+Started by tests/test_distributed_trainer.py (not a test module):
+
+    torchrun --standalone --nproc-per-node 2 tests/distributed_trainer_script.py OUT.json --backend ddp ...
+    accelerate launch --config_file CFG tests/distributed_trainer_script.py OUT.json --backend fsdp2 ...
+
+Trains a PEFT Llama built from a config with checkpoints every 3 steps; with --resume-from it
+continues from one of them, with --then-resume it then builds model, Trainer and callback anew
+in the same processes and resumes from checkpoint-3 (OUT.resumed). Rank 0 writes the losses, the trained LoRA factors (gathered whole,
+after training) and what it saw of the sharding to OUT.json / OUT.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+torch.set_num_threads(1)
+
+import peft  # noqa: E402
+import transformers  # noqa: E402
+
+import reflora  # noqa: E402
+from reflora.integrations.transformers import RefLoRACallback  # noqa: E402
+
+
+def model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
+                               peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+
+
+def data(n=48, seq=12):
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": ids, "labels": ids.clone()} for ids in torch.randint(0, 64, (n, seq), generator=g)]
+
+
+def enable_fsdp_on_cpu() -> None:
+    """accelerate (1.15) turns its FSDP plugin on only for GPU-like backends: on CPU processes
+    (``DistributedType.MULTI_CPU``) a Trainer given an FSDP config silently trains under DDP.
+    This lifts that one gate, so that Trainer's FSDP2 path (``fully_shard`` by accelerate, its
+    sharded checkpoints and resume) runs on gloo here; nothing else of accelerate is changed."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def patched(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = patched
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--backend", choices=["ddp", "fsdp2"], default="ddp")
+    ap.add_argument("--variant", default="full")
+    ap.add_argument("--space", default="gradient")
+    ap.add_argument("--interval", type=int, default=1)
+    ap.add_argument("--max-steps", type=int, default=6)
+    ap.add_argument("--resume-from", default=None)
+    ap.add_argument("--then-resume", action="store_true",
+                    help="after training, build everything anew and resume from checkpoint-3 (OUT.resumed)")
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--cpu-fsdp-gate", action="store_true",
+                    help="lift accelerate's GPU-only gate on its FSDP plugin (see enable_fsdp_on_cpu)")
+    ap.add_argument("--preshard", action="store_true",
+                    help="fully_shard the model with reflora.distributed.lora_shard_placement before Trainer")
+    a = ap.parse_args()
+    if a.cpu_fsdp_gate:
+        enable_fsdp_on_cpu()
+    train(a, a.resume_from, a.out)
+    if a.then_resume:
+        train(a, os.path.join(a.run_dir, "checkpoint-3"), a.out + ".resumed")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        # a process group left to interpreter shutdown can abort the process ("terminate called
+        # without an active exception" from gloo's threads): close it
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def train(a, resume_from: str | None, out: str) -> None:
+    kw = {}
+    if a.backend == "fsdp2":
+        cfg = {"version": 2, "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"}
+        # a model sharded before Trainer: accelerate keeps it as it is, nothing left to wrap
+        cfg.update({"auto_wrap_policy": "NO_WRAP"} if a.preshard else {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+        kw = dict(fsdp=True, fsdp_config=cfg)
+    args = transformers.TrainingArguments(
+        output_dir=a.run_dir, max_steps=a.max_steps, per_device_train_batch_size=2, learning_rate=5e-3,
+        save_steps=3, logging_steps=1, report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+        disable_tqdm=True, max_grad_norm=1.0, save_only_model=False, ddp_backend="gloo", **kw,
+    )
+    m = model()
+    if a.preshard:
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        place = reflora.distributed.lora_shard_placement(m)
+        for layer in m.base_model.model.model.layers:
+            fully_shard(layer, shard_placement_fn=place)
+        fully_shard(m, shard_placement_fn=place)
+    cb = RefLoRACallback(variant=a.variant, space=a.space, interval=a.interval)
+    seen = {}
+
+    class Probe(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if cb.handle is not None:
+                p = cb.handle.pairs[0]
+                seen.update(sharded=type(p).__name__, placements=str(getattr(p.A, "placements", None)),
+                            world=int(os.environ.get("WORLD_SIZE", "1")), step_count=cb.handle.step_count)
+
+    trainer = transformers.Trainer(model=m, args=args, train_dataset=data(), callbacks=[cb, Probe()])
+    trainer.train(resume_from_checkpoint=resume_from)
+    factors = {}
+    for n, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            factors[reflora.pairs.canonical_name(n)] = (
+                p.full_tensor() if reflora.distributed.is_dtensor(p) else p).detach().clone()
+    rank = int(os.environ.get("RANK", "0"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if rank == 0:
+        torch.save(factors, out + ".pt")
+        with open(out, "w") as fh:
+            json.dump({"losses": losses, "global_step": trainer.state.global_step, "seen": seen}, fh)
+
+
+if __name__ == "__main__":
+    main()
