@@ -109,15 +109,23 @@ def ref_transform(A, B, variant: str, frame: str):
     left, right = Sh, Sih
     if frame == "paper":
         G = Sih @ Y @ Sih
-        # the documented tie-breaker (README, "Frame"): delta * diag(r-1, ..., 0) with
-        # delta = max(1e-7, 1e-8 cond(S)) * mean(diag G); it rotates the basis by ~delta / gap
+        # the documented rule (README, "Frame"): the exact eigenbasis of G where its eigenvalues
+        # (the singular values sigma of B A) are apart by max(1e-4, 1e-6 c) of their mean,
+        # c = cond(X) sigma_max / sigma_min; else the tie-breaker delta * diag(r-1, ..., 0) with
+        # delta = max(1e-7, 1e-8 cond(S)) * mean(diag G); then each column of right = P^{-T} has
+        # its largest entry positive
+        sig = torch.linalg.eigvalsh(G).clamp_min(0)
+        lam = torch.linalg.eigvalsh(X)
+        c = float(lam.max() / lam.min() * sig.max() / sig.min())
+        separated = float(sig.diff().min()) >= min(max(1e-4, 1e-6 * c), 1.0) * float(sig.mean())
         s = torch.linalg.eigvalsh(S)
-        delta = min(max(1e-8 * float(s.max() / s.min()), 1e-7), 1e-3) * float(G.diagonal().mean())
+        delta = 0.0 if separated else min(max(1e-8 * float(s.max() / s.min()), 1e-7), 1e-3) * float(G.diagonal().mean())
         G = G + torch.diag(delta * torch.arange(G.shape[0] - 1, -1, -1, dtype=G.dtype))
         _, V = torch.linalg.eigh(-0.5 * (G + G.mT))
-        idx = V.abs().argmax(0)
-        V = V * torch.sign(V[idx, torch.arange(V.shape[1])])
         left, right = V.mT @ Sh, Sih @ V
+        idx = right.abs().argmax(0)
+        sign = torch.sign(right[idx, torch.arange(right.shape[1])])
+        left, right = sign[:, None] * left, right * sign
     return S, torch.linalg.inv(S), left, right
 
 
@@ -254,15 +262,17 @@ def wrap(model: nn.Module, kind: str, placement: str, mp: bool):
 
 
 class KernelRecorder:
-    """Records every r x r kernel's inputs and outputs (to compare them across ranks)."""
+    """Records every r x r kernel call's inputs and outputs (to compare them across ranks): the
+    full variant's batched kernel (one call per rank r a step, all groups of that rank stacked)
+    and the scalar variant's."""
 
-    NAMES = ("full_kernel", "metric_kernel", "scalar_kernel")
+    TARGETS = ((reflora_attach.RefLoRAHandle, "_kernel_call"), (reflora_attach, "scalar_kernel"))
 
     def __init__(self):
         self.records = []
-        self.saved = {n: getattr(reflora_attach, n) for n in self.NAMES}
-        for n, fn in self.saved.items():
-            setattr(reflora_attach, n, self._wrap(n, fn))
+        self.saved = [(owner, n, getattr(owner, n)) for owner, n in self.TARGETS]
+        for owner, n, fn in self.saved:
+            setattr(owner, n, self._wrap(n, fn))
 
     def _wrap(self, name, fn):
         def inner(*args, **kw):
@@ -272,8 +282,8 @@ class KernelRecorder:
         return inner
 
     def restore(self):
-        for n, fn in self.saved.items():
-            setattr(reflora_attach, n, fn)
+        for owner, n, fn in self.saved:
+            setattr(owner, n, fn)
 
 
 def gather_pairs(handle, opt):
