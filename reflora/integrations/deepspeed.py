@@ -116,7 +116,7 @@ def _attach_handle_class():
         def __init__(self, wrapper: Any, inner: torch.optim.Optimizer, pairs: list[LoRAPair], **kw: Any) -> None:
             super().__init__(inner, pairs, **kw)
             self.deepspeed_optimizer = wrapper
-            self._metrics: dict[int, tuple[Tensor, Tensor]] | None = None  # per pair, for this step
+            self._step_metrics: dict[int, tuple[Tensor, Tensor]] | None = None  # per pair, for this step
             for i, p in enumerate(self.pairs):
                 for role, t in (("A", p.A), ("B", p.B)):
                     self._hooks.append(t.register_hook(functools.partial(self._grad_hook, i, role)))
@@ -126,7 +126,7 @@ def _attach_handle_class():
 
         def _post_hook(self, optimizer, args, kwargs) -> None:
             super()._post_hook(optimizer, args, kwargs)
-            self._metrics = None  # the factors changed: the next backward recomputes S
+            self._step_metrics = None  # the factors changed: the next backward recomputes S
 
         def _compute_metrics(self) -> dict[int, tuple[Tensor, Tensor]]:
             """``S`` and ``S^-1`` of every pair for the current factors (with ``interval > 1``:
@@ -139,7 +139,7 @@ def _attach_handle_class():
                     pairs = [self.pairs[i] for i in group]
                     bufs = None if self._bufs is None else self._bufs[g]
                     if refresh or any(i not in self._cached_pairs() for i in group):
-                        S, S_inv = self._S(pairs)
+                        S, S_inv = self._metrics([pairs], transform=False)[0]
                         if bufs is not None:
                             bufs[0].copy_(S)
                             bufs[1].copy_(S_inv)
@@ -155,9 +155,9 @@ def _attach_handle_class():
         def _grad_hook(self, i: int, role: str, grad: Tensor) -> Tensor | None:
             if self._removed or self.step_count < self.warmup_steps:
                 return None
-            if self._metrics is None:
-                self._metrics = self._compute_metrics()
-            S, S_inv = self._metrics[i]
+            if self._step_metrics is None:
+                self._step_metrics = self._compute_metrics()
+            S, S_inv = self._step_metrics[i]
             pair = self.pairs[i]
             layout = pair.layout[0 if role == "A" else 1]
             with torch.no_grad():
