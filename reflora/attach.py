@@ -129,9 +129,11 @@ def _gram_stack(pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
 def _sq_norms(tensors: list[Tensor]) -> Tensor:
     """Squared Frobenius norms of core views: ``(G,)`` for 2-D factors, ``(G, E)`` per expert."""
     cd = compute_dtype(tensors[0].dtype)
+    if tensors[0].numel() <= _STACK_MAX_NUMEL:  # launch-bound: one stacked reduction
+        # (per expert for (E, ., .) views: a norm over the whole stack would give every expert the same scale)
+        return torch.linalg.vector_norm(torch.stack(tensors), dim=(-2, -1), dtype=cd).square()
     if tensors[0].dim() == 2:
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=cd)).square()
-    # one norm per expert: a norm over the whole stack would give every expert the same scale
     return torch.stack([torch.linalg.vector_norm(t, dim=(-2, -1), dtype=cd) for t in tensors]).square()
 
 
@@ -170,6 +172,13 @@ def _apply_many(side: str, chunks: list[tuple[list[Tensor], Tensor]], gate: Tens
     if not chunks:
         return
     scalar = chunks[0][1].shape[-1] == 1
+    if scalar and gate is None and chunks[0][1].dim() == 3 and all(
+        x.dtype in (torch.float32, torch.float64) for xs, _ in chunks for x in xs
+    ):
+        # one scalar per tensor: multiplied in place (float32 or wider), nothing stacked or copied
+        for xs, T in chunks:
+            torch._foreach_mul_(xs, list(T.to(xs[0].dtype).flatten().unbind(0)))
+        return
     if chunks[0][0][0].numel() > _STACK_MAX_NUMEL:
         for xs, T in chunks:
             for t, x in zip(_apply_dtype(T, xs[0]).unbind(0), xs):  # no second copy of the group
