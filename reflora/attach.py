@@ -118,7 +118,13 @@ def _gram_stack(pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
     Sharded factors (FSDP2 ``DTensor`` s) give this rank's partial Grams, summed over the ranks
     by one collective (:func:`reflora.distributed.reduce_grams`).
     """
-    if pairs[0].A.numel() <= _STACK_MAX_NUMEL:
+    a0, b0 = pairs[0].a(), pairs[0].b()
+    if pairs[0].A.numel() <= _STACK_MAX_NUMEL and a0.shape == b0.mT.shape and a0.dtype == b0.dtype:
+        # square layer (m == n): A and B^T stack into one (2G, r, m) product, Y = (B^T)(B^T)^T
+        Z = torch.stack([p.a() for p in pairs] + [p.b().mT for p in pairs]).to(compute_dtype(a0.dtype))
+        XY = mm(Z, Z.mT)
+        X, Y = XY[: len(pairs)], XY[len(pairs):]
+    elif pairs[0].A.numel() <= _STACK_MAX_NUMEL:
         X, Y = grams(torch.stack([p.a() for p in pairs]), torch.stack([p.b() for p in pairs]))
     else:
         Xs, Ys = zip(*(grams(p.a(), p.b()) for p in pairs))
