@@ -167,6 +167,15 @@ def _apply_dtype(T: Tensor, x: Tensor) -> Tensor:
     return T.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _scalars_in_place(chunks: list[tuple[list[Tensor], Tensor]]) -> bool:
+    """Whether ``chunks`` are scalar transforms, one per tensor (``(G, 1, 1)``), on tensors of one
+    device and one dtype that is float32 or wider: then one in-place foreach product does them all."""
+    if not all(T.dim() == 3 and T.shape[-1] == 1 for _, T in chunks):
+        return False
+    xs = [x for chunk, _ in chunks for x in chunk]
+    return len({(x.dtype, x.device) for x in xs}) == 1 and xs[0].dtype in (torch.float32, torch.float64)
+
+
 def _apply_many(side: str, chunks: list[tuple[list[Tensor], Tensor]], gate: Tensor | None = None) -> None:
     """``x <- T[i] @ x`` (``side="left"``) or ``x <- x @ T[i]`` (``"right"``) for every chunk
     ``(xs, T)`` of same-shape tensors; a scalar ``T`` (``(G, [E,] 1, 1)``) multiplies.
@@ -178,12 +187,11 @@ def _apply_many(side: str, chunks: list[tuple[list[Tensor], Tensor]], gate: Tens
     if not chunks:
         return
     scalar = chunks[0][1].shape[-1] == 1
-    if scalar and gate is None and chunks[0][1].dim() == 3 and all(
-        x.dtype in (torch.float32, torch.float64) for xs, _ in chunks for x in xs
-    ):
-        # one scalar per tensor: multiplied in place (float32 or wider), nothing stacked or copied
-        for xs, T in chunks:
-            torch._foreach_mul_(xs, list(T.to(xs[0].dtype).flatten().unbind(0)))
+    if gate is None and _scalars_in_place(chunks):
+        # one scalar per tensor: every chunk (any shapes, any groups) multiplied in place by one
+        # foreach call, in float32 or wider; nothing stacked or copied back
+        T = torch.cat([T.flatten() for _, T in chunks]).to(chunks[0][0][0].dtype)
+        torch._foreach_mul_([x for xs, _ in chunks for x in xs], list(T.unbind(0)))
         return
     if chunks[0][0][0].numel() > _STACK_MAX_NUMEL:
         for xs, T in chunks:
@@ -680,6 +688,7 @@ class RefLoRAHandle:
                 fresh = gate is not None or refresh or any(i not in self._cached_pairs() for i in members)
                 work.append((g, group, members, [self.pairs[i] for i in members], fresh))
         fresh_metrics = iter(self._metrics([w[3] for w in work if w[4]], transform=False))
+        todo: list[tuple[str, tuple[list[Tensor], Tensor], Tensor | None]] = []
         for g, group, members, pairs, fresh in work:
             bufs = None if self._bufs is None else self._bufs[g]
             if gate is not None:
@@ -708,8 +717,14 @@ class RefLoRAHandle:
                 else:
                     pos = [group.index(i) for i in members]
                     S, S_inv = bufs[0][pos], bufs[1][pos]
-            _apply_many("left", [([p.grad_a() for p in pairs], S_inv)], gate)  # S^{-1} grad_A
-            _apply_many("right", [([p.grad_b() for p in pairs], S)], gate)  # grad_B S
+            todo.append(("left", ([p.grad_a() for p in pairs], S_inv), gate))  # S^{-1} grad_A
+            todo.append(("right", ([p.grad_b() for p in pairs], S), gate))  # grad_B S
+        chunks = [chunk for _, chunk, _ in todo if chunk[0]]
+        if gate is None and chunks and _scalars_in_place(chunks):
+            _apply_many("left", chunks)  # the scalar variant: one foreach call for the whole model
+            return
+        for side, chunk, g in todo:
+            _apply_many(side, [chunk], g)
 
     @staticmethod
     def _traced_cache(
@@ -760,13 +775,18 @@ class RefLoRAHandle:
                 unfolded.extend(pairs)
         if unfolded:
             self._check_state(unfolded)
+        every = [c for plan in plans for c in plan[3] + plan[4] if c[0]]
+        if gate is None and every and _scalars_in_place(every):
+            # the scalar variant: foreach takes any shapes, so one call refactors the whole model
+            _apply_many("left", every)
+            plans = [(pairs, left, right, [], [], folded) for pairs, left, right, _, _, folded in plans]
         for pairs, left, right, on_a, on_b, folded in plans:
             g = None if gate is None else gate.to(pairs[0].A.device)
             _apply_many("left", on_a, g)
             _apply_many("right", on_b, g)
             if not folded:
                 # the state moves in float32 (or wider), like the factors and gradients
-                T = Transform(_apply_dtype(left, on_a[0][0][0]), _apply_dtype(right, on_a[0][0][0]))
+                T = Transform(_apply_dtype(left, pairs[0].A), _apply_dtype(right, pairs[0].A))
                 self._transport_state(pairs, T, g)
 
     def _state_chunks(
