@@ -74,7 +74,7 @@ from reflora._kernels import (
     scalar_kernel,
 )
 from reflora._linalg import compute_dtype, default_eps, mm
-from reflora.diagnostics import pair_stats, rows_in_order
+from reflora.diagnostics import _group_stats, pair_stats, rows_in_order
 from reflora.distributed import any_sharded, group_key, local, localize, reduce_grams, reduce_sq_norms
 from reflora.functional import Transform
 from reflora.integrations.deepspeed import check_zero, check_zero_stage, zero_optimizer
@@ -123,16 +123,16 @@ def _gram_stack(pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
     by one collective (:func:`reflora.distributed.reduce_grams`).
     """
     a0, b0 = pairs[0].a(), pairs[0].b()
-    if pairs[0].A.numel() <= _STACK_MAX_NUMEL and a0.shape == b0.mT.shape and a0.dtype == b0.dtype:
+    if pairs[0].A.numel() > _STACK_MAX_NUMEL:
+        Xs, Ys = zip(*(grams(p.a(), p.b()) for p in pairs))
+        X, Y = torch.stack(Xs), torch.stack(Ys)
+    elif a0.shape == b0.mT.shape and a0.dtype == b0.dtype:
         # square layer (m == n): A and B^T stack into one (2G, r, m) product, Y = (B^T)(B^T)^T
         Z = torch.stack([p.a() for p in pairs] + [p.b().mT for p in pairs]).to(compute_dtype(a0.dtype))
         XY = mm(Z, Z.mT)
         X, Y = XY[: len(pairs)], XY[len(pairs):]
-    elif pairs[0].A.numel() <= _STACK_MAX_NUMEL:
-        X, Y = grams(torch.stack([p.a() for p in pairs]), torch.stack([p.b() for p in pairs]))
     else:
-        Xs, Ys = zip(*(grams(p.a(), p.b()) for p in pairs))
-        X, Y = torch.stack(Xs), torch.stack(Ys)
+        X, Y = grams(torch.stack([p.a() for p in pairs]), torch.stack([p.b() for p in pairs]))
     return reduce_grams(pairs, X, Y)  # distributed hook: a no-op for unsharded pairs
 
 
@@ -559,7 +559,7 @@ class RefLoRAHandle:
             # this step rescales the factors and computes no Grams: take the stats before it does
             groups = [[self.pairs[i] for i in g] for g in self._groups]
             with torch.no_grad():
-                self._diag_parts = [(pairs, self._stats(pairs)) for pairs in groups]
+                self._diag_parts = list(zip(groups, _group_stats(groups, self.variant, self.eps)))
         try:
             with torch.no_grad():
                 if t >= self.warmup_steps:
@@ -903,13 +903,8 @@ class RefLoRAHandle:
         seen = {id(p) for pairs, _ in parts for p in pairs}
         rest = [[self.pairs[i] for i in g if id(self.pairs[i]) not in seen] for g in self._groups]
         rest = [pairs for pairs in rest if pairs]
-        parts += [(pairs, self._stats(pairs)) for pairs in rest]
+        parts += list(zip(rest, _group_stats(rest, self.variant, self.eps)))
         self._diag = (t, parts)
-
-    def _stats(self, pairs: list[LoRAPair]) -> dict[str, Tensor]:
-        """:func:`reflora.diagnostics.pair_stats` of a group (Grams summed over shards when sharded)."""
-        X, Y = _gram_stack(pairs)
-        return pair_stats(X, Y, self.variant, self.eps)
 
     # -- public ------------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, Any] | None:

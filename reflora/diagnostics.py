@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from reflora._kernels import check_variant, grams, metric, metric_kernel, scalar_kernel
+from reflora._kernels import check_variant, metric, metric_kernel, scalar_kernel
 from reflora._linalg import _live_basis, default_eps
 
 __all__ = ["STATS", "diagnose", "pair_stats", "summarize"]
@@ -94,7 +94,6 @@ def diagnose(pairs: Any, variant: str = "full", eps: float | None = None) -> dic
         eps: dead-direction threshold of the metric (``None``: the default, 1.4e-14).
     """
     from reflora.attach import _as_pairs
-
     from reflora.distributed import is_dtensor
 
     pair_list = _as_pairs(pairs)
@@ -147,10 +146,9 @@ def summarize(rows: dict[str, dict[str, float]], prefix: str = "reflora/") -> di
 
 
 def _group_stats(pair_groups: Iterable[list], variant: str, eps: float | None) -> list[dict[str, Tensor]]:
-    """Per group of same-shape pairs: :func:`pair_stats` (tensors, no host sync)."""
-    out = []
-    for group in pair_groups:
-        X, Y = grams(torch.stack([p.a().detach() for p in group]), torch.stack([p.b().detach() for p in group]))
-        out.append(pair_stats(X, Y, variant, eps))
-    return out
+    """Per group of same-shape pairs: :func:`pair_stats` (tensors, no host sync), from the Grams of
+    the optimizer hook's own routine (summed over the ranks for sharded pairs). Call under no_grad."""
+    from reflora.attach import _gram_stack
+
+    return [pair_stats(*_gram_stack(group), variant, eps) for group in pair_groups]
 
