@@ -174,3 +174,84 @@ def test_full_runs_all_seeds_at_the_shared_rate_and_three_on_the_sweep(tmp_path)
             seeds = sorted(r["seed"] for r in task["runs"] if r["method"] == m and r["lr"] == lr)
             assert seeds == ([0, 1, 2, 3] if lr == task["shared_lr"] else [0, 1, 2])
     assert "[95% CI]" in res.stdout
+
+
+def test_vmapped_sweep_equals_one_by_one_runs() -> None:
+    """Each member of a vmapped lr sweep (reflora.func) trains as its own run (attach) does."""
+    from reflora.bench.runner import run_one
+    from reflora.bench.tasks import TASKS
+    from reflora.bench.vmapped import vmapped_sweep
+
+    task = TASKS["graph"]()
+    lrs = [3e-3, 3e-2]
+    for method in ("lora", "reflora", "reflora-param", "reflora-s"):
+        members, seconds, note = vmapped_sweep(task, method, lrs, 1, 6)
+        assert note == "" and seconds > 0
+        assert [(r.method, r.lr, r.seed, r.path) for r in members] == [(method, lr, 1, "vmap") for lr in lrs]
+        for lr, mine in zip(lrs, members):
+            ref = run_one(task, method, lr, 1, 6)
+            assert mine.losses == pytest.approx(ref.losses, rel=1e-4), (method, lr)
+            assert mine.metric == pytest.approx(ref.metric, abs=1e-6)
+            assert [s for s, _ in mine.imbalance] == [s for s, _ in ref.imbalance]
+            assert [v for _, v in mine.imbalance] == pytest.approx([v for _, v in ref.imbalance], rel=1e-3)
+        assert members[0].losses != members[1].losses  # the members really had different rates
+
+
+def test_vmapped_program_that_fails_runs_one_by_one(monkeypatch) -> None:
+    from reflora.bench import vmapped
+    from reflora.bench.tasks import TASKS
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("linalg.eigh: failed to converge")
+
+    monkeypatch.setattr(vmapped, "_program", boom)
+    runs, _, note = vmapped.vmapped_sweep(TASKS["graph"](), "reflora", [1e-2, 3e-2], 0, 2)
+    assert "vmapped program failed (RuntimeError: linalg.eigh: failed to converge); ran one by one" in note
+    assert [(r.lr, r.path, len(r.losses)) for r in runs] == [(1e-2, "eager", 2), (3e-2, "eager", 2)]
+    with pytest.raises(ValueError, match="no reflora.func form"):
+        vmapped.vmapped_sweep(TASKS["graph"](), "lora+", [1e-2], 0, 2)
+
+
+def test_full_sweep_is_vmapped_and_no_vmap_runs_it_one_by_one(tmp_path) -> None:
+    def bench(*extra):
+        res = subprocess.run(
+            [sys.executable, "-m", "reflora", "bench", "--full", "--tasks", "graph", "--methods", "lora", "lora+",
+             "reflora-param", "--steps", "3", "--seeds", "3", "--no-plots", "--out", str(tmp_path), *extra],
+            capture_output=True, text=True, timeout=900,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout, json.loads((tmp_path / "results.json").read_text())["tasks"]["graph"]
+
+    out, task = bench()
+    shared = task["shared_lr"]
+    for r in task["runs"]:  # LoRA+ has no functional form; the shared rate is always run one by one
+        assert r["path"] == ("vmap" if r["method"] != "lora+" and r["lr"] != shared else "eager"), r
+    assert [r["method"] for r in task["runs"]] == sorted((r["method"] for r in task["runs"]),
+                                                         key=["lora", "lora+", "reflora-param"].index)
+    vm = task["vmap"]
+    assert vm["programs"] == 2 * 3 and vm["members"] == 2 * 3 * 5 and vm["speedup"] > 0
+    assert vm["loss_rel_diff"] < 1e-3 and vm["metric_diff"] < 0.01  # the shared-rate member vs its own run
+    assert "vmapped sweep: 6 programs (lora, reflora-param; 5 rates each)" in out
+    out, task = bench("--no-vmap")
+    assert {r["path"] for r in task["runs"]} == {"eager"} and task["vmap"] is None
+    assert "vmapped sweep" not in out
+
+
+@pytest.mark.parametrize("name", ["graph", "vision"])
+def test_a_tasks_first_build_in_a_process_equals_later_ones(name) -> None:
+    """The first build of a seed trains the cached base model; the run must not depend on that
+    (it once did on the graph task: the first run of each seed drew a different A and head)."""
+    import torch
+
+    from reflora.bench import tasks
+
+    tasks._gcn_base.cache_clear()
+    tasks._vit_base.cache_clear()
+    task = tasks.TASKS[name]()
+    built = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        built.append({k: v.detach().clone() for k, v in task.build(0).named_parameters()})
+    assert built[0].keys() == built[1].keys()
+    for k in built[0]:
+        assert torch.equal(built[0][k], built[1][k]), k

@@ -19,8 +19,9 @@ from reflora.bench.methods import METHODS
 from reflora.bench.report import plot_mf, plot_task, task_table
 from reflora.bench.runner import run_one
 from reflora.bench.tasks import TASKS
+from reflora.bench.vmapped import VMAP_METHODS, vmapped_sweep
 
-__all__ = ["MF_COUNTERPARTS", "add_arguments", "bench", "check_out", "mf_methods"]
+__all__ = ["MF_COUNTERPARTS", "add_arguments", "bench", "check_out", "mf_methods", "vmap_summary"]
 
 ALL_TASKS = ("mf", "text", "vision", "graph")
 
@@ -45,6 +46,9 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="override the steps per run (text/vision/graph)")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for results.json and PNG plots")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-vmap", action="store_true",
+                   help="run every member of the lr sweep one by one (default: one torch.func.vmap'ed program per "
+                        "method and seed on the vision and graph tasks)")
 
 
 def check_out(out: Path) -> str | None:
@@ -116,6 +120,48 @@ def _mf(args, out: Path, report: dict, methods: list[str]) -> None:
         print(f"plot: {plot_mf(curves, out / 'mf.png')}")
 
 
+def vmap_summary(programs: list, runs: list, shared_lr: float) -> dict:
+    """What the vmapped sweep cost against one-by-one runs, and how its shared-rate member agrees.
+
+    Args:
+        programs: ``(method, seed, members, seconds, note)`` per vmapped program.
+        runs: the task's runs (the one-by-one runs at the shared rate among them).
+        shared_lr: the task's shared rate (every program trains it too).
+
+    Returns:
+        ``{"programs", "members", "seconds", "sequential_seconds", "speedup", "loss_rel_diff",
+        "metric_diff", "notes", "text"}``. ``sequential_seconds`` costs each member as its
+        method and seed's one-by-one run at the shared rate (same model, steps and batches; the step
+        cost does not depend on the rate), measured in this same bench run.
+    """
+    seq = {(r.method, r.seed): r for r in runs if r.path == "eager" and r.lr == shared_lr}
+    vm_s = sum(p[3] for p in programs)
+    seq_s, dl, dm = 0.0, [], []
+    for m, s, members, _, _ in programs:
+        ref = seq.get((m, s))
+        if ref is None:
+            continue
+        seq_s += ref.seconds * len(members)
+        mine = next((r for r in members if r.lr == shared_lr), None)
+        if mine is not None and mine.losses and ref.losses:
+            dl.append(abs(mine.final_loss - ref.final_loss) / max(abs(ref.final_loss), 1e-12))
+            dm.append(abs(mine.metric - ref.metric))
+    notes = [p[4] for p in programs if p[4]]
+    members = sum(len(p[2]) for p in programs)
+    out = {"programs": len(programs), "members": members, "seconds": vm_s, "sequential_seconds": seq_s,
+           "speedup": seq_s / vm_s if vm_s else float("nan"),
+           "loss_rel_diff": max(dl, default=float("nan")), "metric_diff": max(dm, default=float("nan")),
+           "notes": notes}
+    out["text"] = (
+        f"vmapped sweep: {len(programs)} programs ({', '.join(dict.fromkeys(p[0] for p in programs))}; "
+        f"{members // max(1, len(programs))} rates each) in {vm_s:.0f}s; one by one the same {members} runs take "
+        f"~{seq_s:.0f}s (each costed as its method and seed's run at the shared lr, this run): "
+        f"{out['speedup']:.1f}x. The member at the shared lr vs its one-by-one run (attach on torch.optim.AdamW): "
+        f"final loss within {out['loss_rel_diff']:.1e} (relative), {out['metric_diff']:.3f} held-out"
+        + "".join(f"\n  note: {n}" for n in notes))
+    return out
+
+
 def _error(message: str) -> int:
     print(f"reflora: {message}", file=sys.stderr)
     return 2
@@ -158,7 +204,8 @@ def bench(args) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t_start = time.perf_counter()
     report: dict = {
-        "command": "reflora bench " + ("--full " if args.full else "") + "--tasks " + " ".join(args.tasks),
+        "command": "reflora bench " + ("--full " if args.full else "") + ("--no-vmap " if args.no_vmap else "")
+                   + "--tasks " + " ".join(args.tasks),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
         "tasks": {},
@@ -175,21 +222,35 @@ def bench(args) -> int:
             grid, grid_seeds = task.full_grid, min(seeds, 3)
         else:
             grid, grid_seeds = task.lr_grid if name != "text" else (task.shared_lr,), seeds
+        # the sweep's other rates: one vmapped program per (method, seed) where the model allows it;
+        # that program also trains the shared rate, as a check against the one-by-one run
+        vm_methods = ([m for m in args.methods if m in VMAP_METHODS]
+                      if task.vmappable and len(grid) > 1 and not args.no_vmap else [])
         jobs = [(m, lr, s) for s in range(seeds) for lr in grid for m in args.methods
-                if lr == task.shared_lr or s < grid_seeds]
+                if (lr == task.shared_lr or s < grid_seeds) and not (m in vm_methods and lr != task.shared_lr)]
         runs = []
         for m, lr, s in tqdm(jobs, desc=f"{name}", unit="run", leave=False, disable=None):
             runs.append(run_one(task, m, lr, s, steps))
+        programs = []
+        for m, s in tqdm([(m, s) for s in range(grid_seeds) for m in vm_methods], desc=f"{name} (vmap)",
+                         unit="program", leave=False, disable=None):
+            members, seconds, note = vmapped_sweep(task, m, list(grid), s, steps)
+            programs.append((m, s, members, seconds, note))
+            runs += [r for r in members if r.lr != task.shared_lr]
+        runs.sort(key=lambda r: args.methods.index(r.method))  # stable: the table's rows in --methods order
         print(f"\n== {name}: {task.description}")
         print(f"   AdamW, {steps} steps, {seeds} seed(s) at the shared lr {task.shared_lr:g}, grid {list(grid)} "
               f"({grid_seeds} seed(s) each); Δ = paired per-seed difference in {task.metric} vs plain LoRA, "
               "mean [95% t-interval] (wins W / losses L); steps→LoRA = steps to reach plain LoRA's final "
               "training loss (EMA); overhead = ms/step vs plain LoRA; state MB = optimizer state")
         print(task_table(runs, task.shared_lr, task.metric))
+        vm = vmap_summary(programs, runs, task.shared_lr) if programs else None
+        if vm:
+            print(vm["text"])
         report["tasks"][name] = {"description": task.description, "steps": steps, "seeds": seeds,
                                  "grid_seeds": grid_seeds,
                                  "shared_lr": task.shared_lr, "grid": list(grid), "metric": task.metric,
-                                 "runs": [r.as_dict() for r in runs]}
+                                 "runs": [r.as_dict() for r in runs], "vmap": vm}
         if not args.no_plots:
             print(f"plot: {plot_task(runs, task.shared_lr, task.description, task.metric, out / f'{name}.png')}")
     report["seconds"] = time.perf_counter() - t_start

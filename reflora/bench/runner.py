@@ -27,6 +27,8 @@ class Run:
     ms_per_step: float = float("nan")
     state_mb: float = float("nan")
     error: str = ""
+    path: str = "eager"  # "eager": one run, attach on torch.optim; "vmap": a member of a vmapped sweep
+    seconds: float = float("nan")  # wall time of the whole run (build, train, evaluate)
     # (step, mean over pairs of |log(||A||_F / ||B||_F)|) after that step, from reflora.diagnostics
     imbalance: list[tuple[int, float]] = field(default_factory=list)
 
@@ -78,6 +80,7 @@ def _mean_abs_imbalance(model) -> float:
 
 
 def run_one(task: Task, method: str, lr: float, seed: int, steps: int) -> Run:
+    t_start = time.perf_counter()
     run = Run(task.name, method, lr, seed)
     torch.manual_seed(seed)
     model = task.build(seed)
@@ -108,4 +111,5 @@ def run_one(task: Task, method: str, lr: float, seed: int, steps: int) -> Run:
     run.ms_per_step = 1e3 * statistics.median(times[1:] or times)
     run.state_mb = _state_mb(opt, handle)
     run.metric = task.evaluate(model, seed) if not run.error else float("nan")
+    run.seconds = time.perf_counter() - t_start
     return run
