@@ -1059,9 +1059,12 @@ class RefLoRAHandle:
             raise TypeError("state must be a dict returned by RefLoRAHandle.state_dict()")
         for key in ("variant", "space", "warmup_steps", "interval"):
             if state[key] != getattr(self, key):
+                # space="auto" became the default in place of "gradient": name the fix
+                hint = (f" (space={state[key]!r} explicitly; the default space='auto' picks by optimizer, "
+                        "see reflora.default_space)" if key == "space" else "")
                 raise ValueError(
                     f"checkpoint was saved with {key}={state[key]!r} but this handle has "
-                    f"{key}={getattr(self, key)!r}; attach with the same settings to resume"
+                    f"{key}={getattr(self, key)!r}; attach with the same settings to resume{hint}"
                 )
         # both sides normalised: checkpoints written before names were canonical may still carry
         # wrapper prefixes (`module.`, `_orig_mod.`, ...)

@@ -484,3 +484,14 @@ def test_func_defaults_follow_attach() -> None:
     sgd_space = attach(torch.optim.SGD(list(net.parameters()), lr=0.1, momentum=0.9), net.pairs()).space
     assert sgd(names, momentum=0.9).space == sgd_space == "gradient"
     assert adamw(names, space="gradient").space == "gradient" and sgd(names, space="parameter").space == "parameter"
+
+
+def test_resuming_an_old_gradient_space_checkpoint_under_auto_names_the_fix() -> None:
+    net = LoRANet()
+    opt = torch.optim.AdamW(list(net.parameters()), lr=1e-2)
+    ckpt = attach(opt, net.pairs(), space="gradient").state_dict()  # the default before space="auto"
+    net2 = LoRANet()
+    handle = attach(torch.optim.AdamW(list(net2.parameters()), lr=1e-2), net2.pairs())
+    with pytest.raises(ValueError, match=r"saved with space='gradient' but this handle has space='parameter'.*"
+                                         r"space='gradient' explicitly"):
+        handle.load_state_dict(ckpt)
