@@ -8,12 +8,20 @@ paper's eigenbasis frame, on a LoRA regression problem (three adapted linear map
 PEFT init with B = 0, a rank-r target plus noise), several seeds, AdamW, same budget.
 Prints final loss mean +- std over seeds and the paired per-seed difference to plain LoRA.
 
-Run: ``python benchmarks/second_moment.py [--seeds 5 --steps 100 --lr 3e-3 1e-2 3e-2]``.
+``--optimizer sgd`` runs the same problem under ``torch.optim.SGD`` (``--momentum``, default 0.9)
+and compares the four modes (full / scalar x gradient / parameter space) with plain LoRA instead:
+the evidence behind ``space="auto"``'s choice for SGD-like optimizers. With ``--momentum 0`` the
+two spaces give the same product ``B A`` (the refactor's frame cancels), so their rows agree up
+to round-off: a sanity check.
+
+Run: ``python benchmarks/second_moment.py [--seeds 5 --steps 100 --lr 3e-3 1e-2 3e-2]``;
+``python benchmarks/second_moment.py --optimizer sgd [--momentum 0.9] [--lr 0.01 0.03 0.1]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 
 import torch
@@ -37,10 +45,17 @@ def problem(seed: int, m: int = 64, n: int = 48, r: int = 4, k: int = 3):
     return pairs, tasks
 
 
-def run(method: str, seed: int, steps: int, lr: float) -> float:
+def run(method: str, seed: int, steps: int, lr: float, optimizer: str = "adamw", momentum: float = 0.9) -> float:
     pairs, tasks = problem(seed)
-    opt = torch.optim.AdamW([p for ab in pairs for p in ab], lr=lr, weight_decay=0.0)
-    if method == "gradient":
+    params = [p for ab in pairs for p in ab]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if "/" in method:  # "variant/space"; parameter space in its default (paper) frame and "square" rule
+        variant, space = method.split("/")
+        reflora.attach(opt, pairs, variant=variant, space=space)
+    elif method == "gradient":
         reflora.attach(opt, pairs, variant="full", space="gradient")
     elif method.endswith("-paper"):
         reflora.attach(opt, pairs, variant="full", space="parameter", second_moment=method[:-6], frame="paper")
@@ -59,9 +74,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--lr", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
+    ap.add_argument("--lr", type=float, nargs="+", default=None,
+                    help="learning rates (default: 3e-3 1e-2 3e-2 for adamw, 0.01 0.03 0.1 for sgd)")
+    ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    ap.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (--optimizer sgd only)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.optimizer == "sgd":
+        sgd_main(args)
+        return
+    args.lr = args.lr or [3e-3, 1e-2, 3e-2]
     methods = ["lora", "gradient", "square", "keep", "reset", "square-paper", "keep-paper"]
     labels = {"lora": "plain LoRA", "gradient": "full, gradient space", "square": "full, param, 'square'",
               "keep": "full, param, 'keep'", "reset": "full, param, 'reset'",
@@ -79,6 +101,33 @@ def main() -> None:
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
             dd = f"{statistics.mean(d):+.2e} +- {statistics.stdev(d) if len(d) > 1 else 0:.1e}" if m != "lora" else ""
             print(f"{labels[m]:<24} {statistics.mean(v):>10.3e} {sd:>10.1e} {dd:>22} {'' if m == 'lora' else f'{wins}/{len(v)}':>6}")
+
+
+def _stdev(v: list[float]) -> float:
+    if len(v) < 2:
+        return 0.0
+    if not all(map(math.isfinite, v)):  # a diverged seed: statistics.stdev raises on inf
+        return math.nan
+    return statistics.stdev(v)
+
+
+def sgd_main(args: argparse.Namespace) -> None:
+    methods = ["lora", "full/gradient", "full/parameter", "scalar/gradient", "scalar/parameter"]
+    for lr in args.lr or [0.01, 0.03, 0.1]:
+        res = {m: [run(m, s, args.steps, lr, "sgd", args.momentum) for s in range(args.seeds)] for m in methods}
+        print(f"\nSGD momentum={args.momentum:g} lr={lr:g}, {args.steps} steps, {args.seeds} seeds: "
+              "final training loss (lower is better)")
+        head = f"{'method':<24} {'mean':>10} {'std':>10} {'paired diff vs LoRA':>22} {'wins':>6}"
+        print(head)
+        print("-" * len(head))
+        for m in methods:
+            v = res[m]
+            d = [a - b for a, b in zip(v, res["lora"])]
+            wins = sum(x < 0 for x in d)
+            sd = _stdev(v)
+            dd = f"{statistics.mean(d):+.2e} +- {_stdev(d):.1e}" if m != "lora" else ""
+            label = "plain LoRA" if m == "lora" else m
+            print(f"{label:<24} {statistics.mean(v):>10.3e} {sd:>10.1e} {dd:>22} {'' if m == 'lora' else f'{wins}/{len(v)}':>6}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ imported lazily by the parts that need them.
 from __future__ import annotations
 
 from reflora import diagnostics, distributed, func, functional, transport
-from reflora.attach import RefLoRAHandle, UnsupportedOptimizerError, attach
+from reflora.attach import RefLoRAHandle, UnsupportedOptimizerError, attach, default_space
 from reflora.functional import precondition, preconditioner, refactor, refactor_transform
 from reflora.pairs import LoRAPair
 from reflora.transport import register_state_transport
@@ -20,6 +20,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "__version__",
     "attach",
+    "default_space",
     "diagnostics",
     "distributed",
     "func",

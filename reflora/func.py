@@ -14,7 +14,9 @@ over ``{name: Tensor}`` dicts. The base step is AdamW (:func:`adamw`) or SGD wit
 dampening, Nesterov and weight decay (:func:`sgd`), written to give ``torch.optim.AdamW`` /
 ``torch.optim.SGD``'s step (tested equal to them in float64). The pairs are named by discovery
 on the module (:func:`pairs_of`); every other parameter (a head, biases) gets the plain base step.
-Each step, before the base step, in the four modes of :func:`reflora.attach`:
+Each step, before the base step, in the four modes of :func:`reflora.attach` (``space="auto"``, the
+default, resolves as ``attach`` resolves it for ``torch.optim.AdamW`` / ``torch.optim.SGD``:
+``"parameter"`` for :func:`adamw`, ``"gradient"`` for :func:`sgd`; ``opt.space`` holds the result):
 
 .. code-block:: text
 
@@ -75,7 +77,7 @@ Example:
     ...     def forward(self, x):
     ...         return x @ (self.lora_B @ self.lora_A).T
     >>> model = nn.Sequential(LoRALinear(8, 8, 2), nn.Tanh(), LoRALinear(8, 4, 2))
-    >>> opt = reflora.func.adamw(reflora.func.pairs_of(model), lr=1e-2, space="parameter")
+    >>> opt = reflora.func.adamw(reflora.func.pairs_of(model), lr=1e-2)  # space="auto": "parameter"
     >>> params = {k: v.detach() for k, v in model.named_parameters()}
     >>> state = opt.init(params)
     >>> x, y = torch.randn(16, 8), torch.randn(16, 4)
@@ -114,7 +116,10 @@ __all__ = ["FunctionalOptimizer", "ParamPair", "adamw", "pairs_of", "sgd"]
 
 Params = Mapping[str, Tensor]
 State = dict[str, Any]
-_SPACES = ("gradient", "parameter")
+_SPACES = ("auto", "gradient", "parameter")
+# space="auto" resolves as reflora.attach resolves it for torch.optim.AdamW / torch.optim.SGD
+# (reflora.default_space): the transports registered for them keep second moments / first only
+_AUTO_SPACE = {"adamw": "parameter", "sgd": "gradient"}
 
 
 class ParamPair(NamedTuple):
@@ -625,6 +630,8 @@ def _make(
     variant = check_variant(variant)
     if space not in _SPACES:
         raise ValueError(f"space must be one of {_SPACES}; got {space!r}")
+    if space == "auto":
+        space = _AUTO_SPACE[base]
     warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
     interval = _check_int("interval", interval, 1)
     if second_moment not in SECOND_MOMENT_RULES:
@@ -649,7 +656,7 @@ def adamw(
     weight_decay: float = 1e-2,
     amsgrad: bool = False,
     variant: Literal["full", "scalar"] = "full",
-    space: Literal["gradient", "parameter"] = "gradient",
+    space: Literal["auto", "gradient", "parameter"] = "auto",
     warmup_steps: int = 0,
     interval: int = 1,
     second_moment: Literal["square", "keep", "reset"] = "square",
@@ -673,8 +680,9 @@ def adamw(
         lr, betas, eps, weight_decay, amsgrad: as ``torch.optim.AdamW`` (same defaults). ``eps``
             is Adam's; RefLoRA's dead-direction threshold is ``reflora_eps``.
         variant, space, warmup_steps, interval, second_moment, frame, solver, rank_above_size:
-            as :func:`reflora.attach` (same defaults). ``second_moment`` rules ``exp_avg_sq``
-            (and ``max_exp_avg_sq``) in parameter space.
+            as :func:`reflora.attach` (same defaults; ``space="auto"`` is ``"parameter"`` here,
+            what ``attach`` picks for ``torch.optim.AdamW``). ``second_moment`` rules
+            ``exp_avg_sq`` (and ``max_exp_avg_sq``) in parameter space.
         reflora_eps: ``attach``'s ``eps`` (``None``: 1.4e-14).
 
     Returns:
@@ -702,7 +710,7 @@ def sgd(
     weight_decay: float = 0.0,
     nesterov: bool = False,
     variant: Literal["full", "scalar"] = "full",
-    space: Literal["gradient", "parameter"] = "gradient",
+    space: Literal["auto", "gradient", "parameter"] = "auto",
     warmup_steps: int = 0,
     interval: int = 1,
     second_moment: Literal["square", "keep", "reset"] = "square",
@@ -724,7 +732,8 @@ def sgd(
         lr, momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD`` (same defaults,
             same checks: Nesterov needs ``momentum > 0`` and ``dampening == 0``).
         variant, space, warmup_steps, interval, second_moment, frame, solver, reflora_eps,
-            rank_above_size: as :func:`adamw` (SGD has no second moment).
+            rank_above_size: as :func:`adamw` (SGD has no second moment; ``space="auto"`` is
+            ``"gradient"`` here, what ``attach`` picks for ``torch.optim.SGD``).
 
     Returns:
         A :class:`FunctionalOptimizer`.

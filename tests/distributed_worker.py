@@ -554,12 +554,12 @@ def deepspeed_mode(stage, ga, mode, steps):
             traj[p.name].append((p.B @ p.A).detach().clone())
     everyone = [None] * WORLD
     dist.all_gather_object(everyone, {n: t[-1] for n, t in traj.items()})
-    res.update(step_count=handle.step_count, handle=type(handle).__name__,
+    res.update(step_count=handle.step_count, handle=type(handle).__name__, space=handle.space,
                reflora_calls=reflora.distributed.comm_stats().calls,
                products_identical=all(torch.equal(e[n], everyone[0][n]) for e in everyone for n in e))
     if RANK == 0:
-        ref = reference_run(variant, space, opt_name, steps, "paper")
-        plain = reference_run(variant, space, opt_name, steps, "paper", reflora_on=False)
+        ref = reference_run(variant, handle.space, opt_name, steps, "paper")  # space="auto" resolved
+        plain = reference_run(variant, handle.space, opt_name, steps, "paper", reflora_on=False)
         res["traj_error"] = max(rel(traj[n][k], ref[n][k]) for n in traj for k in range(steps))
         res["effect"] = max(rel(plain[n][k], ref[n][k]) for n in traj for k in range(steps))
     handle.remove()

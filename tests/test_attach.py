@@ -345,7 +345,7 @@ BAD = [
     ("interval float", lambda: attach(_opt(A_, B_), [(A_, B_)], interval=1.5), TypeError, "interval must be an int; got float"),
     ("negative warmup", lambda: attach(_opt(A_, B_), [(A_, B_)], warmup_steps=-1), ValueError, "warmup_steps must be >= 0; got -1"),
     ("unknown variant", lambda: attach(_opt(A_, B_), [(A_, B_)], variant="diag"), ValueError, "variant must be one of"),
-    ("unknown space", lambda: attach(_opt(A_, B_), [(A_, B_)], space="weights"), ValueError, r"space must be one of \('gradient', 'parameter'\); got 'weights'"),
+    ("unknown space", lambda: attach(_opt(A_, B_), [(A_, B_)], space="weights"), ValueError, r"space must be one of \('auto', 'gradient', 'parameter'\); got 'weights'"),
     ("unknown second-moment rule", lambda: attach(_opt(A_, B_), [(A_, B_)], second_moment="exact"), ValueError, "second_moment must be one of"),
     ("no pairs at all", lambda: attach(_opt(A_, B_), []), ValueError, "no pairs given: RefLoRA would be a silent no-op"),
     ("module without pairs", lambda: attach(_opt(A_, B_), nn.Linear(3, 3)), ValueError, "no trainable low-rank pair found in Linear"),
@@ -367,3 +367,131 @@ def test_load_state_dict_rejects_other_settings() -> None:
     net2, opt2, handle2 = setup("Adam", "scalar", "gradient")
     with pytest.raises(ValueError, match="saved with variant='full' but this handle has variant='scalar'"):
         handle2.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------ space="auto" (default)
+
+
+class _Unregistered(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-2):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+class _MyAdamW(torch.optim.AdamW):  # a subclass follows its registered base class
+    pass
+
+
+AUTO = [
+    ("AdamW", lambda ps: torch.optim.AdamW(ps, lr=1e-2), "parameter"),
+    ("Adam", lambda ps: torch.optim.Adam(ps, lr=1e-2), "parameter"),
+    ("NAdam", lambda ps: torch.optim.NAdam(ps, lr=1e-2), "parameter"),
+    ("RAdam", lambda ps: torch.optim.RAdam(ps, lr=1e-2), "parameter"),
+    ("RMSprop", lambda ps: torch.optim.RMSprop(ps, lr=1e-2), "parameter"),
+    ("Adagrad", lambda ps: torch.optim.Adagrad(ps, lr=1e-2), "parameter"),
+    ("AdamW subclass", lambda ps: _MyAdamW(ps, lr=1e-2), "parameter"),
+    ("SGD momentum", lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9), "gradient"),
+    ("SGD", lambda ps: torch.optim.SGD(ps, lr=1e-2), "gradient"),
+    ("Adamax (unregistered)", lambda ps: torch.optim.Adamax(ps, lr=1e-2), "gradient"),
+    ("own optimizer (unregistered)", lambda ps: _Unregistered(ps), "gradient"),
+]
+if hasattr(torch.optim, "Adafactor"):
+    AUTO.append(("Adafactor", lambda ps: torch.optim.Adafactor(ps, lr=1e-2), "parameter"))
+
+
+@pytest.mark.parametrize("make, want", [a[1:] for a in AUTO], ids=[a[0] for a in AUTO])
+def test_auto_space_per_optimizer_family(make, want) -> None:
+    net = LoRANet()
+    opt = make(list(net.parameters()))
+    assert reflora.default_space(opt) == want
+    handle = attach(opt, net.pairs())  # space="auto" is the default
+    assert handle.space == want and f"space={want!r}" in repr(handle)
+    assert handle.state_dict()["space"] == want
+    losses = train(net, opt, 3)
+    assert handle.step_count == 3 and torch.isfinite(torch.tensor(losses)).all()
+
+
+def test_auto_space_with_transformers_adafactor() -> None:
+    transformers = pytest.importorskip("transformers")
+    net = LoRANet()
+    opt = transformers.optimization.Adafactor(list(net.parameters()), lr=1e-2, relative_step=False)
+    assert reflora.default_space(opt) == "parameter"
+    assert attach(opt, net.pairs()).space == "parameter"
+
+
+@pytest.mark.parametrize("opt_name, space", [("AdamW", "parameter"), ("SGD", "gradient")])
+def test_auto_space_trains_as_the_explicit_space(opt_name, space) -> None:
+    net, ref = LoRANet(), LoRANet()
+    opt = OPTIMIZERS[opt_name](list(net.parameters()), LR[opt_name])
+    ref_opt = OPTIMIZERS[opt_name](list(ref.parameters()), LR[opt_name])
+    assert attach(opt, net.pairs()).space == space
+    attach(ref_opt, ref.pairs(), space=space)
+    train(net, opt, 4)
+    train(ref, ref_opt, 4)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), ref.parameters()))
+
+
+def test_auto_space_falls_back_where_parameter_space_would_raise() -> None:
+    g = torch.Generator().manual_seed(0)
+    # newton_schulz refuses full-variant parameter space on pairs of rank above the layer's size
+    A, B = nn.Parameter(torch.randn(8, 32, generator=g)), nn.Parameter(torch.randn(3, 8, generator=g))
+    opt = torch.optim.AdamW([A, B], lr=1e-2)
+    with pytest.raises(ValueError, match="newton_schulz"):
+        attach(opt, [(A, B)], space="parameter", solver="newton_schulz", rank_above_size="act")
+    handle = attach(opt, [(A, B)], solver="newton_schulz", rank_above_size="act")
+    assert handle.space == "gradient"
+    handle.remove()
+    # the scalar variant and the eigh solver have no such rule: parameter space
+    assert attach(opt, [(A, B)], variant="scalar", solver="newton_schulz", rank_above_size="act").space == "parameter"
+
+    # state the transport cannot move: a warning, then gradient space
+    net = LoRANet()
+    opt = torch.optim.AdamW(list(net.parameters()), lr=1e-2)
+    train(net, opt, 1)
+    A0 = net.pairs()[0][0]
+    opt.state[A0]["extra"] = torch.zeros(3)
+    with pytest.raises(KeyError, match="extra"):
+        attach(opt, net.pairs(), space="parameter")
+    with pytest.warns(UserWarning, match=r"space='auto'.*cannot be moved.*using space='gradient'"):
+        handle = attach(opt, net.pairs())
+    assert handle.space == "gradient"
+
+
+def test_auto_space_under_a_deepspeed_wrapper() -> None:
+    # DeepSpeed ZeRO is detected by the wrapper's module; parameter space is unsupported there
+    inner = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1e-2)
+    Wrapper = type("DeepSpeedZeroOptimizer", (), {"__module__": "deepspeed.runtime.zero.stage_1_and_2"})
+    wrapper = Wrapper()
+    wrapper.optimizer = inner
+    assert reflora.default_space(inner) == "parameter"
+    assert reflora.default_space(wrapper) == "gradient"
+
+
+def test_func_defaults_follow_attach() -> None:
+    from reflora.func import adamw, sgd
+
+    net = LoRANet()
+    params = list(net.parameters())
+    names = [(f"p{2 * k}", f"p{2 * k + 1}") for k in range(len(net.pairs()))]
+    assert adamw(names).space == attach(torch.optim.AdamW(params), net.pairs()).space == "parameter"
+    net = LoRANet()
+    sgd_space = attach(torch.optim.SGD(list(net.parameters()), lr=0.1, momentum=0.9), net.pairs()).space
+    assert sgd(names, momentum=0.9).space == sgd_space == "gradient"
+    assert adamw(names, space="gradient").space == "gradient" and sgd(names, space="parameter").space == "parameter"
+
+
+def test_resuming_an_old_gradient_space_checkpoint_under_auto_names_the_fix() -> None:
+    net = LoRANet()
+    opt = torch.optim.AdamW(list(net.parameters()), lr=1e-2)
+    ckpt = attach(opt, net.pairs(), space="gradient").state_dict()  # the default before space="auto"
+    net2 = LoRANet()
+    handle = attach(torch.optim.AdamW(list(net2.parameters()), lr=1e-2), net2.pairs())
+    with pytest.raises(ValueError, match=r"saved with space='gradient' but this handle has space='parameter'.*"
+                                         r"space='gradient' explicitly"):
+        handle.load_state_dict(ckpt)

@@ -27,13 +27,13 @@ PARAMETER = [["full", "parameter", "adamw"], ["scalar", "parameter", "adamw"]]
 def test_zero_1_and_2_gradient_space_match_one_process_and_the_rest_raises() -> None:
     configs = [
         {"stage": 1, "modes": GRADIENT + PARAMETER},
-        {"stage": 2, "modes": GRADIENT + PARAMETER},
+        {"stage": 2, "modes": GRADIENT + PARAMETER + [["full", "auto", "adamw"]]},  # auto: gradient under ZeRO
         {"stage": 2, "ga": 2, "modes": GRADIENT},  # S stays fixed over the micro-batches of a step
         {"stage": 3, "modes": GRADIENT[:1]},
     ]
     runs = launch("deepspeed", 2, {"configs": configs, "steps": 5}, timeout=170)
     results = runs[0]
-    assert len(results) == 4 + 4 + 2 + 1
+    assert len(results) == 4 + 5 + 2 + 1
     for k, res in enumerate(results):
         variant, space, _ = res["mode"].split("/")
         if res["stage"] == 3:
@@ -47,6 +47,7 @@ def test_zero_1_and_2_gradient_space_match_one_process_and_the_rest_raises() -> 
             assert "space='gradient'" in msg and "FSDP2" in msg
             continue
         assert res["handle"] == "ZeroGradientHandle" and res["step_count"] == 5, res
+        assert res["space"] == "gradient"  # space="auto" (AdamW) resolves to gradient space under ZeRO
         assert res["traj_error"] < 1e-5 and res["effect"] > 1e-2, res
         assert res["reflora_calls"] == 0  # replicated factors: S needs no communication
         assert all(r[k]["products_identical"] for r in runs)  # the factors agree bitwise on both ranks

@@ -131,7 +131,9 @@ def test_parameter_space_needs_parameter_shaped_state(mesh) -> None:
     opt = torch.optim.Adafactor(list(pair), lr=1e-2)
     with pytest.raises(reflora.UnsupportedOptimizerError, match=r"transport is a function.*space='gradient'"):
         reflora.attach(opt, [pair], space="parameter")
-    reflora.attach(opt, [pair], space="gradient")  # any optimizer in gradient space
+    # space="auto": Adafactor is Adam-like ("parameter"), but not on sharded factors: it falls back
+    assert reflora.default_space(opt) == "parameter"
+    assert reflora.attach(opt, [pair]).space == "gradient"  # any optimizer in gradient space
 
 
 def test_traced_step_on_sharded_factors_raises(mesh) -> None:

@@ -475,7 +475,7 @@ BAD_CONSTRUCTION = [
     ("nesterov without momentum", lambda: sgd(None, nesterov=True), ValueError, "nesterov=True needs momentum > 0"),
     ("amsgrad not a bool", lambda: adamw(None, amsgrad=1), TypeError, "amsgrad must be a bool; got int"),
     ("variant", lambda: adamw(None, variant="diag"), ValueError, "variant must be one of"),
-    ("space", lambda: sgd(None, space="weights"), ValueError, "space must be one of"),
+    ("space", lambda: sgd(None, space="weights"), ValueError, r"space must be one of \('auto', 'gradient', 'parameter'\); got 'weights'"),
     ("warmup negative", lambda: adamw(None, warmup_steps=-1), ValueError, "warmup_steps must be >= 0; got -1"),
     ("interval zero", lambda: adamw(None, interval=0), ValueError, "interval must be >= 1; got 0"),
     ("interval float", lambda: adamw(None, interval=2.0), TypeError, "interval must be an int; got float"),
@@ -531,8 +531,9 @@ BAD_CALLS = [
      ValueError, r"grads\['head.bias'\] has shape \(5,\) but params\['head.bias'\] has \(4,\)"),
     ("state of SGD given to AdamW", lambda: _opt().update(_grads(), sgd(None).init(_case_params()), _case_params()),
      ValueError, "state has no 'exp_avg'"),
-    ("state without a cached metric", lambda: adamw(pairs_of(RawNet()), interval=2).update(
-        _grads(), {**adamw(pairs_of(RawNet()), interval=2).init(_case_params()), "metric": {}}, _case_params()),
+    ("state without a cached metric", lambda: adamw(pairs_of(RawNet()), interval=2, space="gradient").update(
+        _grads(), {**adamw(pairs_of(RawNet()), interval=2, space="gradient").init(_case_params()), "metric": {}},
+        _case_params()),
      ValueError, r"state\['metric'\] has no entry for \['l1', 'l2', 'l3'\]"),
     ("state not a dict", lambda: _opt().update(_grads(), None, _case_params()), TypeError, "state must be the dict"),
 ]

@@ -5,10 +5,12 @@ Usage::
     from reflora.integrations.transformers import RefLoRACallback
 
     trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
-                      callbacks=[RefLoRACallback(variant="full", space="gradient")])
+                      callbacks=[RefLoRACallback(variant="full")])  # space="auto" (attach's default)
     trainer.train()                                   # or train(resume_from_checkpoint=...)
 
-The callback attaches :func:`reflora.attach` to the optimizer Trainer builds (unwrapping
+The callback attaches :func:`reflora.attach` (with its defaults for what is not passed, so
+``space="auto"``: parameter space for Trainer's default AdamW, see :func:`reflora.default_space`)
+to the optimizer Trainer builds (unwrapping
 accelerate's ``AcceleratedOptimizer``) when training begins, writes the handle's state as
 ``reflora.pt`` into every checkpoint folder Trainer saves, and restores it on resume, so a
 resumed run continues RefLoRA's step counter and cached metrics exactly. Trainer's own
@@ -23,7 +25,7 @@ those values, add the callback with :func:`add_callback`, which puts it ahead of
 
     from reflora.integrations.transformers import add_callback
 
-    add_callback(trainer, variant="full", space="gradient", diagnostics_interval=10)
+    add_callback(trainer, variant="full", diagnostics_interval=10)
 
 Under several processes the handle's state (``r x r``, the same on every rank) is written by the
 main process only and read by every rank. With FSDP2 (``fsdp_config`` version 2) accelerate shards
