@@ -89,7 +89,7 @@ F = reflora.func
 SWEEPS = {
     "AdamW": ([1e-3, 3e-3, 1e-2, 3e-2, 1e-1], {
         "AdamW": F.adamw(None, weight_decay=0.0),
-        "+ RefLoRA full/gradient": F.adamw(pairs, weight_decay=0.0),
+        "+ RefLoRA full/gradient": F.adamw(pairs, weight_decay=0.0, space="gradient"),
         "+ RefLoRA full/parameter": F.adamw(pairs, weight_decay=0.0, space="parameter"),
         "+ RefLoRA-S parameter": F.adamw(pairs, weight_decay=0.0, variant="scalar", space="parameter"),
     }),

@@ -41,7 +41,7 @@ def add_arguments(p) -> None:
     p.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=ALL_TASKS, help="tasks to run (default: all)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods (default: all)")
     p.add_argument("--full", action="store_true",
-                   help="3 seeds, longer runs and the lr grid on every task (text: ~40 min on 2 CPU cores)")
+                   help="5 seeds at the shared lr, longer runs, and a stability sweep of 5 rates over 30x with 3 seeds each, on every task (~75 min on 2 CPU cores)")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     p.add_argument("--steps", type=int, default=None, help="override the steps per run (text/vision/graph)")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for results.json and PNG plots")

@@ -151,7 +151,7 @@ def _text_task() -> Task:
         return float((pred == y[sel]).float().mean())
 
     return Task("text", "MiniLM-L6 (22.7M, pretrained) + LoRA r=8 on query/value, stdlib docstrings by module family (5 classes)",
-                steps=30, full_steps=160, shared_lr=3e-3, lr_grid=(1e-3, 3e-3, 1e-2), metric="held-out acc",
+                steps=30, full_steps=180, shared_lr=3e-3, lr_grid=(1e-3, 3e-3, 1e-2), metric="held-out acc",
                 build=build, batches=batches, loss=loss, evaluate=evaluate)
 
 
