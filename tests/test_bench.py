@@ -178,13 +178,18 @@ def test_full_runs_all_seeds_at_the_shared_rate_and_three_on_the_sweep(tmp_path)
 
 def test_vmapped_sweep_equals_one_by_one_runs() -> None:
     """Each member of a vmapped lr sweep (reflora.func) trains as its own run (attach) does."""
-    from reflora.bench.runner import run_one
     from reflora.bench.tasks import TASKS
+
+    for name, methods in (("graph", ("lora", "reflora", "reflora-param", "reflora-s")), ("vision", ("reflora-param",))):
+        _vmapped_equals_one_by_one(TASKS[name](), methods)
+
+
+def _vmapped_equals_one_by_one(task, methods) -> None:
+    from reflora.bench.runner import run_one
     from reflora.bench.vmapped import vmapped_sweep
 
-    task = TASKS["graph"]()
     lrs = [3e-3, 3e-2]
-    for method in ("lora", "reflora", "reflora-param", "reflora-s"):
+    for method in methods:
         members, seconds, note = vmapped_sweep(task, method, lrs, 1, 6)
         assert note == "" and seconds > 0
         assert [(r.method, r.lr, r.seed, r.path) for r in members] == [(method, lr, 1, "vmap") for lr in lrs]
@@ -231,7 +236,15 @@ def test_full_sweep_is_vmapped_and_no_vmap_runs_it_one_by_one(tmp_path) -> None:
     vm = task["vmap"]
     assert vm["programs"] == 2 * 3 and vm["members"] == 2 * 3 * 5 and vm["speedup"] > 0
     assert vm["loss_rel_diff"] < 1e-3 and vm["metric_diff"] < 0.01  # the shared-rate member vs its own run
+    assert vm["loss_rel_diff_20"] < 1e-4
     assert "vmapped sweep: 6 programs (lora, reflora-param; 5 rates each)" in out
+    assert "stability sweep: held-out acc / final training loss per learning rate" in out
+    # the saved results print the same tables again, without running anything
+    again = subprocess.run([sys.executable, "-m", "reflora", "bench", "--from-results", str(tmp_path / "results.json"),
+                            "--no-plots"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    section = out[out.index("== graph"):out.index("\nresults:")]
+    assert section.strip() in again.stdout
     out, task = bench("--no-vmap")
     assert {r["path"] for r in task["runs"]} == {"eager"} and task["vmap"] is None
     assert "vmapped sweep" not in out
@@ -255,3 +268,14 @@ def test_a_tasks_first_build_in_a_process_equals_later_ones(name) -> None:
     assert built[0].keys() == built[1].keys()
     for k in built[0]:
         assert torch.equal(built[0][k], built[1][k]), k
+
+
+def test_from_results_rejects_a_file_that_is_not_bench_results(tmp_path, capsys) -> None:
+    from reflora.__main__ import main
+
+    bad = tmp_path / "other.json"
+    bad.write_text('{"hello": 1}')
+    assert main(["bench", "--from-results", str(bad), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a results.json written by reflora bench" in err and "KeyError" in err
+    assert main(["bench", "--from-results", str(tmp_path / "missing.json"), "--no-plots"]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,11 +18,11 @@ import torch
 from reflora.bench import mf
 from reflora.bench.methods import METHODS
 from reflora.bench.report import plot_mf, plot_task, task_table
-from reflora.bench.runner import run_one
+from reflora.bench.runner import Run, run_one
 from reflora.bench.tasks import TASKS
 from reflora.bench.vmapped import VMAP_METHODS, vmapped_sweep
 
-__all__ = ["MF_COUNTERPARTS", "add_arguments", "bench", "check_out", "mf_methods", "vmap_summary"]
+__all__ = ["MF_COUNTERPARTS", "add_arguments", "bench", "check_out", "mf_methods", "report_from", "vmap_summary"]
 
 ALL_TASKS = ("mf", "text", "vision", "graph")
 
@@ -46,6 +47,8 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="override the steps per run (text/vision/graph)")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for results.json and PNG plots")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--from-results", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="print the tables of a saved run again (and its plots into --out unless --no-plots); runs nothing")
     p.add_argument("--no-vmap", action="store_true",
                    help="run every member of the lr sweep one by one (default: one torch.func.vmap'ed program per "
                         "method and seed on the vision and graph tasks)")
@@ -96,28 +99,78 @@ def mf_methods(methods: list[str]) -> tuple[list[str], list[str]]:
 def _mf(args, out: Path, report: dict, methods: list[str]) -> None:
     seeds = args.seeds or 3
     cfg = mf.MFConfig()
-    curves = {}
-    print(f"\n== mf: the paper's matrix factorization (rank-{cfg.r} {cfg.n}x{cfg.m} target, singular values "
-          f"{cfg.s_min:g}..{cfg.s_max:g}, plain GD from an unbalanced start, {seeds} seeds, float64)")
-    head = f"{'lr':>5} {'method':<10}{'loss@25':>11}{'loss@50':>11}{'loss@100':>11}{'iters to 1e-3':>15}"
-    print(head + "\n" + "-" * len(head))
     rows = []
     for lr in (0.01, 0.03):
         for m in methods:
             runs = [mf.run(m, lr, cfg, s) for s in range(seeds)]
-            curves[(m, lr)] = runs
-            med = lambda i: statistics.median([r[i] if i < len(r) else math.inf for r in runs])  # noqa: E731
-            hits = [mf.iterations_to(r) for r in runs]
-            hit = (f"{min(hits)}-{max(hits)}" if all(h is not None for h in hits)
-                   else f"{sum(h is not None for h in hits)}/{len(hits)} seeds")
-            fmt = lambda v: "diverged" if not math.isfinite(v) or v > 1e10 else f"{v:.3g}"  # noqa: E731
-            print(f"{lr:>5g} {m:<10}{fmt(med(25)):>11}{fmt(med(50)):>11}{fmt(med(100)):>11}{hit:>15}")
-            rows.append({"lr": lr, "method": m, "iters_to_1e-3": hits, "losses": runs})
+            rows.append({"lr": lr, "method": m, "iters_to_1e-3": [mf.iterations_to(r) for r in runs], "losses": runs})
+    report["mf"] = {"config": cfg.__dict__, "methods": methods, "seeds": seeds, "rows": rows}
+    _mf_report(report["mf"], None if args.no_plots else out)
+
+
+def _mf_report(entry: dict, out: Path | None) -> None:
+    """Print the mf table (and write its plot into ``out``) from a results entry."""
+    cfg, rows = entry["config"], entry["rows"]
+    seeds = len(rows[0]["losses"]) if rows else 0
+    print(f"\n== mf: the paper's matrix factorization (rank-{cfg['r']} {cfg['n']}x{cfg['m']} target, singular values "
+          f"{cfg['s_min']:g}..{cfg['s_max']:g}, plain GD from an unbalanced start, {seeds} seeds, float64)")
+    head = f"{'lr':>5} {'method':<10}{'loss@25':>11}{'loss@50':>11}{'loss@100':>11}{'iters to 1e-3':>15}"
+    print(head + "\n" + "-" * len(head))
+    curves = {}
+    for row in rows:
+        lr, m, runs, hits = row["lr"], row["method"], row["losses"], row["iters_to_1e-3"]
+        curves[(m, lr)] = runs
+        med = lambda i: statistics.median([r[i] if i < len(r) else math.inf for r in runs])  # noqa: E731
+        hit = (f"{min(hits)}-{max(hits)}" if all(h is not None for h in hits)
+               else f"{sum(h is not None for h in hits)}/{len(hits)} seeds")
+        fmt = lambda v: "diverged" if not math.isfinite(v) or v > 1e10 else f"{v:.3g}"  # noqa: E731
+        print(f"{lr:>5g} {m:<10}{fmt(med(25)):>11}{fmt(med(50)):>11}{fmt(med(100)):>11}{hit:>15}")
     print("Paper: RefLoRA reaches 1e-3 in ~37 iterations at 0.01 and ~11 at 0.03; LoRA diverges at 0.03 and is "
           "~3e2 after 100 iterations at 0.01; ScaledGD ~1e2 / ~2.")
-    report["mf"] = {"config": cfg.__dict__, "methods": methods, "rows": rows}
-    if not args.no_plots:
+    if out is not None:
         print(f"plot: {plot_mf(curves, out / 'mf.png')}")
+
+
+def _task_report(name: str, entry: dict, runs: list, out: Path | None) -> None:
+    """Print a task's tables (and write its plot into ``out``) from its results entry and runs."""
+    print(f"\n== {name}: {entry['description']}")
+    print(f"   AdamW, {entry['steps']} steps, {entry['seeds']} seed(s) at the shared lr {entry['shared_lr']:g}, grid "
+          f"{entry['grid']} ({entry['grid_seeds']} seed(s) each); Δ = paired per-seed difference vs plain LoRA, mean "
+          "[95% t-interval] (wins W / losses L; a lower loss wins); steps→LoRA = steps to reach plain LoRA's final "
+          "training loss (EMA); overhead = ms/step vs plain LoRA; state MB = optimizer state")
+    print(task_table(runs, entry["shared_lr"], entry["metric"]))
+    if entry.get("vmap"):
+        print(entry["vmap"]["text"])
+    if out is not None:
+        print(f"plot: {plot_task(runs, entry['shared_lr'], entry['description'], entry['metric'], out / f'{name}.png')}")
+
+
+def report_from(path: Path, out: Path | None) -> int:
+    """``reflora bench --from-results PATH``: print the tables of a saved run again (new plots into ``out``).
+
+    Args:
+        path: a ``results.json`` written by ``reflora bench``.
+        out: the folder for the plots, or ``None`` for none.
+
+    Returns:
+        0, or 2 with a one-line message when the file is missing or not a bench results file.
+    """
+    try:
+        report = json.loads(Path(path).read_text())
+        tasks = report["tasks"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return _error(f"--from-results {str(path)!r} is not a results.json written by reflora bench "
+                      f"({type(exc).__name__}: {exc}); pass the results.json of a bench run")
+    fields = {f.name for f in dataclasses.fields(Run)}
+    print(f"{report.get('command', 'reflora bench')} ({report.get('seconds', float('nan')):.0f}s)")
+    if "mf" in report:
+        _mf_report(report["mf"], out)
+    for name, entry in tasks.items():
+        runs = [Run(**{k: v for k, v in d.items() if k in fields}) for d in entry["runs"]]
+        for r in runs:
+            r.imbalance = [tuple(x) for x in r.imbalance]
+        _task_report(name, entry, runs, out)
+    return 0
 
 
 def vmap_summary(programs: list, runs: list, shared_lr: float) -> dict:
@@ -130,13 +183,16 @@ def vmap_summary(programs: list, runs: list, shared_lr: float) -> dict:
 
     Returns:
         ``{"programs", "members", "seconds", "sequential_seconds", "speedup", "loss_rel_diff",
-        "metric_diff", "notes", "text"}``. ``sequential_seconds`` costs each member as its
+        "metric_diff", "loss_rel_diff_20", "notes", "text"}``: the shared-rate member's relative
+        final-loss and metric differences to its one-by-one run, and the largest relative loss
+        difference over the first 20 steps (the two are the same training in exact arithmetic;
+        in float32 their round-off differs and grows over a long run). ``sequential_seconds`` costs each member as its
         method and seed's one-by-one run at the shared rate (same model, steps and batches; the step
         cost does not depend on the rate), measured in this same bench run.
     """
     seq = {(r.method, r.seed): r for r in runs if r.path == "eager" and r.lr == shared_lr}
     vm_s = sum(p[3] for p in programs)
-    seq_s, dl, dm = 0.0, [], []
+    seq_s, dl, dm, early = 0.0, [], [], []
     for m, s, members, _, _ in programs:
         ref = seq.get((m, s))
         if ref is None:
@@ -145,19 +201,22 @@ def vmap_summary(programs: list, runs: list, shared_lr: float) -> dict:
         mine = next((r for r in members if r.lr == shared_lr), None)
         if mine is not None and mine.losses and ref.losses:
             dl.append(abs(mine.final_loss - ref.final_loss) / max(abs(ref.final_loss), 1e-12))
+            early += [abs(a - b) / max(abs(b), 1e-12) for a, b in list(zip(mine.losses, ref.losses))[:20]]
             dm.append(abs(mine.metric - ref.metric))
     notes = [p[4] for p in programs if p[4]]
     members = sum(len(p[2]) for p in programs)
     out = {"programs": len(programs), "members": members, "seconds": vm_s, "sequential_seconds": seq_s,
            "speedup": seq_s / vm_s if vm_s else float("nan"),
            "loss_rel_diff": max(dl, default=float("nan")), "metric_diff": max(dm, default=float("nan")),
+           "loss_rel_diff_20": max(early, default=float("nan")),
            "notes": notes}
     out["text"] = (
         f"vmapped sweep: {len(programs)} programs ({', '.join(dict.fromkeys(p[0] for p in programs))}; "
         f"{members // max(1, len(programs))} rates each) in {vm_s:.0f}s; one by one the same {members} runs take "
         f"~{seq_s:.0f}s (each costed as its method and seed's run at the shared lr, this run): "
         f"{out['speedup']:.1f}x. The member at the shared lr vs its one-by-one run (attach on torch.optim.AdamW): "
-        f"final loss within {out['loss_rel_diff']:.1e} (relative), {out['metric_diff']:.3f} held-out"
+        f"loss within {out['loss_rel_diff_20']:.0e} (relative) over the first 20 steps; at the end (float32 "
+        f"round-off grows in training) final loss within {out['loss_rel_diff']:.1e}, metric within {out['metric_diff']:.3f}"
         + "".join(f"\n  note: {n}" for n in notes))
     return out
 
@@ -178,6 +237,12 @@ def bench(args) -> int:
     """
     from tqdm.auto import tqdm
 
+    if args.from_results is not None:
+        if not args.no_plots:
+            problem = check_out(args.out)
+            if problem is not None:
+                return _error(problem)
+        return report_from(args.from_results, None if args.no_plots else args.out)
     tasks = list(args.tasks)
     mf_note = None
     if "mf" in tasks:
@@ -238,23 +303,14 @@ def bench(args) -> int:
             programs.append((m, s, members, seconds, note))
             runs += [r for r in members if r.lr != task.shared_lr]
         runs.sort(key=lambda r: args.methods.index(r.method))  # stable: the table's rows in --methods order
-        print(f"\n== {name}: {task.description}")
-        print(f"   AdamW, {steps} steps, {seeds} seed(s) at the shared lr {task.shared_lr:g}, grid {list(grid)} "
-              f"({grid_seeds} seed(s) each); Δ = paired per-seed difference in {task.metric} vs plain LoRA, "
-              "mean [95% t-interval] (wins W / losses L); steps→LoRA = steps to reach plain LoRA's final "
-              "training loss (EMA); overhead = ms/step vs plain LoRA; state MB = optimizer state")
-        print(task_table(runs, task.shared_lr, task.metric))
         vm = vmap_summary(programs, runs, task.shared_lr) if programs else None
-        if vm:
-            print(vm["text"])
-        report["tasks"][name] = {"description": task.description, "steps": steps, "seeds": seeds,
-                                 "grid_seeds": grid_seeds,
-                                 "shared_lr": task.shared_lr, "grid": list(grid), "metric": task.metric,
-                                 "runs": [r.as_dict() for r in runs], "vmap": vm}
-        if not args.no_plots:
-            print(f"plot: {plot_task(runs, task.shared_lr, task.description, task.metric, out / f'{name}.png')}")
+        entry = {"description": task.description, "steps": steps, "seeds": seeds, "grid_seeds": grid_seeds,
+                 "shared_lr": task.shared_lr, "grid": list(grid), "metric": task.metric,
+                 "runs": [r.as_dict() for r in runs], "vmap": vm}
+        report["tasks"][name] = entry
+        _task_report(name, entry, runs, None if args.no_plots else out)
     report["seconds"] = time.perf_counter() - t_start
     path = out / "results.json"
-    path.write_text(json.dumps(report, indent=1, default=float))
+    path.write_text(json.dumps(report, separators=(",", ":"), default=float))  # compact: every loss of every run
     print(f"\nresults: {path} ({report['seconds']:.0f}s)")
     return 0

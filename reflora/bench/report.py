@@ -16,13 +16,18 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
-def paired(diffs: list[float]) -> str:
-    """``mean [lo, hi] (wW lL)``: the mean paired difference, its 95% t-interval, wins and losses."""
+def paired(diffs: list[float], lower_is_better: bool = False) -> str:
+    """``mean [lo, hi] (wW lL)``: the mean paired difference, its 95% t-interval, wins and losses.
+
+    A win is a positive difference, or a negative one with ``lower_is_better`` (a loss)."""
     diffs = [d for d in diffs if math.isfinite(d)]
     if not diffs:
         return "n/a"
     mean = statistics.fmean(diffs)
-    wl = f"({sum(d > 0 for d in diffs)}W {sum(d < 0 for d in diffs)}L)"
+    won, lost = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    if lower_is_better:
+        won, lost = lost, won
+    wl = f"({won}W {lost}L)"
     if len(diffs) == 1:
         return f"{mean:+.3f} {wl}"
     t = _T975[len(diffs) - 2] if len(diffs) - 1 <= len(_T975) else 1.96
@@ -31,51 +36,75 @@ def paired(diffs: list[float]) -> str:
 
 
 def _ms(xs: list[float]) -> str:
+    """``mean±sd`` with three significant digits on the mean and the sd to the same decimals."""
     xs = [x for x in xs if math.isfinite(x)]
     if not xs:
         return "n/a"
+    mean = statistics.fmean(xs)
+    dec = 3 if mean == 0 else min(4, max(0, 2 - math.floor(math.log10(abs(mean)))))
     if len(xs) == 1:
-        return f"{xs[0]:.3g}"
-    return f"{statistics.fmean(xs):.3g}±{statistics.stdev(xs):.1g}"
+        return f"{mean:.{dec}f}"
+    sd = statistics.stdev(xs)
+    return f"{mean:.{dec}f}" if sd == 0 else f"{mean:.{dec}f}±{sd:.{dec}f}"
 
 
 def task_table(runs: list[Run], shared_lr: float, metric_name: str) -> str:
-    """The per-task results table (shared lr), with best-of-grid columns when a grid was run."""
+    """The shared-rate table (every seed), then the sweep table when several rates were run.
+
+    Shared rate: final training loss and held-out metric (mean±sd over seeds), each with its
+    paired per-seed difference to plain LoRA (mean, 95% t-interval, wins and losses; a loss wins
+    when lower), steps to reach plain LoRA's final loss, ms per step, overhead, state memory.
+    Sweep: per rate, the metric and the final loss (means over seeds; ``div`` counts diverged runs),
+    each method's best rate and the range of its metric over the rates."""
     by = defaultdict(list)
     for r in runs:
         by[(r.method, r.lr)].append(r)
     methods = list(dict.fromkeys(r.method for r in runs))
     lrs = sorted({r.lr for r in runs})
     base = {r.seed: r for r in by[("lora", shared_lr)]}
-    head = (f"{'method':<15}{'final loss':>14}{metric_name:>14}{'Δ vs LoRA [95% CI] (W L)':>34}{'steps→LoRA':>12}"
-            f"{'ms/step':>9}{'overhead':>9} {'state MB':>10}")
-    if len(lrs) > 1:
-        head += f"{'best lr':>9}{'best ' + metric_name[:8]:>14}{'grid range':>14}"
+    head = (f"{'method':<15}{'final loss':>13}{'Δ loss vs LoRA [95% CI]':>34}{metric_name:>13}"
+            f"{'Δ vs LoRA [95% CI]':>34}{'steps→LoRA':>12}{'ms/step':>10}{'overhead':>9}{'state MB':>9}")
     lines = [head, "-" * len(head)]
     for m in methods:
         rs = by[(m, shared_lr)]
         if rs and all(r.error and not r.losses for r in rs):
-            lines.append(f"{m:<15}  n/a: {rs[0].error[:90]}")
+            lines.append(f"{m:<15}  n/a: {rs[0].error[:100]}")
             continue
-        metric = [r.metric for r in rs]
-        diffs = [r.metric - base[r.seed].metric for r in rs if r.seed in base]
-        delta = "" if m == "lora" or not diffs else paired(diffs)
-        reach = [steps_to(r.losses, base[r.seed].final_loss) if r.seed in base else None for r in rs]
-        reach_s = "" if m == "lora" else ("-" if any(x is None for x in reach) else _ms([float(x) for x in reach]))
+        pairs = [(r, base[r.seed]) for r in rs if r.seed in base]
+        d_loss = "" if m == "lora" or not pairs else paired([r.final_loss - b.final_loss for r, b in pairs], True)
+        d_metric = "" if m == "lora" or not pairs else paired([r.metric - b.metric for r, b in pairs])
+        reach = [steps_to(r.losses, b.final_loss) for r, b in pairs]
+        reach_s = "" if m == "lora" else ("-" if not reach or any(x is None for x in reach)
+                                          else _ms([float(x) for x in reach]))
         ms = [r.ms_per_step for r in rs]
-        base_ms = [base[r.seed].ms_per_step for r in rs if r.seed in base]
+        base_ms = [b.ms_per_step for _, b in pairs]
         over = f"{statistics.fmean(ms) / statistics.fmean(base_ms) - 1:+.0%}" if base_ms and m != "lora" else ""
-        line = (f"{m:<15}{_ms([r.final_loss for r in rs]):>14}{_ms(metric):>14}{delta:>34}{reach_s:>12}"
-                f"{_ms(ms):>9}{over:>9} {_ms([r.state_mb for r in rs]):>10}")
-        if len(lrs) > 1:
-            per_lr = {lr: [r.metric for r in by[(m, lr)] if math.isfinite(r.metric)] for lr in lrs}
-            means = {lr: statistics.fmean(v) if v else float("nan") for lr, v in per_lr.items()}
-            ok = {lr: v for lr, v in means.items() if math.isfinite(v)}
-            if ok:
-                best = max(ok, key=ok.get)
-                rng = f"{min(ok.values()):.3f}-{max(ok.values()):.3f}" + ("" if len(ok) == len(lrs) else "*")
-                line += f"{best:>9g}{ok[best]:>14.3f}{rng:>14}"
-        lines.append(line)
+        lines.append(f"{m:<15}{_ms([r.final_loss for r in rs]):>13}{d_loss:>34}{_ms([r.metric for r in rs]):>13}"
+                     f"{d_metric:>34}{reach_s:>12}{_ms(ms):>10}{over:>9}{_ms([r.state_mb for r in rs]):>9}")
+    if len(lrs) > 1:
+        seeds = min(len(by[(m, lr)]) for m in methods for lr in lrs if by[(m, lr)]) if runs else 0
+        lines += ["", f"stability sweep: {metric_name} / final training loss per learning rate, mean over seeds "
+                      f"(at least {seeds} each; 'div': diverged runs)"]
+        head = f"{'method':<15}" + "".join(f"{'lr ' + format(lr, 'g'):>17}" for lr in lrs) + f"{'best lr':>9}{'range':>14}"
+        lines += [head, "-" * len(head)]
+        for m in methods:
+            cells, means = [], {}
+            for lr in lrs:
+                rs = by[(m, lr)]
+                ok = [r for r in rs if not r.error and math.isfinite(r.metric)]
+                div = sum(bool(r.error) and bool(r.losses) for r in rs)
+                if not ok:
+                    cells.append(f"{'n/a' if not div else f'{div} div':>17}")
+                    continue
+                means[lr] = statistics.fmean(r.metric for r in ok)
+                loss = statistics.fmean(r.final_loss for r in ok)
+                cells.append(f"{means[lr]:.3f} / {loss:.3g}{f' ({div}div)' if div else ''}".rjust(17))
+            if not means:
+                lines.append(f"{m:<15}  n/a")
+                continue
+            best = max(means, key=means.get)
+            rng = f"{min(means.values()):.3f}-{max(means.values()):.3f}" + ("" if len(means) == len(lrs) else "*")
+            lines.append(f"{m:<15}" + "".join(cells) + f"{best:>9g}{rng:>14}")
     return "\n".join(lines)
 
 
