@@ -90,17 +90,7 @@ def main() -> None:
               "square-paper": "  same, paper frame", "keep-paper": "  'keep', paper frame"}
     for lr in args.lr:
         res = {m: [run(m, s, args.steps, lr) for s in range(args.seeds)] for m in methods}
-        print(f"\nAdamW lr={lr:g}, {args.steps} steps, {args.seeds} seeds: final training loss (lower is better)")
-        head = f"{'method':<24} {'mean':>10} {'std':>10} {'paired diff vs LoRA':>22} {'wins':>6}"
-        print(head)
-        print("-" * len(head))
-        for m in methods:
-            v = res[m]
-            d = [a - b for a, b in zip(v, res["lora"])]
-            wins = sum(x < 0 for x in d)
-            sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            dd = f"{statistics.mean(d):+.2e} +- {statistics.stdev(d) if len(d) > 1 else 0:.1e}" if m != "lora" else ""
-            print(f"{labels[m]:<24} {statistics.mean(v):>10.3e} {sd:>10.1e} {dd:>22} {'' if m == 'lora' else f'{wins}/{len(v)}':>6}")
+        _table(f"AdamW lr={lr:g}, {args.steps} steps, {args.seeds} seeds", res, labels)
 
 
 def _stdev(v: list[float]) -> float:
@@ -111,23 +101,26 @@ def _stdev(v: list[float]) -> float:
     return statistics.stdev(v)
 
 
+def _table(title: str, res: dict[str, list[float]], labels: dict[str, str]) -> None:
+    """Final loss mean and std per method, its paired per-seed difference to plain LoRA and wins."""
+    print(f"\n{title}: final training loss (lower is better)")
+    head = f"{'method':<24} {'mean':>10} {'std':>10} {'paired diff vs LoRA':>22} {'wins':>6}"
+    print(head)
+    print("-" * len(head))
+    for m, label in labels.items():
+        v = res[m]
+        d = [a - b for a, b in zip(v, res["lora"])]
+        wins = sum(x < 0 for x in d)
+        dd = f"{statistics.mean(d):+.2e} +- {_stdev(d):.1e}" if m != "lora" else ""
+        print(f"{label:<24} {statistics.mean(v):>10.3e} {_stdev(v):>10.1e} {dd:>22} {'' if m == 'lora' else f'{wins}/{len(v)}':>6}")
+
+
 def sgd_main(args: argparse.Namespace) -> None:
     methods = ["lora", "full/gradient", "full/parameter", "scalar/gradient", "scalar/parameter"]
     for lr in args.lr or [0.01, 0.03, 0.1]:
         res = {m: [run(m, s, args.steps, lr, "sgd", args.momentum) for s in range(args.seeds)] for m in methods}
-        print(f"\nSGD momentum={args.momentum:g} lr={lr:g}, {args.steps} steps, {args.seeds} seeds: "
-              "final training loss (lower is better)")
-        head = f"{'method':<24} {'mean':>10} {'std':>10} {'paired diff vs LoRA':>22} {'wins':>6}"
-        print(head)
-        print("-" * len(head))
-        for m in methods:
-            v = res[m]
-            d = [a - b for a, b in zip(v, res["lora"])]
-            wins = sum(x < 0 for x in d)
-            sd = _stdev(v)
-            dd = f"{statistics.mean(d):+.2e} +- {_stdev(d):.1e}" if m != "lora" else ""
-            label = "plain LoRA" if m == "lora" else m
-            print(f"{label:<24} {statistics.mean(v):>10.3e} {sd:>10.1e} {dd:>22} {'' if m == 'lora' else f'{wins}/{len(v)}':>6}")
+        _table(f"SGD momentum={args.momentum:g} lr={lr:g}, {args.steps} steps, {args.seeds} seeds", res,
+               {m: "plain LoRA" if m == "lora" else m for m in methods})
 
 
 if __name__ == "__main__":
