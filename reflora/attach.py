@@ -363,11 +363,9 @@ def _resolve_auto(
     opt: torch.optim.Optimizer, zero: Any, pairs: list[LoRAPair], variant: str, solver: str, second_moment: str
 ) -> Literal["gradient", "parameter"]:
     """``space="auto"``: :func:`default_space`, then the pair-level fallbacks it documents."""
-    if zero is not None:
+    if zero is not None or default_space(opt) == "gradient":
         return "gradient"
     transport = get_state_transport(opt)
-    if transport is None or not _keeps_second_moments(transport):
-        return "gradient"
     if getattr(transport, "spec", None) is None and any_sharded(pairs):
         return "gradient"  # attach refuses function transports on sharded factors
     if solver == "newton_schulz" and variant == "full" and any(p.shape[0] > min(p.shape[1], p.shape[2]) for p in pairs):
