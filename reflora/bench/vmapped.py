@@ -48,12 +48,12 @@ class _LossModule(nn.Module):
         return self._loss(self.model, batch)
 
 
-def _optimizer(method: str, wrap: nn.Module, lr: float) -> reflora.func.FunctionalOptimizer:
+def _optimizer(method: str, pairs: tuple, lr: float) -> reflora.func.FunctionalOptimizer:
     """The :mod:`reflora.func` twin of :func:`reflora.bench.methods.make_optimizer`'s ``method``."""
     if method == "lora":
         return reflora.func.adamw(None, lr=lr, weight_decay=0.0)
     variant, space = _MODES[method]
-    return reflora.func.adamw(reflora.func.pairs_of(wrap), lr=lr, weight_decay=0.0, variant=variant, space=space)
+    return reflora.func.adamw(pairs, lr=lr, weight_decay=0.0, variant=variant, space=space)
 
 
 def _imbalance(params: dict[str, torch.Tensor], keys: list[tuple[str, str]]) -> torch.Tensor:
@@ -96,8 +96,9 @@ def _program(task: Task, method: str, lrs: list[float], seed: int, steps: int) -
     model = task.build(seed)
     model.train()
     wrap = _LossModule(model, task.loss)
-    opt = _optimizer(method, wrap, lrs[0])
-    keys = [(p.A, p.B) for p in reflora.func.pairs_of(wrap)]
+    pairs = reflora.func.pairs_of(wrap)  # discovery once: the optimizer's pairs and the imbalance keys
+    opt = _optimizer(method, pairs, lrs[0])
+    keys = [(p.A, p.B) for p in pairs]
     n = len(lrs)
     params = {k: v.detach().unsqueeze(0).expand(n, *v.shape).clone() for k, v in wrap.named_parameters()
               if v.requires_grad}
