@@ -8,6 +8,10 @@
     config, with LoRA (r = 16) on the same five targets, without RefLoRA and with each mode.
     Modes are interleaved step by step, in a shuffled order each round, so drift hits all alike; besides the end-to-end
     ratio (noisy on a shared CPU) the time spent inside RefLoRA's hook is measured directly.
+(c) The hook's fixed cost on a small model: a PEFT MLP (6 LoRA'd Linear(256, 256), r = 4) whose
+    whole step takes a few ms, every mode against plain AdamW, interleaved; with the hook's own
+    time inside the steps and back to back.
+(d) ``reflora bench``'s graph and vision tasks: one training step per method, interleaved.
 
 Run: ``python benchmarks/overhead.py`` (``--help`` for sizes). Prints tables; writes nothing.
 """
@@ -189,12 +193,45 @@ def training_step(rank: int, repeats: int, layers: int, seq: int, batch: int) ->
         print(f"{'-'.join(mode):<26} {t * 1e3:>12.0f}ms {t / base_t - 1:>+8.1%} {hk * 1e3:>12.2f}ms {hk / base_t:>11.2%}")
 
 
+def _interleaved(runs: dict, repeats: int, warmup: int = 5) -> dict:
+    """Step every ``runs[key] = step_fn`` ``repeats`` times in a shuffled round-robin (machine drift
+    hits all alike); ``{key: median step seconds}``."""
+    times: dict = {k: [] for k in runs}
+    order = list(runs)
+    rng = random.Random(0)
+    for rep in range(repeats + warmup):
+        rng.shuffle(order)
+        for key in order:
+            t0 = time.perf_counter()
+            runs[key]()
+            if rep >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _hook_timer(handle) -> list[float]:
+    """Time ``handle``'s pre-hook inside every optimizer step from now on; returns the list it fills."""
+    spent: list[float] = []
+    inner = handle._pre_hook
+
+    def timed(o, a, k):
+        t0 = time.perf_counter()
+        inner(o, a, k)
+        spent.append(time.perf_counter() - t0)
+
+    handle._hooks[0].remove()
+    handle._hooks[0] = handle.optimizer.register_step_pre_hook(timed)
+    return spent
+
+
 def small_model(repeats: int, width: int = 256, batch: int = 256, r: int = 4, compile_kernel: bool = False) -> dict:
     """(c) the hook's fixed cost: a PEFT MLP with 6 LoRA'd linear maps of one shape, a step of a few ms.
 
     Every mode trains its own copy of the same model; the copies step in a shuffled round-robin
     so that machine drift hits them alike; the median step time of each is compared with plain
-    AdamW's. Returns ``{mode: ratio}``.
+    AdamW's. Besides, the pre-hook's own time is taken inside the training steps and when it is
+    called back to back (the same work, caches warm): the difference is what tiny ops cost after
+    a forward and backward pass have evicted the caches. Returns ``{mode: ratio}``.
     """
     import copy
 
@@ -209,42 +246,74 @@ def small_model(repeats: int, width: int = 256, batch: int = 256, r: int = 4, co
     model0 = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=names))
     x = torch.randn(batch, width)
     y = torch.randn(batch, width)
-    runs = {}
+    runs, handles, in_step = {}, {}, {}
     for mode in [None, *MODES]:
         model = copy.deepcopy(model0)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         if mode is not None:
-            reflora.attach(opt, model, variant=mode[0], space=mode[1], compile=compile_kernel)
+            handles[mode] = reflora.attach(opt, model, variant=mode[0], space=mode[1], compile=compile_kernel)
+            in_step[mode] = _hook_timer(handles[mode])
 
         def step(model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
             (model(x) - y).square().mean().backward()
             opt.step()
 
-        runs[mode] = (step, [])
-    order = list(runs)
-    rng = random.Random(0)
-    for rep in range(repeats + 5):
-        rng.shuffle(order)
-        for mode in order:
-            step, ts = runs[mode]
-            t0 = time.perf_counter()
-            step()
-            if rep >= 5:  # warm-up rounds
-                ts.append(time.perf_counter() - t0)
-    base_t = statistics.median(runs[None][1])
+        runs[mode] = step
+    med = _interleaved(runs, repeats)
+    base_t = med[None]
     label = " (compile=True)" if compile_kernel else ""
     print(f"\n(c) fixed cost{label}: PEFT MLP, 6 LoRA'd Linear({width}, {width}), r={r}, batch {batch}, AdamW, "
           f"{repeats} interleaved steps per mode")
-    head = f"{'mode':<26} {'step (median)':>14} {'vs AdamW':>9}"
+    head = f"{'mode':<26} {'step (median)':>14} {'vs AdamW':>9} {'hook in step':>13} {'hook back to back':>18}"
     print(head + "\n" + "-" * len(head))
     print(f"{'AdamW (no hook)':<26} {base_t * 1e3:>12.2f}ms {'':>9}")
     ratios = {}
     for mode in MODES:
-        t = statistics.median(runs[mode][1])
-        ratios[mode] = t / base_t
-        print(f"{'-'.join(mode):<26} {t * 1e3:>12.2f}ms {t / base_t:>8.2f}x")
+        h = handles[mode]
+        hot = []
+        with torch.no_grad():
+            for _ in range(50):  # the same call, again and again: caches warm
+                t0 = time.perf_counter()
+                h._pre_hook(h.optimizer, (), {})
+                hot.append(time.perf_counter() - t0)
+        ratios[mode] = med[mode] / base_t
+        hk = statistics.median(in_step[mode][5:])
+        print(f"{'-'.join(mode):<26} {med[mode] * 1e3:>12.2f}ms {ratios[mode]:>8.2f}x {hk * 1e6:>11.0f}us "
+              f"{statistics.median(hot[5:]) * 1e6:>16.0f}us")
     return ratios
+
+
+def bench_tasks(repeats: int, names: list[str]) -> dict:
+    """(d) ``reflora bench``'s own tasks, one training step per method, interleaved (the bench's
+    ``--full`` runs them one after another, where machine drift enters the ratios)."""
+    from reflora.bench.methods import METHODS, make_optimizer
+    from reflora.bench.tasks import TASKS
+
+    out = {}
+    methods = ["lora", "reflora", "reflora-param", "reflora-s", "reflora-s-grad"]
+    for name in names:
+        task = TASKS[name]()
+        runs = {}
+        for method in methods:
+            model = task.build(0)
+            opt, _ = make_optimizer(method, model, task.shared_lr)
+            batches = task.batches(0)
+
+            def step(model=model, opt=opt, batches=batches):
+                opt.zero_grad(set_to_none=True)
+                task.loss(model, next(batches)).backward()
+                opt.step()
+
+            runs[method] = step
+        med = _interleaved(runs, repeats)
+        print(f"\n(d) bench task {name!r}: one training step per method, {repeats} interleaved steps each")
+        head = f"{'method':<16} {'step (median)':>14} {'vs LoRA':>9}"
+        print(head + "\n" + "-" * len(head))
+        for method in methods:
+            print(f"{method:<16} {med[method] * 1e3:>12.2f}ms {med[method] / med['lora'] - 1:>+8.1%}")
+        out[name] = {m: med[m] / med["lora"] for m in methods}
+    return out
 
 
 def main() -> None:
@@ -257,8 +326,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--skip-model", action="store_true", help="run (a) only")
     ap.add_argument("--device", default="cpu", help="device for (a), e.g. cuda (default cpu)")
-    ap.add_argument("--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
-                    help="(a) hook alone at LLaMA-7B shapes, (b) 110M Llama training step, (c) small-model fixed cost")
+    ap.add_argument("--sections", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"],
+                    help="(a) hook alone at LLaMA-7B shapes, (b) 110M Llama training step, (c) small-model fixed "
+                         "cost, (d) the bench's graph and vision tasks")
+    ap.add_argument("--tasks", nargs="+", default=["graph", "vision"], help="bench tasks for (d)")
+    ap.add_argument("--task-repeats", type=int, default=100, help="steps per method in (d)")
     ap.add_argument("--small-repeats", type=int, default=200, help="steps per mode in (c)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -269,6 +341,8 @@ def main() -> None:
         training_step(16, args.repeats, args.model_layers, args.seq, args.batch)
     if "c" in args.sections and not args.skip_model:
         small_model(args.small_repeats)
+    if "d" in args.sections and not args.skip_model:
+        bench_tasks(args.task_repeats, args.tasks)
 
 
 if __name__ == "__main__":

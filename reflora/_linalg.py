@@ -75,7 +75,7 @@ def _live_basis(X: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tenso
     # eigh reads the lower triangle; X and Y are symmetric Grams, and M is symmetric to round-off
     lam_a, V_a = torch.linalg.eigh(X)
     lam_a = lam_a.clamp_min(0.0)
-    Z0 = V_a * lam_a.sqrt()[..., None, :]
+    Z0 = V_a * lam_a.sqrt().unsqueeze(-2)
     sig2, V_m = torch.linalg.eigh(mm(mm(Z0.mT, Y), Z0))
     sig2 = sig2.clamp_min(0.0)
     scale = eps * lam_a[..., -1:] * Y.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
@@ -91,36 +91,41 @@ def _separated(lam_a: Tensor, sig2: Tensor, live: Tensor) -> Tensor:
     cond = (lam_a[..., -1] * sig[..., -1]) / (lam_a[..., 0] * sig[..., 0])
     gap = sig.diff(dim=-1).amin(-1) if sig.shape[-1] > 1 else sig[..., 0]
     tau = (_GAP_PER_COND * cond).clamp(_GAP_MIN, 1.0)
-    return live.all(-1) & (gap >= tau * sig.mean(-1))
+    # live is monotone in the ascending sig2: every direction is live iff the smallest is
+    return live[..., 0] & (gap >= tau * sig.mean(-1))
 
 
 def live_metric(
-    X: Tensor, Y: Tensor, eps: float, frame: str | None
+    X: Tensor, Y: Tensor, eps: float, frame: str | None, metric: bool = True
 ) -> tuple[tuple[Tensor, ...], Tensor]:
     r"""The kernel for pairs whose directions are all live: two eigendecompositions, no third.
 
     Returns ``(out, ok)``: ``out`` is ``(left, right, S, S_inv)`` in the paper frame
-    (``frame="paper"``) or ``(S, S_inv)`` (``frame=None``: gradient space), and ``ok`` says per
-    pair whether that answer is the one :func:`balanced_metric` defines (``out`` is meaningless
-    where it is False: a dead direction, or for the paper frame, singular values too close for the
-    exact eigenbasis, where ``balanced_metric`` applies its tie-breaker). With every direction
-    live, ``Z`` is invertible and (``Sigma = diag(sigma)``)::
+    (``frame="paper"``; ``(left, right)`` with ``metric=False``) or ``(S, S_inv)``
+    (``frame=None``: gradient space), and ``ok`` says per pair whether that answer is the one
+    :func:`balanced_metric` defines (``out`` is meaningless where it is False: a dead direction,
+    or for the paper frame, singular values too close for the exact eigenbasis, where
+    ``balanced_metric`` applies its tie-breaker). With every direction live, ``Z`` is invertible
+    and (``Sigma = diag(sigma)``)::
 
         R = Z Sigma^{-1/2},  L = Sigma^{-3/2} Z^T Y = R^{-1},  S = L^T L,  S^{-1} = R R^T
 
     and ``(left, right) = (L, R)`` is the paper's closed form (``A' A'^T = B'^T B' = Sigma``),
     ordered by descending ``sigma`` with the sign rule of :func:`balanced_metric`. The inputs must
-    be finite. The caller decides with ``ok`` (a host sync), so this is for eager use.
+    be finite. The caller decides with ``ok`` (a host sync), so this is for eager use; it is the
+    eager hook's hot path, hence written with as few (tiny, launch-bound) ops as it can.
     """
     lam_a, sig2, Z, live = _live_basis(X, Y, eps)
-    ok = live.all(-1) if frame is None else _separated(lam_a, sig2, live)
-    R = Z * sig2.pow(-0.25)[..., None, :]  # (not-ok pairs may get inf / NaN here: discarded)
-    Lt = mm(Y, Z) * sig2.pow(-0.75)[..., None, :]  # L^T
-    S, S_inv = mm(Lt, Lt.mT), mm(R, R.mT)
+    ok = live[..., 0] if frame is None else _separated(lam_a, sig2, live)
+    w = sig2.pow(-0.25).unsqueeze(-2)  # (not-ok pairs may get inf / NaN here: discarded)
+    R = Z * w
+    Lt = mm(Y, Z) * w.pow(3)  # L^T
     if frame is None:
-        return (S, S_inv), ok
+        return (mm(Lt, Lt.mT), mm(R, R.mT)), ok
     left, right = _canonical_signs(Lt.mT.flip(-2), R.flip(-1))
-    return (left, right, S, S_inv), ok
+    if not metric:
+        return (left, right), ok
+    return (left, right, mm(Lt, Lt.mT), mm(R, R.mT)), ok
 
 
 def balanced_metric(

@@ -183,38 +183,47 @@ def _scalars_in_place(chunks: list[tuple[list[Tensor], Tensor]]) -> bool:
     return len({(x.dtype, x.device) for x in xs}) == 1 and xs[0].dtype in (torch.float32, torch.float64)
 
 
-def _apply_many(side: str, chunks: list[tuple[list[Tensor], Tensor]], gate: Tensor | None = None) -> None:
-    """``x <- T[i] @ x`` (``side="left"``) or ``x <- x @ T[i]`` (``"right"``) for every chunk
-    ``(xs, T)`` of same-shape tensors; a scalar ``T`` (``(G, [E,] 1, 1)``) multiplies.
+def _apply_many(
+    left: list[tuple[list[Tensor], Tensor]],
+    right: list[tuple[list[Tensor], Tensor]] = (),  # type: ignore[assignment]
+    gate: Tensor | None = None,
+) -> None:
+    """``x <- T[i] @ x`` for every chunk ``(xs, T)`` of ``left`` and ``x <- x @ T[i]`` for every
+    chunk of ``right`` (``xs`` of one shape per chunk; a scalar ``T``, ``(G, [E,] 1, 1)``, multiplies).
 
-    Small tensors (launch-bound) of one dtype go through one stacked product for all chunks
-    (factors, gradients and optimizer state of a group together), large ones one at a time.
+    Small tensors (launch-bound) go through one stacked product per ``(dtype, device, shape)``
+    for everything at once (factors, gradients and optimizer state, every group, both sides: a
+    right product ``x T`` is done as ``(T^T x^T)^T`` on the transposed view), large ones
+    (bandwidth-bound) one at a time, in place of a copy of the whole group.
     """
-    chunks = [(xs, T) for xs, T in chunks if xs]
+    chunks = [("left", xs, T) for xs, T in left if xs] + [("right", xs, T) for xs, T in right if xs]
     if not chunks:
         return
-    scalar = chunks[0][1].shape[-1] == 1
-    if gate is None and _scalars_in_place(chunks):
+    as_left = [(xs, T) for _, xs, T in chunks]
+    if gate is None and _scalars_in_place(as_left):
         # one scalar per tensor: every chunk (any shapes, any groups) multiplied in place by one
         # foreach call, in float32 or wider; nothing stacked or copied back
-        T = torch.cat([T.flatten() for _, T in chunks]).to(chunks[0][0][0].dtype)
-        torch._foreach_mul_([x for xs, _ in chunks for x in xs], list(T.unbind(0)))
+        T = torch.cat([T.flatten() for _, T in as_left]).to(as_left[0][0][0].dtype)
+        torch._foreach_mul_([x for xs, _ in as_left for x in xs], list(T.unbind(0)))
         return
-    if chunks[0][0][0].numel() > _STACK_MAX_NUMEL:
-        for xs, T in chunks:
+    buckets: dict[tuple, list[tuple[list[Tensor], Tensor]]] = defaultdict(list)
+    for side, xs, T in chunks:
+        if xs[0].numel() > _STACK_MAX_NUMEL:
+            scalar = T.shape[-1] == 1
             for t, x in zip(_apply_dtype(T, xs[0]).unbind(0), xs):  # no second copy of the group
                 y = x.to(t.dtype)
-                _copy_gated([x], [t * y if scalar else (t @ y if side == "left" else y @ t)], gate)
-        return
-    by_dtype: dict[torch.dtype, list[tuple[list[Tensor], Tensor]]] = defaultdict(list)
-    for xs, T in chunks:
-        by_dtype[xs[0].dtype].append((xs, T))
-    for group in by_dtype.values():
+                new = t * y if scalar else (t @ y if side == "left" else y @ t)
+                _copy_gated([x], [new], None if gate is None else gate.to(x.device))
+            continue
+        if side == "right" and T.shape[-1] != 1:
+            xs, T = [x.mT for x in xs], T.mT  # x T = (T^T x^T)^T, written through the transposed view
+        buckets[(xs[0].dtype, xs[0].device, xs[0].shape, T.shape[-1] == 1)].append((xs, T))
+    for (_, device, _, scalar), group in buckets.items():
         xs = [x for chunk, _ in group for x in chunk]
         T = _apply_dtype(torch.cat([T for _, T in group]) if len(group) > 1 else group[0][1], xs[0])
         X = torch.stack(xs).to(T.dtype)
-        out = T * X if scalar else (mm(T, X) if side == "left" else mm(X, T))
-        _copy_gated(xs, list(out.unbind(0)), gate)
+        out = T * X if scalar else mm(T, X)
+        _copy_gated(xs, list(out.unbind(0)), None if gate is None else gate.to(device))
 
 
 # ------------------------------------------------------------------------------- compile=True
@@ -712,9 +721,9 @@ class RefLoRAHandle:
         return [i for i in group if self.pairs[i].A.grad is not None and self.pairs[i].B.grad is not None]
 
     def _kernel_call(self, X: Tensor, Y: Tensor, transform: bool) -> tuple[Tensor, ...]:
-        """The r x r kernel on a stack of Grams: ``(left, right, S, S^{-1})`` if ``transform``,
-        else ``(S, S^{-1})`` (gradient space: the frame does not enter ``S``, so the paper frame's
-        rotation and Newton-Schulz's square roots are skipped).
+        """The r x r kernel on a stack of Grams: the transform ``(left, right)`` if ``transform``
+        (parameter space), else ``(S, S^{-1})`` (gradient space: the frame does not enter ``S``,
+        so the paper frame's rotation and Newton-Schulz's square roots are skipped).
 
         Traced (inside an outer ``torch.compile``): the general kernel, traced into that graph.
         ``compile=True``: the per-key compiled kernel. Eager on CPU with ``eigh``:
@@ -725,18 +734,20 @@ class RefLoRAHandle:
         eps = self._eps_for(X.dtype)
         frame, solver = self.frame, self.solver
         if torch.compiler.is_compiling():
-            return full_kernel(X, Y, eps, frame, solver) if transform else metric_kernel(X, Y, eps, solver)
+            return full_kernel(X, Y, eps, frame, solver)[:2] if transform else metric_kernel(X, Y, eps, solver)
         if self.compiled:
             out = compiled_full_kernel(X, Y, eps, frame if transform else "symmetric", solver)
-            return out if transform else out[2:]
+            return out[:2] if transform else out[2:]
         if solver == "eigh" and X.device.type == "cpu" and (frame == "paper" or not transform):
             if transform:
-                return eager_kernel(X, Y, eps, "paper", lambda x, y: full_kernel(x, y, eps, "paper", solver))
+                return eager_kernel(
+                    X, Y, eps, "paper", lambda x, y: full_kernel(x, y, eps, "paper", solver)[:2], metric=False
+                )
             return eager_kernel(X, Y, eps, None, lambda x, y: metric_kernel(x, y, eps, solver))
-        return full_kernel(X, Y, eps, frame, solver) if transform else metric_kernel(X, Y, eps, solver)
+        return full_kernel(X, Y, eps, frame, solver)[:2] if transform else metric_kernel(X, Y, eps, solver)
 
     def _metrics(self, jobs: list[list[LoRAPair]], transform: bool) -> list[tuple[Tensor, ...]]:
-        """Per group of ``jobs``: ``(left, right, S, S^{-1})`` if ``transform`` else ``(S, S^{-1})``,
+        """Per group of ``jobs``: ``(left, right)`` if ``transform`` else ``(S, S^{-1})``,
         ``(G, r, r)`` (``(G, 1, 1)`` for the scalar variant; experts add a dimension, ``(G, E, ., .)``).
 
         The kernel depends on the Grams only, so groups whose Grams have the same shape (same
@@ -760,7 +771,7 @@ class RefLoRAHandle:
             Y = stats[ks[0]][1] if len(ks) == 1 else torch.cat([stats[k][1] for k in ks])
             if self.variant == "scalar":
                 left, right = scalar_kernel(X, Y)
-                res: tuple[Tensor, ...] = (left, right, *metric(left, right)) if transform else metric(left, right)
+                res: tuple[Tensor, ...] = (left, right) if transform else metric(left, right)
             else:
                 res = self._kernel_call(X, Y, transform)
             if len(ks) == 1:
@@ -784,7 +795,8 @@ class RefLoRAHandle:
                 fresh = gate is not None or refresh or any(i not in self._cached_pairs() for i in members)
                 work.append((g, group, members, [self.pairs[i] for i in members], fresh))
         fresh_metrics = iter(self._metrics([w[3] for w in work if w[4]], transform=False))
-        todo: list[tuple[str, tuple[list[Tensor], Tensor], Tensor | None]] = []
+        on_a: list[tuple[list[Tensor], Tensor]] = []
+        on_b: list[tuple[list[Tensor], Tensor]] = []
         for g, group, members, pairs, fresh in work:
             bufs = None if self._bufs is None else self._bufs[g]
             if gate is not None:
@@ -813,14 +825,11 @@ class RefLoRAHandle:
                 else:
                     pos = [group.index(i) for i in members]
                     S, S_inv = bufs[0][pos], bufs[1][pos]
-            todo.append(("left", ([p.grad_a() for p in pairs], S_inv), gate))  # S^{-1} grad_A
-            todo.append(("right", ([p.grad_b() for p in pairs], S), gate))  # grad_B S
-        chunks = [chunk for _, chunk, _ in todo if chunk[0]]
-        if gate is None and chunks and _scalars_in_place(chunks):
-            _apply_many("left", chunks)  # the scalar variant: one foreach call for the whole model
-            return
-        for side, chunk, g in todo:
-            _apply_many(side, [chunk], g)
+            on_a.append(([p.grad_a() for p in pairs], S_inv))  # S^{-1} grad_A
+            on_b.append(([p.grad_b() for p in pairs], S))  # grad_B S
+        # one call for the whole model: a stacked product per tensor shape (one in-place foreach
+        # product for the scalar variant)
+        _apply_many(on_a, on_b, gate)
 
     @staticmethod
     def _traced_cache(
@@ -860,7 +869,7 @@ class RefLoRAHandle:
         jobs = [[self.pairs[i] for i in self._members(group)] for group in self._groups]
         jobs = [pairs for pairs in jobs if pairs]
         plans, unfolded = [], []
-        for pairs, (left, right, _, _) in zip(jobs, self._metrics(jobs, transform=True)):
+        for pairs, (left, right) in zip(jobs, self._metrics(jobs, transform=True)):
             # A' = P^T A = left A, B' = B P^{-T} = B right; gradients and first moments are
             # covectors: P^{-1} g_A = right^T g_A, g_B P = g_B left^T (the scalar variant: p, 1/p)
             on_a = [([p.a() for p in pairs], left), ([p.grad_a() for p in pairs], right.mT)]
@@ -871,19 +880,13 @@ class RefLoRAHandle:
                 unfolded.extend(pairs)
         if unfolded:
             self._check_state(unfolded)
-        every = [c for plan in plans for c in plan[3] + plan[4] if c[0]]
-        if gate is None and every and _scalars_in_place(every):
-            # the scalar variant: foreach takes any shapes, so one call refactors the whole model
-            _apply_many("left", every)
-            plans = [(pairs, left, right, [], [], folded) for pairs, left, right, _, _, folded in plans]
-        for pairs, left, right, on_a, on_b, folded in plans:
-            g = None if gate is None else gate.to(pairs[0].A.device)
-            _apply_many("left", on_a, g)
-            _apply_many("right", on_b, g)
+        # every group's factors, gradients and folded state in one call (see _apply_many)
+        _apply_many([c for plan in plans for c in plan[3]], [c for plan in plans for c in plan[4]], gate)
+        for pairs, left, right, _, _, folded in plans:
             if not folded:
                 # the state moves in float32 (or wider), like the factors and gradients
                 T = Transform(_apply_dtype(left, pairs[0].A), _apply_dtype(right, pairs[0].A))
-                self._transport_state(pairs, T, g)
+                self._transport_state(pairs, T, None if gate is None else gate.to(pairs[0].A.device))
 
     def _state_chunks(
         self, pairs: list[LoRAPair], left: Tensor, right: Tensor,

@@ -68,12 +68,18 @@ class ShardingError(ValueError):
     """A factor's sharding cannot be used by the requested RefLoRA mode (the message says why)."""
 
 
-def _dtensor_type() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
+_DTENSOR: list[type | None] = []  # the DTensor class (or None), imported once: the hook asks per tensor
 
-    return DTensor
+
+def _dtensor_type() -> type | None:
+    if not _DTENSOR:
+        if torch.distributed.is_available():
+            from torch.distributed.tensor import DTensor
+
+            _DTENSOR.append(DTensor)
+        else:
+            _DTENSOR.append(None)
+    return _DTENSOR[0]
 
 
 def is_dtensor(t: Any) -> bool:

@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_overhead  # noqa: E402
+import overhead  # noqa: E402
 
 
 def test_gpu_overhead_runs_small_on_cpu(capsys) -> None:
@@ -30,6 +31,21 @@ def test_gpu_overhead_runs_small_on_cpu(capsys) -> None:
             assert cell.endswith("ms") and math.isfinite(float(cell[:-2]))
         assert compiled == "nanms"  # --compile-ranks given empty: no compiled rows
         assert share.endswith("%")
+
+
+def test_overhead_small_model_and_bench_task_sections_run_small(capsys) -> None:
+    """Sections (c) and (d) of benchmarks/overhead.py: a row per mode with finite times."""
+    pytest.importorskip("torch_geometric")
+    ratios = overhead.small_model(3, width=16, batch=4)
+    assert set(ratios) == set(overhead.MODES) and all(math.isfinite(v) and v > 0 for v in ratios.values())
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("full-", "scalar-"))]
+    assert [r[0] for r in rows] == ["-".join(m) for m in overhead.MODES]
+    for r in rows:
+        assert r[1].endswith("ms") and r[3].endswith("us") and r[4].endswith("us")
+    task = overhead.bench_tasks(2, ["graph"])["graph"]
+    assert set(task) == {"lora", "reflora", "reflora-param", "reflora-s", "reflora-s-grad"}
+    assert task["lora"] == 1.0 and all(math.isfinite(v) and v > 0 for v in task.values())
 
 
 @pytest.mark.distributed
