@@ -37,15 +37,57 @@ def test_overhead_small_model_and_bench_task_sections_run_small(capsys) -> None:
     """Sections (c) and (d) of benchmarks/overhead.py: a row per mode with finite times."""
     pytest.importorskip("torch_geometric")
     ratios = overhead.small_model(3, width=16, batch=4)
-    assert set(ratios) == set(overhead.MODES) and all(math.isfinite(v) and v > 0 for v in ratios.values())
+    floors = [("floor", "gradient"), ("floor", "parameter")]
+    assert set(ratios) == {*overhead.MODES, *floors} and all(math.isfinite(v) and v > 0 for v in ratios.values())
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith(("full-", "scalar-"))]
     assert [r[0] for r in rows] == ["-".join(m) for m in overhead.MODES]
     for r in rows:
         assert r[1].endswith("ms") and r[3].endswith("us") and r[4].endswith("us")
+    assert sum(line.startswith("minimal hook, full-") for line in out.splitlines()) == 2
     task = overhead.bench_tasks(2, ["graph"])["graph"]
     assert set(task) == {"lora", "reflora", "reflora-param", "reflora-s", "reflora-s-grad"}
     assert task["lora"] == 1.0 and all(math.isfinite(v) and v > 0 for v in task.values())
+
+
+@pytest.mark.parametrize("space", ["gradient", "parameter"])
+def test_overhead_minimal_hook_does_the_same_work_as_attach(space) -> None:
+    """Section (c)'s floor is only a floor if it computes what attach does: on a live PEFT model
+    (B != 0, every direction live) both give the same factors, gradients and Adam moments."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    import reflora
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    model0 = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2", "4"]))
+    x, y = torch.randn(16, 32), torch.randn(16, 32)
+    opt0 = torch.optim.AdamW([p for p in model0.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):
+        opt0.zero_grad()
+        (model0(x) - y).square().mean().backward()
+        opt0.step()
+    out = {}
+    for how in ("plain", "attach", "floor"):
+        model = copy.deepcopy(model0)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        opt.load_state_dict(copy.deepcopy(opt0.state_dict()))  # (load_state_dict shares the tensors)
+        if how == "attach":
+            reflora.attach(opt, model, variant="full", space=space)
+        elif how == "floor":
+            overhead.minimal_hook(model, opt, space)
+        for _ in range(3):
+            opt.zero_grad()
+            (model(x) - y).square().mean().backward()
+            opt.step()
+        out[how] = [t for p in model.parameters() if p.requires_grad
+                    for t in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])]
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(out["attach"], out["floor"]))
+    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(out["attach"], out["plain"]))
 
 
 @pytest.mark.distributed
