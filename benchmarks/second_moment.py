@@ -10,7 +10,9 @@ Prints final loss mean +- std over seeds and the paired per-seed difference to p
 
 ``--optimizer sgd`` runs the same problem under ``torch.optim.SGD`` (``--momentum``, default 0.9)
 and compares the four modes (full / scalar x gradient / parameter space) with plain LoRA instead:
-the evidence behind ``space="auto"``'s choice for SGD-like optimizers. With ``--momentum 0`` the
+the evidence behind ``space="auto"``'s choice for SGD-like optimizers. ``--optimizer rmsprop``
+does the same under ``torch.optim.RMSprop`` (``--momentum``, default 0), which ``space="auto"``
+counts as Adam-like (element-wise second moments). With ``--momentum 0`` the
 two spaces give the same product ``B A`` (the refactor's frame cancels), so their rows agree up
 to round-off: a sanity check.
 
@@ -50,6 +52,8 @@ def run(method: str, seed: int, steps: int, lr: float, optimizer: str = "adamw",
     params = [p for ab in pairs for p in ab]
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    elif optimizer == "rmsprop":
+        opt = torch.optim.RMSprop(params, lr=lr, momentum=momentum)
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if "/" in method:  # "variant/space"; parameter space in its default (paper) frame and "square" rule
@@ -75,13 +79,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", type=float, nargs="+", default=None,
-                    help="learning rates (default: 3e-3 1e-2 3e-2 for adamw, 0.01 0.03 0.1 for sgd)")
-    ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    ap.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (--optimizer sgd only)")
+                    help="learning rates (default: 3e-3 1e-2 3e-2 for adamw and rmsprop, 0.01 0.03 0.1 for sgd)")
+    ap.add_argument("--optimizer", choices=("adamw", "sgd", "rmsprop"), default="adamw")
+    ap.add_argument("--momentum", type=float, default=None,
+                    help="momentum of SGD (default 0.9) or RMSprop (default 0); not for adamw")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.optimizer == "sgd":
-        sgd_main(args)
+    if args.optimizer != "adamw":
+        modes_main(args)
         return
     args.lr = args.lr or [3e-3, 1e-2, 3e-2]
     methods = ["lora", "gradient", "square", "keep", "reset", "square-paper", "keep-paper"]
@@ -115,11 +120,15 @@ def _table(title: str, res: dict[str, list[float]], labels: dict[str, str]) -> N
         print(f"{label:<24} {statistics.mean(v):>10.3e} {_stdev(v):>10.1e} {dd:>22} {'' if m == 'lora' else f'{wins}/{len(v)}':>6}")
 
 
-def sgd_main(args: argparse.Namespace) -> None:
+def modes_main(args: argparse.Namespace) -> None:
+    """The four modes against plain LoRA under SGD or RMSprop."""
     methods = ["lora", "full/gradient", "full/parameter", "scalar/gradient", "scalar/parameter"]
-    for lr in args.lr or [0.01, 0.03, 0.1]:
-        res = {m: [run(m, s, args.steps, lr, "sgd", args.momentum) for s in range(args.seeds)] for m in methods}
-        _table(f"SGD momentum={args.momentum:g} lr={lr:g}, {args.steps} steps, {args.seeds} seeds", res,
+    sgd = args.optimizer == "sgd"
+    momentum = args.momentum if args.momentum is not None else (0.9 if sgd else 0.0)
+    name = "SGD" if sgd else "RMSprop"
+    for lr in args.lr or ([0.01, 0.03, 0.1] if sgd else [3e-3, 1e-2, 3e-2]):
+        res = {m: [run(m, s, args.steps, lr, args.optimizer, momentum) for s in range(args.seeds)] for m in methods}
+        _table(f"{name} momentum={momentum:g} lr={lr:g}, {args.steps} steps, {args.seeds} seeds", res,
                {m: "plain LoRA" if m == "lora" else m for m in methods})
 
 

@@ -333,7 +333,8 @@ def default_space(optimizer: Any) -> Literal["gradient", "parameter"]:
     ============================================  ===============  ==================================
     registered transport with second moments      ``"parameter"``  AdamW, full variant: refactoring
     (Adam, AdamW, NAdam, RAdam, RMSprop,                           beats plain LoRA on 14/15 seeds,
-    Adagrad, Adafactor: Adam-like)                                 gradient space on 3/15
+    Adagrad, Adafactor: Adam-like)                                 gradient space on 3/15; RMSprop:
+                                                                   14/15 and 15/15 (momentum 0.9)
     registered transport with first moments only  ``"gradient"``   SGD momentum 0.9, full variant:
     (SGD)                                                          gradient space 15/15, parameter
                                                                    space 9/15; momentum 0: the two
