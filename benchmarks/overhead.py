@@ -277,7 +277,7 @@ def _hook_timer(handle) -> list[float]:
     return spent
 
 
-def small_model(repeats: int, width: int = 256, batch: int = 256, r: int = 4, compile_kernel: bool = False) -> dict:
+def small_model(repeats: int, width: int = 256, batch: int = 256, r: int = 4, compile: str = "none") -> dict:
     """(c) the hook's fixed cost: a PEFT MLP with 6 LoRA'd linear maps of one shape, a step of a few ms.
 
     Every mode trains its own copy of the same model; the copies step in a shuffled round-robin
@@ -286,7 +286,9 @@ def small_model(repeats: int, width: int = 256, batch: int = 256, r: int = 4, co
     called back to back (the same work, caches warm): the difference is what tiny ops cost after
     a forward and backward pass have evicted the caches. Two more rows run :func:`minimal_hook`,
     the least a full-variant hook can do here: the floor of this approach on this machine.
-    Returns ``{mode: ratio}``.
+    ``compile="kernel"`` attaches with ``compile=True``; ``compile="step"`` runs every optimizer
+    step (plain AdamW's too) through ``torch.compile(opt.step)``, with the hook traced into it
+    (no hook timings then, and no floor rows). Returns ``{mode: ratio}``.
     """
     import copy
 
@@ -302,43 +304,49 @@ def small_model(repeats: int, width: int = 256, batch: int = 256, r: int = 4, co
     x = torch.randn(batch, width)
     y = torch.randn(batch, width)
     runs, handles, in_step = {}, {}, {}
-    floors = [("floor", "gradient"), ("floor", "parameter")]
+    floors = [("floor", "gradient"), ("floor", "parameter")] if compile == "none" else []
     for mode in [None, *MODES, *floors]:
         model = copy.deepcopy(model0)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         if mode in floors:
             minimal_hook(model, opt, mode[1])
         elif mode is not None:
-            handles[mode] = reflora.attach(opt, model, variant=mode[0], space=mode[1], compile=compile_kernel)
-            in_step[mode] = _hook_timer(handles[mode])
+            handles[mode] = reflora.attach(opt, model, variant=mode[0], space=mode[1], compile=compile == "kernel")
+            if compile != "step":
+                in_step[mode] = _hook_timer(handles[mode])
+        opt_step = torch.compile(opt.step) if compile == "step" else opt.step
 
-        def step(model=model, opt=opt):
+        def step(model=model, opt=opt, opt_step=opt_step):
             opt.zero_grad(set_to_none=True)
             (model(x) - y).square().mean().backward()
-            opt.step()
+            opt_step()
 
         runs[mode] = step
     med = _interleaved(runs, repeats)
     base_t = med[None]
-    label = " (compile=True)" if compile_kernel else ""
+    label = {"none": "", "kernel": " (attach(compile=True))", "step": " (torch.compile(opt.step))"}[compile]
     print(f"\n(c) fixed cost{label}: PEFT MLP, 6 LoRA'd Linear({width}, {width}), r={r}, batch {batch}, AdamW, "
           f"{repeats} interleaved steps per mode")
-    head = f"{'mode':<26} {'step (median)':>14} {'vs AdamW':>9} {'hook in step':>13} {'hook back to back':>18}"
+    head = f"{'mode':<26} {'step (median)':>14} {'vs AdamW':>9}"
+    if in_step:
+        head += f" {'hook in step':>13} {'hook back to back':>18}"
     print(head + "\n" + "-" * len(head))
     print(f"{'AdamW (no hook)':<26} {base_t * 1e3:>12.2f}ms {'':>9}")
     ratios = {}
     for mode in MODES:
-        h = handles[mode]
-        hot = []
-        with torch.no_grad():
-            for _ in range(50):  # the same call, again and again: caches warm
-                t0 = time.perf_counter()
-                h._pre_hook(h.optimizer, (), {})
-                hot.append(time.perf_counter() - t0)
         ratios[mode] = med[mode] / base_t
-        hk = statistics.median(in_step[mode][5:])
-        print(f"{'-'.join(mode):<26} {med[mode] * 1e3:>12.2f}ms {ratios[mode]:>8.2f}x {hk * 1e6:>11.0f}us "
-              f"{statistics.median(hot[5:]) * 1e6:>16.0f}us")
+        row = f"{'-'.join(mode):<26} {med[mode] * 1e3:>12.2f}ms {ratios[mode]:>8.2f}x"
+        if mode in in_step:
+            h = handles[mode]
+            hot = []
+            with torch.no_grad():
+                for _ in range(50):  # the same call, again and again: caches warm
+                    t0 = time.perf_counter()
+                    h._pre_hook(h.optimizer, (), {})
+                    hot.append(time.perf_counter() - t0)
+            hk = statistics.median(in_step[mode][5:])
+            row += f" {hk * 1e6:>11.0f}us {statistics.median(hot[5:]) * 1e6:>16.0f}us"
+        print(row)
     for mode in floors:  # benchmarks.overhead.minimal_hook: a floor, not a mode
         ratios[mode] = med[mode] / base_t
         print(f"{'minimal hook, full-' + mode[1]:<26} {med[mode] * 1e3:>12.2f}ms {ratios[mode]:>8.2f}x")
@@ -393,6 +401,8 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["graph", "vision"], help="bench tasks for (d)")
     ap.add_argument("--task-repeats", type=int, default=100, help="steps per method in (d)")
     ap.add_argument("--small-repeats", type=int, default=200, help="steps per mode in (c)")
+    ap.add_argument("--small-compile", choices=("none", "kernel", "step"), default="none",
+                    help="(c) with attach(compile=True) ('kernel') or torch.compile(opt.step) ('step')")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
@@ -401,7 +411,7 @@ def main() -> None:
     if "b" in args.sections and not args.skip_model:
         training_step(16, args.repeats, args.model_layers, args.seq, args.batch)
     if "c" in args.sections and not args.skip_model:
-        small_model(args.small_repeats)
+        small_model(args.small_repeats, compile=args.small_compile)
     if "d" in args.sections and not args.skip_model:
         bench_tasks(args.task_repeats, args.tasks)
 
