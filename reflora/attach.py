@@ -150,7 +150,7 @@ def _sq_norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t, dim=(-2, -1), dtype=cd) for t in tensors]).square()
 
 
-def _copy_gated(xs: list[Tensor], new: list[Tensor], gate: Tensor | None) -> None:
+def _copy_gated(xs: list[Tensor], new: list[Tensor] | tuple[Tensor, ...], gate: Tensor | None) -> None:
     """``x_i <- new_i``, or, under a traced step, ``x_i <- where(gate, new_i, x_i)``.
 
     A compiled step must not branch in Python on the step counter (every step would be a new
@@ -171,7 +171,8 @@ def _apply_dtype(T: Tensor, x: Tensor) -> Tensor:
     ``machine_eps(float32) * cond(P)`` of ``||A|| ||B||`` per refactor (``P`` is near the identity
     once the pair is balanced).
     """
-    return T.to(torch.promote_types(x.dtype, torch.float32))
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # (factors are floating point)
+    return T if T.dtype == dtype else T.to(dtype)
 
 
 def _scalars_in_place(chunks: list[tuple[list[Tensor], Tensor]]) -> bool:
@@ -218,12 +219,15 @@ def _apply_many(
         if side == "right" and T.shape[-1] != 1:
             xs, T = [x.mT for x in xs], T.mT  # x T = (T^T x^T)^T, written through the transposed view
         buckets[(xs[0].dtype, xs[0].device, xs[0].shape, T.shape[-1] == 1)].append((xs, T))
-    for (_, device, _, scalar), group in buckets.items():
+    for (dtype, device, _, scalar), group in buckets.items():
+        # (no no-op calls here: on a small model every call counts, see benchmarks/overhead.py (c))
         xs = [x for chunk, _ in group for x in chunk]
         T = _apply_dtype(torch.cat([T for _, T in group]) if len(group) > 1 else group[0][1], xs[0])
-        X = torch.stack(xs).to(T.dtype)
+        X = torch.stack(xs)
+        if dtype != T.dtype:
+            X = X.to(T.dtype)
         out = T * X if scalar else mm(T, X)
-        _copy_gated(xs, list(out.unbind(0)), None if gate is None else gate.to(device))
+        _copy_gated(xs, out.unbind(0), None if gate is None else gate.to(device))
 
 
 # ------------------------------------------------------------------------------- compile=True
