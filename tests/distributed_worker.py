@@ -9,6 +9,9 @@ Scenarios (``python distributed_worker.py <scenario> <json args>``):
   AdamW / SGD), and compares. Each step is also checked on its own: the whole factors, gradients
   and optimizer state are gathered before ``opt.step()`` (by the test, outside the hook), the
   reference step is applied to them, and the result is compared with the gathered factors after.
+* ``conv``: PEFT LoRA on ``Conv2d`` (4-D factors, the ``flatten`` layout) under FSDP2 with
+  :func:`reflora.distributed.lora_shard_placement`, every mode, against the library in one
+  process on the whole batch (and, to show RefLoRA acted, against the bare optimizer).
 * ``dcp``: save model, optimizer and handle with ``torch.distributed.checkpoint`` mid-run, keep
   training (the uninterrupted run), then rebuild everything, load, train on and compare. With
   ``world_size == 1`` it loads a checkpoint written by 2 processes into a plain (unsharded) model.
@@ -566,7 +569,68 @@ def deepspeed_mode(stage, ga, mode, steps):
     return res
 
 
-SCENARIOS = {"train": scenario_train, "dcp": scenario_dcp, "placements": scenario_placements, "deepspeed": scenario_deepspeed}
+# ----------------------------------------------------------------------------- conv LoRA under FSDP2
+
+
+def build_conv(seed: int = 0) -> nn.Module:
+    """A small CNN with PEFT LoRA on its two 3x3 convolutions (A: (r, 8, 3, 3), B: (8, r, 1, 1))."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False, lora_dropout=0.0)
+    return peft.get_peft_model(net, lcfg)
+
+
+def conv_run(variant: str | None, space: str, opt_name: str, steps: int, sharded: bool) -> dict:
+    """Train the CNN for ``steps`` steps of ``opt_name`` (RefLoRA in ``(variant, space)``, or none), under
+    FSDP2 with :func:`reflora.distributed.lora_shard_placement` on this rank's slice of the global
+    batch, or in one process on the whole batch; every pair's whole ``B A`` after each step."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_conv()
+    convs = [model.base_model.model[0], model.base_model.model[2]]
+    placements = {}
+    if sharded:
+        place = reflora.distributed.lora_shard_placement(model)
+        for conv in convs:
+            fully_shard(conv, shard_placement_fn=place)
+        fully_shard(model, shard_placement_fn=place)
+        placements = {n: str(p.placements) for n, p in model.named_parameters() if "lora_" in n}
+    opt = make_optimizer(opt_name, [p for p in model.parameters() if p.requires_grad])
+    handle = reflora.attach(opt, model, variant=variant, space=space) if variant else None
+    products = []
+    for t in range(steps):
+        g = torch.Generator().manual_seed(2000 + t)
+        x, y = torch.randn(GLOBAL_BATCH, 8, 6, 6, generator=g), torch.randn(GLOBAL_BATCH, 8, 6, 6, generator=g)
+        if sharded:
+            x, y = my_rows(x), my_rows(y)
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        opt.step()
+        pairs = handle.pairs if handle else find_pairs(model)
+        products.append([full(p.B.detach()).flatten(1) @ full(p.A.detach()).flatten(1) for p in pairs])
+    return {"products": products, "placements": placements, "pairs": len(products[0]),
+            "layouts": [p.layout for p in find_pairs(model)]}
+
+
+def scenario_conv(args):
+    """Conv LoRA under FSDP2 in every mode against the library in one process on the whole batch."""
+    init()
+    out = []
+    for variant, space, opt_name in args["modes"]:
+        res = conv_run(variant, space, opt_name, args["steps"], sharded=True)
+        if RANK == 0:  # one process on the whole batch: the same training, RefLoRA and without
+            one = conv_run(variant, space, opt_name, args["steps"], sharded=False)
+            bare = conv_run(None, space, opt_name, args["steps"], sharded=False)
+            last = len(one["products"]) - 1
+            res["traj_error"] = max(rel(a, b) for k in range(last + 1) for a, b in zip(res["products"][k], one["products"][k]))
+            res["effect"] = max(rel(a, b) for a, b in zip(one["products"][last], bare["products"][last]))
+        res.pop("products")
+        out.append(res)
+    return out
+
+
+SCENARIOS = {"train": scenario_train, "dcp": scenario_dcp, "placements": scenario_placements, "deepspeed": scenario_deepspeed,
+             "conv": scenario_conv}
 
 
 def main() -> None:
