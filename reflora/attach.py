@@ -1267,6 +1267,14 @@ def attach(
         for label, t in (("A", pair.A), ("B", pair.B)):
             if not t.dtype.is_floating_point:
                 raise TypeError(f"pair {pair.name!r}: {label} has dtype {t.dtype}; expected a floating dtype")
+            if not t.requires_grad:
+                raise ValueError(
+                    f"pair {pair.name!r}: its {label} factor (shape {tuple(t.shape)}) is frozen "
+                    "(requires_grad=False). RefLoRA re-balances two trained factors; with one frozen "
+                    "(LoRA-FA, or a partly frozen adapter) there is nothing to re-balance, and the pair "
+                    "would be skipped at every step. Train both factors, or leave this pair out of the "
+                    "pairs given to attach"
+                )
             if id(t) not in in_opt:
                 hint = (
                     " (under DeepSpeed, pass engine.optimizer, DeepSpeed's wrapper: the torch optimizer "

@@ -341,6 +341,8 @@ BAD = [
     ("params not in optimizer", lambda: attach(_opt(P(3)), [(A_, B_)]), ValueError, r"pair 'pair0': its A factor \(shape \(4, 8\)\) is not a parameter of this torch\.optim\.sgd\.SGD"),
     ("rank mismatch", lambda: attach(_opt(A_, P(6, 3)), [(A_, P(6, 3))]), ValueError, re.escape("A has rank 4 (shape (4, 8)) but B has rank 3 (shape (6, 3))")),
     ("duplicate pairs", lambda: attach(_opt(A_, B_), [(A_, B_), (A_, B_)]), ValueError, "shares its A factor with pair 'pair0'"),
+    ("frozen factor (LoRA-FA)", lambda: attach(_opt(A_, B_), [(A_.detach(), B_)]), ValueError,
+     r"pair 'pair0': its A factor \(shape \(4, 8\)\) is frozen \(requires_grad=False\).*LoRA-FA"),
     ("interval < 1", lambda: attach(_opt(A_, B_), [(A_, B_)], interval=0), ValueError, "interval must be >= 1; got 0"),
     ("interval float", lambda: attach(_opt(A_, B_), [(A_, B_)], interval=1.5), TypeError, "interval must be an int; got float"),
     ("negative warmup", lambda: attach(_opt(A_, B_), [(A_, B_)], warmup_steps=-1), ValueError, "warmup_steps must be >= 0; got -1"),
