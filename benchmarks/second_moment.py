@@ -47,7 +47,8 @@ def problem(seed: int, m: int = 64, n: int = 48, r: int = 4, k: int = 3):
     return pairs, tasks
 
 
-def run(method: str, seed: int, steps: int, lr: float, optimizer: str = "adamw", momentum: float = 0.9) -> float:
+def run(method: str, seed: int, steps: int, lr: float, optimizer: str = "adamw", momentum: float = 0.9,
+        interval: int = 1) -> float:
     pairs, tasks = problem(seed)
     params = [p for ab in pairs for p in ab]
     if optimizer == "sgd":
@@ -58,13 +59,14 @@ def run(method: str, seed: int, steps: int, lr: float, optimizer: str = "adamw",
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if "/" in method:  # "variant/space"; parameter space in its default (paper) frame and "square" rule
         variant, space = method.split("/")
-        reflora.attach(opt, pairs, variant=variant, space=space)
+        reflora.attach(opt, pairs, variant=variant, space=space, interval=interval)
     elif method == "gradient":
-        reflora.attach(opt, pairs, variant="full", space="gradient")
+        reflora.attach(opt, pairs, variant="full", space="gradient", interval=interval)
     elif method.endswith("-paper"):
-        reflora.attach(opt, pairs, variant="full", space="parameter", second_moment=method[:-6], frame="paper")
+        reflora.attach(opt, pairs, variant="full", space="parameter", second_moment=method[:-6], frame="paper",
+                       interval=interval)
     elif method != "lora":
-        reflora.attach(opt, pairs, variant="full", space="parameter", second_moment=method)
+        reflora.attach(opt, pairs, variant="full", space="parameter", second_moment=method, interval=interval)
     for _ in range(steps):
         opt.zero_grad()
         loss = sum(((X @ (W0 + B @ A).T - Y) ** 2).mean() for (A, B), (X, Y, W0) in zip(pairs, tasks))
@@ -83,6 +85,8 @@ def main() -> None:
     ap.add_argument("--optimizer", choices=("adamw", "sgd", "rmsprop"), default="adamw")
     ap.add_argument("--momentum", type=float, default=None,
                     help="momentum of SGD (default 0.9) or RMSprop (default 0); not for adamw")
+    ap.add_argument("--interval", type=int, default=1,
+                    help="RefLoRA acts every this many steps (attach's interval; default 1, the paper's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.optimizer != "adamw":
@@ -94,8 +98,8 @@ def main() -> None:
               "keep": "full, param, 'keep'", "reset": "full, param, 'reset'",
               "square-paper": "  same, paper frame", "keep-paper": "  'keep', paper frame"}
     for lr in args.lr:
-        res = {m: [run(m, s, args.steps, lr) for s in range(args.seeds)] for m in methods}
-        _table(f"AdamW lr={lr:g}, {args.steps} steps, {args.seeds} seeds", res, labels)
+        res = {m: [run(m, s, args.steps, lr, interval=args.interval) for s in range(args.seeds)] for m in methods}
+        _table(f"AdamW lr={lr:g}, {args.steps} steps, {args.seeds} seeds, interval {args.interval}", res, labels)
 
 
 def _stdev(v: list[float]) -> float:
@@ -127,8 +131,9 @@ def modes_main(args: argparse.Namespace) -> None:
     momentum = args.momentum if args.momentum is not None else (0.9 if sgd else 0.0)
     name = "SGD" if sgd else "RMSprop"
     for lr in args.lr or ([0.01, 0.03, 0.1] if sgd else [3e-3, 1e-2, 3e-2]):
-        res = {m: [run(m, s, args.steps, lr, args.optimizer, momentum) for s in range(args.seeds)] for m in methods}
-        _table(f"{name} momentum={momentum:g} lr={lr:g}, {args.steps} steps, {args.seeds} seeds", res,
+        res = {m: [run(m, s, args.steps, lr, args.optimizer, momentum, args.interval) for s in range(args.seeds)]
+               for m in methods}
+        _table(f"{name} momentum={momentum:g} lr={lr:g}, {args.steps} steps, {args.seeds} seeds, interval {args.interval}", res,
                {m: "plain LoRA" if m == "lora" else m for m in methods})
 
 

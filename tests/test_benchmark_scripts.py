@@ -45,9 +45,37 @@ def test_overhead_small_model_and_bench_task_sections_run_small(capsys) -> None:
     for r in rows:
         assert r[1].endswith("ms") and r[3].endswith("us") and r[4].endswith("us")
     assert sum(line.startswith("minimal hook, full-") for line in out.splitlines()) == 2
+    every_other = overhead.small_model(4, width=16, batch=4, interval=2)  # hook time: a mean, no back-to-back
+    assert set(every_other) == {*overhead.MODES, *floors}
+    out = capsys.readouterr().out
+    assert "(interval=2)" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("full-", "scalar-"))]
+    assert len(rows) == 4 and all(r[3].endswith("us") and r[4] == "-" for r in rows)
     task = overhead.bench_tasks(2, ["graph"])["graph"]
     assert set(task) == {"lora", "reflora", "reflora-param", "reflora-s", "reflora-s-grad"}
     assert task["lora"] == 1.0 and all(math.isfinite(v) and v > 0 for v in task.values())
+
+
+def test_interval_script_runs_small(capsys) -> None:
+    """benchmarks/interval.py: a row per interval with paired differences, on the graph task."""
+    pytest.importorskip("torch_geometric")
+    import interval
+
+    assert interval.main(["--tasks", "graph", "--intervals", "1", "3", "--seeds", "2", "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("LoRA ", "interval "))]
+    assert [r.split()[0] + (r.split()[1] if r.startswith("interval") else "") for r in rows] == ["LoRA", "interval1", "interval3"]
+    assert rows[2].count("W ") == 3  # vs LoRA (loss, metric) and vs interval 1
+
+
+def test_bench_attach_options_are_for_reflora_methods_only() -> None:
+    from torch import nn
+
+    from reflora.bench.methods import make_optimizer
+
+    model = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"attach options \['interval'\] apply to the RefLoRA methods only"):
+        make_optimizer("lora", model, 1e-3, interval=2)
 
 
 @pytest.mark.parametrize("space", ["gradient", "parameter"])

@@ -32,8 +32,13 @@ class MethodUnavailable(RuntimeError):
     """The method cannot run on this task (reported as n/a, with the reason)."""
 
 
-def make_optimizer(method: str, model: nn.Module, lr: float):
-    """``(optimizer, handle or None)`` for ``method`` on ``model``'s trainable parameters."""
+def make_optimizer(method: str, model: nn.Module, lr: float, **attach_kw):
+    """``(optimizer, handle or None)`` for ``method`` on ``model``'s trainable parameters.
+
+    ``attach_kw`` go to :func:`reflora.attach` (``interval=``, ``warmup_steps=``, ...): RefLoRA
+    methods only."""
+    if attach_kw and method not in _MODES:
+        raise ValueError(f"attach options {sorted(attach_kw)} apply to the RefLoRA methods only; got method {method!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "lora":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), None
@@ -54,5 +59,5 @@ def make_optimizer(method: str, model: nn.Module, lr: float):
     if method in _MODES:
         variant, space = _MODES[method]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        return opt, reflora.attach(opt, model, variant=variant, space=space)
+        return opt, reflora.attach(opt, model, variant=variant, space=space, **attach_kw)
     raise ValueError(f"method must be one of {list(METHODS)}; got {method!r}")

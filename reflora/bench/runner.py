@@ -79,14 +79,16 @@ def _mean_abs_imbalance(model) -> float:
     return float(statistics.fmean(abs(r["imbalance"]) for r in rows))
 
 
-def run_one(task: Task, method: str, lr: float, seed: int, steps: int) -> Run:
+def run_one(task: Task, method: str, lr: float, seed: int, steps: int, attach_kw: dict | None = None) -> Run:
+    """Train ``task``'s model with ``method`` (``attach_kw``: extra :func:`reflora.attach` options
+    of a RefLoRA method) and score it."""
     t_start = time.perf_counter()
     run = Run(task.name, method, lr, seed)
     torch.manual_seed(seed)
     model = task.build(seed)
     model.train()
     try:
-        opt, handle = make_optimizer(method, model, lr)
+        opt, handle = make_optimizer(method, model, lr, **(attach_kw or {}))
     except MethodUnavailable as exc:
         run.error = str(exc)
         return run
