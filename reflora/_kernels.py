@@ -173,11 +173,11 @@ def eager_kernel(
     """``general(X, Y)``'s answer, computed by :func:`reflora._linalg.live_metric` where it can.
 
     ``frame=None`` asks for ``(S, S^{-1})`` (``general`` must return those), ``"paper"`` for
-    ``(left, right, S, S^{-1})`` (``(left, right)`` with ``metric=False``). Every pair whose directions are all live (and, for the paper
-    frame, whose singular values are well separated) gets the two-``eigh`` closed form, which
-    equals the general kernel's result to round-off; the others (non-finite pairs included: their
-    ``sigma^2`` are NaN, so not live) go through ``general``. One host sync decides (two when some
-    pairs need ``general``): eager CPU use only.
+    ``(left, right, S, S^{-1})`` (``(left, right)`` with ``metric=False``). Every pair whose
+    directions are all live (and, for the paper frame, whose singular values are well separated)
+    gets the two-``eigh`` closed form, which equals the general kernel's result to round-off; the
+    others (non-finite pairs included: their ``sigma^2`` are NaN, so not live) go through
+    ``general``. One host sync decides (two when some pairs need ``general``): eager CPU use only.
     """
     try:
         out, ok = live_metric(X, Y, eps, frame, metric)  # a non-finite Gram gives NaN sigma^2: not ok
