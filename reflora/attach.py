@@ -562,6 +562,7 @@ class RefLoRAHandle:
         self._step = torch.zeros((), dtype=torch.int64, device=self.pairs[0].A.device)
         self._count: int | None = 0
         self._skip_count = False
+        self._traced_steps = False  # a step ran inside torch.compile (it records no diagnostics)
         self._transport = get_state_transport(optimizer) if space == "parameter" else None
         self._groups = self._make_groups()
         self._bufs = self._make_cache_buffers()
@@ -717,6 +718,7 @@ class RefLoRAHandle:
             # the Python mirrors cannot follow a traced step; eager code resyncs from the tensors
             self._count = None
             self._cached = None
+            self._traced_steps = True
             return
         if not self._skip_count:
             self._count = self.step_count + 1
@@ -1010,6 +1012,13 @@ class RefLoRAHandle:
         reduces them to a few scalars.
         """
         if self._diag is None:
+            if self.diagnostics_interval > 0 and self._traced_steps:
+                warnings.warn(
+                    "RefLoRA diagnostics: none recorded, and steps ran inside torch.compile, which does not "
+                    "record them (only eager optimizer steps do). For the stats of the pairs now, call "
+                    "reflora.diagnostics.diagnose(handle.pairs) outside the compiled step",
+                    stacklevel=2,
+                )
             return None
         t, parts = self._diag
         return {"step": t, "pairs": rows_in_order(list(self.pairs), [p for p, _ in parts], [s for _, s in parts])}

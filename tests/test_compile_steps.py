@@ -88,6 +88,22 @@ def test_compiled_optimizer_step(variant, space) -> None:
         torch.testing.assert_close(state["cache"][k], ref_state["cache"][k], rtol=1e-3, atol=1e-5)
 
 
+def test_diagnostics_of_compiled_steps_say_why_there_are_none() -> None:
+    """Compiled steps record no diagnostics: asking for them says so and names the alternative."""
+    torch._dynamo.reset()
+    net, opt, handle = _net_opt("full", "parameter", diagnostics_interval=1)
+    step = torch.compile(opt.step, backend="eager")
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        net.loss().backward()
+        step()
+    assert handle.step_count == 2
+    with pytest.warns(UserWarning, match=r"none recorded.*torch\.compile.*diagnose\(handle\.pairs\)"):
+        assert handle.diagnostics() is None
+    stats = reflora.diagnostics.diagnose(list(handle.pairs))  # the alternative it names works
+    assert set(stats) == {p.name for p in handle.pairs}
+
+
 def test_whole_train_step_compiled_with_inductor() -> None:
     """Forward, backward and step in one compiled function (inductor), then eager steps resume."""
     torch._dynamo.reset()
