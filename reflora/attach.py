@@ -1207,7 +1207,9 @@ def attach(
         diagnostics_interval: every this many optimizer steps (``0``: never), record each pair's
             imbalance, Gram condition numbers, distance of ``S`` from the identity and extreme
             singular values of ``B A``, from the Grams the step computes anyway; read them with
-            :meth:`RefLoRAHandle.diagnostics` (see :mod:`reflora.diagnostics`).
+            :meth:`RefLoRAHandle.diagnostics` (see :mod:`reflora.diagnostics`). Eager steps
+            only (compiled steps record none); under DeepSpeed ZeRO it raises (use
+            :func:`reflora.diagnostics.diagnose`).
 
     Returns:
         A :class:`RefLoRAHandle`.
@@ -1266,6 +1268,12 @@ def attach(
     if zero is not None:
         # DeepSpeed ZeRO steps on flat partitions: gradient space through tensor hooks on the
         # factors (reflora.integrations.deepspeed); what it cannot do raises here
+        if diagnostics_interval:
+            raise ValueError(
+                "diagnostics_interval under DeepSpeed ZeRO: the handle there preconditions gradients in "
+                "DeepSpeed's own hooks and records no diagnostics. Leave diagnostics_interval=0 and call "
+                "reflora.diagnostics.diagnose(pairs) (or the model) between steps for the same stats"
+            )
         return _attach_zero(zero, pair_list, variant=variant, space=space, warmup_steps=warmup_steps,
                             interval=interval, eps=eps, second_moment=second_moment, compile=compile,
                             frame=frame, solver=solver)

@@ -496,3 +496,15 @@ def test_parameter_step_moves_state_like_the_functional_maps(opt_name, variant, 
             got += [opt.state[a][key], opt.state[b][key]]
         for w, g in zip(want, got):
             assert torch.allclose(g, w, rtol=1e-9, atol=1e-12 * float(w.abs().max() + 1)), (rule, variant)
+
+
+def test_diagnostics_under_deepspeed_zero_is_an_error_naming_diagnose() -> None:
+    """DeepSpeed's handle records no diagnostics: asking for them raises instead of being ignored
+    (a stand-in for DeepSpeed's ZeRO-1/2 wrapper: a class from a ``deepspeed`` module holding the
+    torch optimizer in ``.optimizer``)."""
+    A, B = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(6, 4))
+    wrapper_cls = type("DeepSpeedZeroOptimizer", (), {"__module__": "deepspeed.runtime.zero.stage_1_and_2"})
+    wrapper = wrapper_cls()
+    wrapper.optimizer = torch.optim.AdamW([A, B])
+    with pytest.raises(ValueError, match=r"diagnostics_interval under DeepSpeed ZeRO.*diagnose\(pairs\)"):
+        attach(wrapper, [(A, B)], space="gradient", diagnostics_interval=5)
