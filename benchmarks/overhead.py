@@ -175,6 +175,22 @@ def hook_only(layers: int, ranks: list[int], repeats: int, device: str) -> None:
         )
 
 
+def _hook_timer(handle, spent: list[float] | None = None, inner=None) -> list[float]:
+    """Time ``handle``'s pre-hook (or ``inner`` run in its place) inside every optimizer step from
+    now on, appending to ``spent``; returns ``spent``."""
+    spent = [] if spent is None else spent
+    inner = handle._pre_hook if inner is None else inner
+
+    def timed(o, a, k):
+        t0 = time.perf_counter()
+        inner(o, a, k)
+        spent.append(time.perf_counter() - t0)
+
+    handle._hooks[0].remove()  # the timing wrapper in place of the plain hook
+    handle._hooks[0] = handle.optimizer.register_step_pre_hook(timed)
+    return spent
+
+
 def training_step(rank: int, repeats: int, layers: int, seq: int, batch: int) -> None:
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -211,19 +227,10 @@ def training_step(rank: int, repeats: int, layers: int, seq: int, batch: int) ->
             if mode is not None:
                 if mode[0] == "reference":
                     h = reflora.attach(opt, pairs, warmup_steps=10**9)  # hooks only, never acts
-                    inner = lambda o, a, k: reference_per_layer(raw)  # noqa: E731
+                    _hook_timer(h, hook_time[mode], lambda o, a, k: reference_per_layer(raw))
                 else:
                     h = reflora.attach(opt, pairs, variant=mode[0], space=mode[1], compile=len(mode) == 3)
-                    inner = h._pre_hook
-
-                def timed(o, a, k, inner=inner, mode=mode):
-                    t0 = time.perf_counter()
-                    inner(o, a, k)
-                    hook_time[mode].append(time.perf_counter() - t0)
-
-                # re-register the timing wrapper in place of the plain hook
-                h._hooks[0].remove()
-                h._hooks[0] = opt.register_step_pre_hook(timed)
+                    _hook_timer(h, hook_time[mode])
             t0 = time.perf_counter()
             step()
             dt = time.perf_counter() - t0
@@ -267,21 +274,6 @@ def _interleaved(runs: dict, repeats: int, warmup: int = 5, stat=statistics.medi
             if rep >= warmup:
                 times[key].append(time.perf_counter() - t0)
     return {k: stat(v) for k, v in times.items()}
-
-
-def _hook_timer(handle) -> list[float]:
-    """Time ``handle``'s pre-hook inside every optimizer step from now on; returns the list it fills."""
-    spent: list[float] = []
-    inner = handle._pre_hook
-
-    def timed(o, a, k):
-        t0 = time.perf_counter()
-        inner(o, a, k)
-        spent.append(time.perf_counter() - t0)
-
-    handle._hooks[0].remove()
-    handle._hooks[0] = handle.optimizer.register_step_pre_hook(timed)
-    return spent
 
 
 def small_model(repeats: int, width: int = 256, batch: int = 256, r: int = 4, compile: str = "none",
@@ -371,7 +363,7 @@ def small_model(repeats: int, width: int = 256, batch: int = 256, r: int = 4, co
 def bench_tasks(repeats: int, names: list[str]) -> dict:
     """(d) ``reflora bench``'s own tasks, one training step per method, interleaved (the bench's
     ``--full`` runs them one after another, where machine drift enters the ratios)."""
-    from reflora.bench.methods import METHODS, make_optimizer
+    from reflora.bench.methods import make_optimizer
     from reflora.bench.tasks import TASKS
 
     out = {}
