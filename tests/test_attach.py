@@ -221,26 +221,27 @@ def test_interval_caches_the_metric_between_refreshes() -> None:
     assert "cache" in handle.state_dict() and len(handle.state_dict()["cache"]) == 1
 
 
+class _Unregistered(torch.optim.Optimizer):  # plain SGD, no transport registered
+    def __init__(self, params, lr=1e-2):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
 def test_gradient_mode_works_with_an_unregistered_optimizer() -> None:
-    class Plain(torch.optim.Optimizer):
-        def __init__(self, params, lr):
-            super().__init__(params, {"lr": lr})
-
-        @torch.no_grad()
-        def step(self, closure=None):
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-group["lr"])
-
     net = LoRANet()
-    opt = Plain(net.parameters(), lr=2e-3)
+    opt = _Unregistered(net.parameters(), lr=2e-3)
     attach(opt, net.pairs(), space="gradient")
     losses = train(net, opt, 40)
     assert losses[-1] < losses[0]
     other = LoRANet()
-    with pytest.raises(UnsupportedOptimizerError, match=r"register_state_transport\(Plain.*space='gradient'"):
-        attach(Plain(other.parameters(), lr=1.0), other.pairs(), space="parameter")
+    with pytest.raises(UnsupportedOptimizerError, match=r"register_state_transport\(_Unregistered.*space='gradient'"):
+        attach(_Unregistered(other.parameters(), lr=1.0), other.pairs(), space="parameter")
 
 
 def test_registered_custom_transport_is_used() -> None:
@@ -372,18 +373,6 @@ def test_load_state_dict_rejects_other_settings() -> None:
 
 
 # ------------------------------------------------------------------------ space="auto" (default)
-
-
-class _Unregistered(torch.optim.Optimizer):
-    def __init__(self, params, lr=1e-2):
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(p.grad, alpha=-group["lr"])
 
 
 class _MyAdamW(torch.optim.AdamW):  # a subclass follows its registered base class
