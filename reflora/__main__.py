@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("seeds", "steps", "iters"):
+    for name in ("seeds", "steps", "iters", "rank"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"reflora: --{name} must be >= 1; got {value}", file=sys.stderr)

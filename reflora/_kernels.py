@@ -39,6 +39,9 @@ __all__ = [
     "VARIANTS",
     "check_eps",
     "check_frame",
+    "DEFAULT_RESOLVED",
+    "check_resolved",
+    "resolve_resolved",
     "check_solver",
     "check_variant",
     "eager_kernel",
@@ -117,31 +120,68 @@ def _nan_where(finite: Tensor, out: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return tuple(torch.where(finite, t, nan) for t in out)
 
 
+def check_resolved(resolved: object, variant: str = "full", solver: str = "eigh") -> float:
+    """Validate the resolution gate (see :func:`reflora._linalg.resolved_gate`) for a variant and solver."""
+    if isinstance(resolved, bool) or not isinstance(resolved, (int, float)):
+        raise TypeError(f"resolved must be a float in [0, 1); got {type(resolved).__name__}")
+    if not (0.0 <= float(resolved) < 1.0):
+        raise ValueError(f"resolved must be in [0, 1) (0: always act, as in the paper); got {resolved!r}")
+    if resolved > 0 and variant == "scalar":
+        raise ValueError(
+            f"resolved={resolved!r} gates the full variant on the singular values of B A; variant='scalar' "
+            "has no spectrum to test. Leave resolved unset (or 0) with variant='scalar'"
+        )
+    if resolved > 0 and solver == "newton_schulz":
+        raise ValueError(
+            f"resolved={resolved!r} needs the singular values of B A, which solver='newton_schulz' does not "
+            "compute; use solver='eigh' (the default) or resolved=0.0 with solver='newton_schulz'"
+        )
+    return float(resolved)
+
+
+#: The default resolution gate of the full variant with ``solver="eigh"`` (``attach(resolved=None)``).
+DEFAULT_RESOLVED = 0.1
+
+
+def resolve_resolved(resolved: object, variant: str, solver: str) -> float:
+    """``attach``'s and ``reflora.func``'s ``resolved``, validated; ``None``: :data:`DEFAULT_RESOLVED`
+    for the full variant with ``solver="eigh"``, else 0 (the scalar variant has no spectrum, the
+    Newton-Schulz solver computes none)."""
+    if resolved is None:
+        return DEFAULT_RESOLVED if variant == "full" and solver == "eigh" else 0.0
+    return check_resolved(resolved, variant, solver)
+
+
 def full_kernel(
-    X: Tensor, Y: Tensor, eps: float, frame: str = "paper", solver: str = "eigh"
+    X: Tensor, Y: Tensor, eps: float, frame: str = "paper", solver: str = "eigh", resolved: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(left, right, S, S^{-1})`` of a stack of pairs from their Grams (compute dtype).
 
-    ``solver="eigh"``: :func:`reflora._linalg.balanced_metric` (either frame).
+    ``solver="eigh"``: :func:`reflora._linalg.balanced_metric` (either frame; ``resolved > 0``
+    leaves the pairs that fail :func:`reflora._linalg.resolved_gate` as they are).
     ``solver="newton_schulz"``: :func:`reflora._linalg.newton_schulz_metric` (matmuls only,
-    symmetric frame only; ``frame="paper"`` raises). A non-finite factor shows up as a
+    symmetric frame only; ``frame="paper"`` and ``resolved > 0`` raise). A non-finite factor shows up as a
     non-finite Gram (NaN/Inf propagate through the product); such pairs get NaN outputs.
     """
     solver, frame = check_solver(solver, frame)
     finite, X, Y = _finite_only(X, Y)
     if solver == "newton_schulz":
+        check_resolved(resolved, "full", solver)
         out = newton_schulz_metric(X, Y, eps)
     else:
-        out = balanced_metric(X, Y, eps, frame)[:4]
+        out = balanced_metric(X, Y, eps, frame, resolved)[:4]
     return _nan_where(finite, out)  # type: ignore[return-value]
 
 
-def metric_kernel(X: Tensor, Y: Tensor, eps: float, solver: str = "eigh") -> tuple[Tensor, Tensor]:
+def metric_kernel(
+    X: Tensor, Y: Tensor, eps: float, solver: str = "eigh", resolved: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """``(S, S^{-1})`` only: for ``"newton_schulz"`` this skips the square-root iteration (about
     40% of its matmuls), for ``"eigh"`` it is ``full_kernel``'s ``S`` and ``S^{-1}``."""
     solver, _ = check_solver(solver)
     if solver == "eigh":
-        return full_kernel(X, Y, eps, "symmetric", solver)[2:]
+        return full_kernel(X, Y, eps, "symmetric", solver, resolved)[2:]
+    check_resolved(resolved, "full", solver)
     finite, X, Y = _finite_only(X, Y)
     return _nan_where(finite, newton_schulz_geomean(X, Y, eps)[:2])  # type: ignore[return-value]
 
@@ -168,7 +208,7 @@ def metric(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
 
 def eager_kernel(
     X: Tensor, Y: Tensor, eps: float, frame: str | None,
-    general: Callable[[Tensor, Tensor], tuple[Tensor, ...]], metric: bool = True,
+    general: Callable[[Tensor, Tensor], tuple[Tensor, ...]], metric: bool = True, resolved: float = 0.0,
 ) -> tuple[Tensor, ...]:
     """``general(X, Y)``'s answer, computed by :func:`reflora._linalg.live_metric` where it can.
 
@@ -178,9 +218,10 @@ def eager_kernel(
     gets the two-``eigh`` closed form, which equals the general kernel's result to round-off; the
     others (non-finite pairs included: their ``sigma^2`` are NaN, so not live) go through
     ``general``. One host sync decides (two when some pairs need ``general``): eager CPU use only.
+    ``resolved`` must be the one ``general`` uses.
     """
     try:
-        out, ok = live_metric(X, Y, eps, frame, metric)  # a non-finite Gram gives NaN sigma^2: not ok
+        out, ok = live_metric(X, Y, eps, frame, metric, resolved)  # a non-finite Gram gives NaN sigma^2: not ok
     except torch.linalg.LinAlgError:  # or LAPACK refuses it
         return general(X, Y)
     if bool(ok.all()):

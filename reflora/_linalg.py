@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["balanced_metric", "compute_dtype", "default_eps", "live_metric", "newton_schulz_geomean", "newton_schulz_metric", "newton_schulz_sqrt", "sym_eigh"]
+__all__ = ["balanced_metric", "compute_dtype", "default_eps", "live_metric", "resolved_gate", "newton_schulz_geomean", "newton_schulz_metric", "newton_schulz_sqrt", "sym_eigh"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,6 +82,21 @@ def _live_basis(X: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tenso
     return lam_a, sig2, mm(Z0, V_m), sig2 > scale
 
 
+def resolved_gate(sig2: Tensor, resolved: float) -> Tensor:
+    r"""Per pair: whether RefLoRA acts, i.e. ``sigma_min >= resolved * sigma_max`` for the singular
+    values ``sigma`` of ``B A`` (``sig2``: their squares, ascending, as :func:`_live_basis` returns).
+
+    ``resolved = 0`` always acts (the paper). A pair that fails the test is left as it is (the
+    identity transform, ``S = I``: a plain LoRA step). Why: balancing a pair whose product has
+    directions far below its largest one shrinks both factors to ``sigma_j^{1/2}`` on those
+    directions, and the paper frame then puts every live direction on its own coordinate, so an
+    element-wise optimizer (Adam) spends its per-coordinate step on ``r - k`` coordinates that
+    carry no gradient; see ``docs/rank-deficient.md``. A pair with ``B = 0`` (all
+    ``sigma = 0``) passes the test and gets the identity from the dead-direction rule anyway.
+    """
+    return sig2[..., 0] >= (resolved * resolved) * sig2[..., -1]
+
+
 def _separated(lam_a: Tensor, sig2: Tensor, live: Tensor) -> Tensor:
     """Per pair: every direction is live and the singular values of ``B A`` are apart by at least
     ``max(1e-4, 1e-6 c)`` of their mean, ``c = cond(A A^T) sigma_max / sigma_min >= cond(S)``: the
@@ -96,7 +111,7 @@ def _separated(lam_a: Tensor, sig2: Tensor, live: Tensor) -> Tensor:
 
 
 def live_metric(
-    X: Tensor, Y: Tensor, eps: float, frame: str | None, metric: bool = True
+    X: Tensor, Y: Tensor, eps: float, frame: str | None, metric: bool = True, resolved: float = 0.0
 ) -> tuple[tuple[Tensor, ...], Tensor]:
     r"""The kernel for pairs whose directions are all live: two eigendecompositions, no third.
 
@@ -111,7 +126,8 @@ def live_metric(
         R = Z Sigma^{-1/2},  L = Sigma^{-3/2} Z^T Y = R^{-1},  S = L^T L,  S^{-1} = R R^T
 
     and ``(left, right) = (L, R)`` is the paper's closed form (``A' A'^T = B'^T B' = Sigma``),
-    ordered by descending ``sigma`` with the sign rule of :func:`balanced_metric`. The inputs must
+    ordered by descending ``sigma`` with the sign rule of :func:`balanced_metric`. Pairs that fail
+    :func:`resolved_gate` get the identity (and ``ok``), as in :func:`balanced_metric`. The inputs must
     be finite. The caller decides with ``ok`` (a host sync), so this is for eager use; it is the
     eager hook's hot path, hence written with as few (tiny, launch-bound) ops as it can.
     """
@@ -121,15 +137,20 @@ def live_metric(
     R = Z * w
     Lt = mm(Y, Z) * w.pow(3)  # L^T
     if frame is None:
-        return (mm(Lt, Lt.mT), mm(R, R.mT)), ok
-    left, right = _canonical_signs(Lt.mT.flip(-2), R.flip(-1))
-    if not metric:
-        return (left, right), ok
-    return (left, right, mm(Lt, Lt.mT), mm(R, R.mT)), ok
+        out: tuple[Tensor, ...] = (mm(Lt, Lt.mT), mm(R, R.mT))
+    else:
+        left, right = _canonical_signs(Lt.mT.flip(-2), R.flip(-1))
+        out = (left, right, mm(Lt, Lt.mT), mm(R, R.mT)) if metric else (left, right)
+    if resolved > 0:
+        act = resolved_gate(sig2, resolved)
+        eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+        out = tuple(torch.where(act[..., None, None], t, eye) for t in out)
+        ok = ok | ~act
+    return out, ok
 
 
 def balanced_metric(
-    X: Tensor, Y: Tensor, eps: float, frame: str = "paper"
+    X: Tensor, Y: Tensor, eps: float, frame: str = "paper", resolved: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     r"""RefLoRA's refactoring from the Grams ``X = A A^T`` and ``Y = B^T B`` (float64, batched).
 
@@ -169,6 +190,9 @@ def balanced_metric(
       Measured to train markedly better under AdamW than the symmetric frame.
     * ``"symmetric"``: ``P = S^{1/2}``, the one closest to the identity: unique with no
       convention needed, and an already balanced pair is left exactly as it is.
+
+    ``resolved > 0``: a pair whose smallest singular value is below ``resolved`` times its
+    largest gets the identity (see :func:`resolved_gate`); ``0`` is the paper.
     """
     cd = X.dtype
     eye = torch.eye(X.shape[-1], dtype=cd, device=X.device)
@@ -206,8 +230,12 @@ def balanced_metric(
         # eigenvectors of -G come in descending order of G's eigenvalues, like the singular values
         _, V_g = sym_eigh(-(G + torch.diag_embed(delta * ramp)))
         left, right = _canonical_signs(V_g.mT @ left, right @ V_g)
-    # no live direction (B = 0, A = 0): exactly the identity, not eigh's round-off of it
-    any_live = live.any(-1)[..., None, None]
+    # no live direction (B = 0, A = 0): exactly the identity, not eigh's round-off of it; the
+    # same for a pair that fails the resolution test
+    any_live = live.any(-1)
+    if resolved > 0:
+        any_live = any_live & resolved_gate(sig2, resolved)
+    any_live = any_live[..., None, None]
     left, right, S, S_inv = (torch.where(any_live, t, eye) for t in (left, right, S, S_inv))
     return left, right, S, S_inv, live.sum(-1)
 

@@ -67,6 +67,7 @@ from torch.utils.hooks import RemovableHandle
 from reflora._kernels import (
     SECOND_MOMENT_RULES,
     check_eps,
+    resolve_resolved,
     check_solver,
     check_variant,
     eager_kernel,
@@ -262,14 +263,14 @@ def _bucket(G: int) -> int:
 
 
 def compiled_full_kernel(
-    X: Tensor, Y: Tensor, eps: float, frame: str, solver: str = "eigh"
+    X: Tensor, Y: Tensor, eps: float, frame: str, solver: str = "eigh", resolved: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`full_kernel` through a per-key ``torch.compile`` cache, padded to a bounded set of shapes.
 
     Padding rows are identity Grams (a balanced pair: finite outputs) and are dropped again.
     """
     G = X.shape[0]
-    key = (tuple(X.shape[1:]), X.dtype, X.device, float(eps), frame, solver, _BACKEND)
+    key = (tuple(X.shape[1:]), X.dtype, X.device, float(eps), frame, solver, float(resolved), _BACKEND)
     size = _bucket(G)
     sizes = _COMPILED_SIZES[key]
     if size not in sizes and len(sizes) >= _MAX_GRAPHS_PER_KEY:
@@ -281,7 +282,7 @@ def compiled_full_kernel(
                 "recompiling it again (results are the same)",
                 stacklevel=4,
             )
-        return full_kernel(X, Y, eps, frame, solver)
+        return full_kernel(X, Y, eps, frame, solver, resolved)
     fn = _COMPILED.get(key)
     if fn is None:
         fn = _COMPILED[key] = _fresh_compiled_kernel()
@@ -289,7 +290,7 @@ def compiled_full_kernel(
     if size != G:
         eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device).expand(size - G, *X.shape[1:])
         X, Y = torch.cat([X, eye]), torch.cat([Y, eye])
-    out = fn(X, Y, eps, frame, solver)
+    out = fn(X, Y, eps, frame, solver, resolved)
     return out if size == G else tuple(t[:G] for t in out)  # type: ignore[return-value]
 
 
@@ -538,6 +539,7 @@ class RefLoRAHandle:
         frame: str = "paper",
         solver: str = "eigh",
         diagnostics_interval: int = 0,
+        resolved: float = 0.0,
     ) -> None:
         self.optimizer = optimizer
         self.pairs: tuple[LoRAPair, ...] = tuple(pairs)
@@ -550,6 +552,7 @@ class RefLoRAHandle:
         self.compiled = compile
         self.frame = frame
         self.solver = solver
+        self.resolved = resolved
         self.diagnostics_interval = diagnostics_interval
         # latest diagnostics: (step, [(pairs, stats of those pairs)]) kept as tensors until read
         self._diag: tuple[int, list[tuple[list[LoRAPair], dict[str, Tensor]]]] | None = None
@@ -739,19 +742,20 @@ class RefLoRAHandle:
         decide, which CUDA steps must not, so they take the general kernel).
         """
         eps = self._eps_for(X.dtype)
-        frame, solver = self.frame, self.solver
+        frame, solver, res = self.frame, self.solver, self.resolved
         if torch.compiler.is_compiling():
-            return full_kernel(X, Y, eps, frame, solver)[:2] if transform else metric_kernel(X, Y, eps, solver)
+            return full_kernel(X, Y, eps, frame, solver, res)[:2] if transform else metric_kernel(X, Y, eps, solver, res)
         if self.compiled:
-            out = compiled_full_kernel(X, Y, eps, frame if transform else "symmetric", solver)
+            out = compiled_full_kernel(X, Y, eps, frame if transform else "symmetric", solver, res)
             return out[:2] if transform else out[2:]
         if solver == "eigh" and X.device.type == "cpu" and (frame == "paper" or not transform):
             if transform:
                 return eager_kernel(
-                    X, Y, eps, "paper", lambda x, y: full_kernel(x, y, eps, "paper", solver)[:2], metric=False
+                    X, Y, eps, "paper", lambda x, y: full_kernel(x, y, eps, "paper", solver, res)[:2],
+                    metric=False, resolved=res,
                 )
-            return eager_kernel(X, Y, eps, None, lambda x, y: metric_kernel(x, y, eps, solver))
-        return full_kernel(X, Y, eps, frame, solver)[:2] if transform else metric_kernel(X, Y, eps, solver)
+            return eager_kernel(X, Y, eps, None, lambda x, y: metric_kernel(x, y, eps, solver, res), resolved=res)
+        return full_kernel(X, Y, eps, frame, solver, res)[:2] if transform else metric_kernel(X, Y, eps, solver, res)
 
     def _metrics(self, jobs: list[list[LoRAPair]], transform: bool) -> list[tuple[Tensor, ...]]:
         """Per group of ``jobs``: ``(left, right)`` if ``transform`` else ``(S, S^{-1})``,
@@ -1152,6 +1156,7 @@ def attach(
     rank_above_size: Literal["skip", "act"] = "skip",
     solver: Literal["eigh", "newton_schulz"] = "eigh",
     diagnostics_interval: int = 0,
+    resolved: float | None = None,
 ) -> RefLoRAHandle:
     r"""Make ``optimizer`` a RefLoRA optimizer for ``pairs`` (arXiv 2505.18877).
 
@@ -1210,6 +1215,15 @@ def attach(
             :meth:`RefLoRAHandle.diagnostics` (see :mod:`reflora.diagnostics`). Eager steps
             only (compiled steps record none); under DeepSpeed ZeRO it raises (use
             :func:`reflora.diagnostics.diagnose`).
+        resolved: full variant: act on a pair only at steps where its product's singular values
+            are resolved, ``sigma_min(B A) >= resolved * sigma_max(B A)``; a pair that fails is
+            left to the bare optimizer for that step (``S = I``). ``None`` (default): ``0.1``
+            with ``solver="eigh"``, ``0.0`` with ``"newton_schulz"`` (which computes no singular
+            values; ``> 0`` with it raises). ``0.0`` acts on every pair at every step, as the
+            paper does. Why the gate exists: an adapter whose rank exceeds the rank its task
+            needs has directions far below the largest, and balancing those makes RefLoRA train
+            slower than plain LoRA (``docs/rank-deficient.md``). Must be ``None`` or ``0`` for
+            ``variant="scalar"``, which has no spectrum.
 
     Returns:
         A :class:`RefLoRAHandle`.
@@ -1241,6 +1255,7 @@ def attach(
     if second_moment not in SECOND_MOMENT_RULES:
         raise ValueError(f"second_moment must be one of {SECOND_MOMENT_RULES}; got {second_moment!r}")
     solver, frame = check_solver(solver, frame)
+    resolved = resolve_resolved(resolved, variant, solver)
     if rank_above_size not in ("skip", "act"):
         raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {rank_above_size!r}")
     pair_list = _skip_rank_above_size(_as_pairs(pairs), rank_above_size)
@@ -1276,7 +1291,7 @@ def attach(
             )
         return _attach_zero(zero, pair_list, variant=variant, space=space, warmup_steps=warmup_steps,
                             interval=interval, eps=eps, second_moment=second_moment, compile=compile,
-                            frame=frame, solver=solver)
+                            frame=frame, solver=solver, resolved=resolved)
 
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     seen: dict[int, str] = {}
@@ -1349,6 +1364,7 @@ def attach(
         frame=frame,
         solver=solver,
         diagnostics_interval=diagnostics_interval,
+        resolved=resolved,
     )
     if space == "parameter":
         try:  # state the transport cannot move is an error now, not at some later step

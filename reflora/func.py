@@ -101,6 +101,7 @@ from reflora._kernels import (
     SECOND_MOMENT_RULES,
     check_eps,
     check_solver,
+    resolve_resolved,
     check_variant,
     full_kernel,
     grams,
@@ -329,6 +330,7 @@ class FunctionalOptimizer:
     solver: str
     reflora_eps: float
     rank_above_size: str
+    resolved: float = 0.0
 
     # -- state layout ----------------------------------------------------------------------
     def _hp(self, key: str) -> Any:
@@ -520,8 +522,8 @@ class FunctionalOptimizer:
             return metric(left, right) if self.space == "gradient" else (left, right)
         X, Y = grams(A, B)
         if self.space == "gradient":
-            return metric_kernel(X, Y, self.reflora_eps, self.solver)
-        return full_kernel(X, Y, self.reflora_eps, self.frame, self.solver)[:2]
+            return metric_kernel(X, Y, self.reflora_eps, self.solver, self.resolved)
+        return full_kernel(X, Y, self.reflora_eps, self.frame, self.solver, self.resolved)[:2]
 
     def _reflora(
         self, groups: list[_Group], t: Tensor, grads: dict[str, Tensor], state: State, params: dict[str, Tensor]
@@ -624,7 +626,7 @@ class FunctionalOptimizer:
 def _make(
     pairs: Any, base: str, lr: float, hyper: dict[str, Any], *, variant: str, space: str, warmup_steps: int,
     interval: int, second_moment: str, frame: str | None, solver: str, reflora_eps: float | None,
-    rank_above_size: str,
+    rank_above_size: str, resolved: float | None,
 ) -> FunctionalOptimizer:
     lr = _check_float("lr", lr, 0.0)
     variant = check_variant(variant)
@@ -638,12 +640,13 @@ def _make(
         raise ValueError(f"second_moment must be one of {SECOND_MOMENT_RULES}; got {second_moment!r}")
     solver, frame_ = check_solver(solver, frame)
     eps_ = check_eps(reflora_eps, torch.float64)
+    resolved_ = resolve_resolved(resolved, variant, solver)
     if rank_above_size not in ("skip", "act"):
         raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {rank_above_size!r}")
     return FunctionalOptimizer(
         pairs=_as_param_pairs(pairs), base=base, lr=lr, hyper=tuple(hyper.items()), variant=variant,
         space=space, warmup_steps=warmup_steps, interval=interval, second_moment=second_moment,
-        frame=frame_, solver=solver, reflora_eps=eps_, rank_above_size=rank_above_size,
+        frame=frame_, solver=solver, reflora_eps=eps_, rank_above_size=rank_above_size, resolved=resolved_,
     )
 
 
@@ -664,6 +667,7 @@ def adamw(
     solver: Literal["eigh", "newton_schulz"] = "eigh",
     reflora_eps: float | None = None,
     rank_above_size: Literal["skip", "act"] = "skip",
+    resolved: float | None = None,
 ) -> FunctionalOptimizer:
     r"""RefLoRA on AdamW, as pure functions over parameter dicts (arXiv 2505.18877).
 
@@ -679,8 +683,8 @@ def adamw(
             AdamW (a baseline: the RefLoRA options are then unused).
         lr, betas, eps, weight_decay, amsgrad: as ``torch.optim.AdamW`` (same defaults). ``eps``
             is Adam's; RefLoRA's dead-direction threshold is ``reflora_eps``.
-        variant, space, warmup_steps, interval, second_moment, frame, solver, rank_above_size:
-            as :func:`reflora.attach` (same defaults; ``space="auto"`` is ``"parameter"`` here,
+        variant, space, warmup_steps, interval, second_moment, frame, solver, rank_above_size,
+            resolved: as :func:`reflora.attach` (same defaults; ``space="auto"`` is ``"parameter"`` here,
             what ``attach`` picks for ``torch.optim.AdamW``). ``second_moment`` rules
             ``exp_avg_sq`` (and ``max_exp_avg_sq``) in parameter space.
         reflora_eps: ``attach``'s ``eps`` (``None``: 1.4e-14).
@@ -698,7 +702,7 @@ def adamw(
     }
     return _make(pairs, "adamw", lr, hyper, variant=variant, space=space, warmup_steps=warmup_steps,
                  interval=interval, second_moment=second_moment, frame=frame, solver=solver,
-                 reflora_eps=reflora_eps, rank_above_size=rank_above_size)
+                 reflora_eps=reflora_eps, rank_above_size=rank_above_size, resolved=resolved)
 
 
 def sgd(
@@ -718,6 +722,7 @@ def sgd(
     solver: Literal["eigh", "newton_schulz"] = "eigh",
     reflora_eps: float | None = None,
     rank_above_size: Literal["skip", "act"] = "skip",
+    resolved: float | None = None,
 ) -> FunctionalOptimizer:
     r"""RefLoRA on SGD (momentum, dampening, Nesterov, weight decay), as pure functions.
 
@@ -732,7 +737,7 @@ def sgd(
         lr, momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD`` (same defaults,
             same checks: Nesterov needs ``momentum > 0`` and ``dampening == 0``).
         variant, space, warmup_steps, interval, second_moment, frame, solver, reflora_eps,
-            rank_above_size: as :func:`adamw` (SGD has no second moment; ``space="auto"`` is
+            rank_above_size, resolved: as :func:`adamw` (SGD has no second moment; ``space="auto"`` is
             ``"gradient"`` here, what ``attach`` picks for ``torch.optim.SGD``).
 
     Returns:
@@ -750,4 +755,4 @@ def sgd(
         )
     return _make(pairs, "sgd", lr, hyper, variant=variant, space=space, warmup_steps=warmup_steps,
                  interval=interval, second_moment=second_moment, frame=frame, solver=solver,
-                 reflora_eps=reflora_eps, rank_above_size=rank_above_size)
+                 reflora_eps=reflora_eps, rank_above_size=rank_above_size, resolved=resolved)

@@ -71,6 +71,7 @@ from torch import Tensor
 from reflora._kernels import (
     SECOND_MOMENT_RULES,
     check_eps,
+    check_resolved,
     check_solver,
     check_variant,
     full_kernel,
@@ -251,8 +252,10 @@ def _check_transform(transform: object) -> Transform:
 # ----------------------------------------------------------------------------- the math
 
 
-def _full_transform(A: Tensor, B: Tensor, eps: float, frame: str = "paper", solver: str = "eigh") -> Transform:
-    return Transform(*full_kernel(*grams(A, B), eps, frame, solver)[:2])
+def _full_transform(
+    A: Tensor, B: Tensor, eps: float, frame: str = "paper", solver: str = "eigh", resolved: float = 0.0
+) -> Transform:
+    return Transform(*full_kernel(*grams(A, B), eps, frame, solver, resolved)[:2])
 
 
 def _scalar_transform(A: Tensor, B: Tensor) -> Transform:
@@ -282,6 +285,7 @@ def refactor_transform(
     eps: float | None = None,
     frame: Frame | None = None,
     solver: Solver = "eigh",
+    resolved: float = 0.0,
 ) -> Transform:
     r"""Compute the optimal refactoring of ``(A, B)`` without applying it.
 
@@ -310,6 +314,10 @@ def refactor_transform(
             no eigensolver, which is slow for small batched matrices on GPUs; dead directions
             are regularised instead, see :func:`reflora._linalg.newton_schulz_geomean` and the
             module docstring). Full variant only; ``"scalar"`` has nothing to decompose.
+        resolved: full variant with ``solver="eigh"``: a pair whose smallest singular value of
+            ``B A`` is below ``resolved`` times its largest gets the identity (it is left as it
+            is). ``0`` (default here): the paper, every pair is refactored. ``reflora.attach``
+            and ``reflora.func`` default to 0.1; see ``docs/rank-deficient.md``.
 
     Returns:
         A :class:`Transform` in float64.
@@ -329,10 +337,11 @@ def refactor_transform(
     variant = check_variant(variant)
     eps_ = check_eps(eps, A.dtype)
     solver, frame = check_solver(solver, frame)
+    resolved = check_resolved(resolved, variant, solver)
     _warn_rank_above_size(A, B)
     if variant == "scalar":
         return _scalar_transform(A, B)
-    return _full_transform(A, B, eps_, frame, solver)
+    return _full_transform(A, B, eps_, frame, solver, resolved)
 
 
 def apply_transform(transform: Transform, A: Tensor, B: Tensor) -> Refactored:
@@ -406,6 +415,7 @@ def refactor(
     eps: float | None = None,
     frame: Frame | None = None,
     solver: Solver = "eigh",
+    resolved: float = 0.0,
 ) -> Refactored | RefactoredWithGrads:
     r"""Replace ``(A, B)`` by its optimal (balanced) factorization of the same product.
 
@@ -426,6 +436,7 @@ def refactor(
         frame: ``"paper"``, ``"symmetric"`` or ``None`` (the solver's: ``"paper"`` for eigh,
             ``"symmetric"`` for Newton-Schulz), see :func:`refactor_transform`.
         solver: ``"eigh"`` (default) or ``"newton_schulz"``, see :func:`refactor_transform`.
+        resolved: the resolution gate, see :func:`refactor_transform` (default 0: the paper).
 
     Returns:
         ``Refactored(A', B')`` (a 2-tuple) without ``grads``;
@@ -451,7 +462,7 @@ def refactor(
                 f"grads must be a (grad_A, grad_B) tuple or None; got {type(grads).__name__}"
             )
         gA, gB = _check_grads(A, B, grads[0], grads[1])
-    T = refactor_transform(A, B, variant=variant, eps=eps, frame=frame, solver=solver)
+    T = refactor_transform(A, B, variant=variant, eps=eps, frame=frame, solver=solver, resolved=resolved)
     A2, B2 = apply_transform(T, A, B)
     if grads is None:
         return Refactored(A2, B2)
@@ -466,6 +477,7 @@ def preconditioner(
     variant: Variant = "full",
     eps: float | None = None,
     solver: Solver = "eigh",
+    resolved: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     r"""The metric ``S = P P^T`` and its inverse, in the compute dtype.
 
@@ -475,16 +487,18 @@ def preconditioner(
     ``variant="scalar"`` both are ``(..., 1, 1)``:
     ``(p^2, 1 / p^2)``. ``solver``: ``"eigh"`` (default) or ``"newton_schulz"`` (see
     :func:`refactor_transform`; ``S`` needs neither the frame's rotation nor the square roots,
-    so neither is computed).
+    so neither is computed). ``resolved``: the resolution gate (``S = I`` for a pair that fails
+    it), see :func:`refactor_transform`.
     """
     solver, _ = check_solver(solver)
     A, B = _check_pair(A, B)
     if check_variant(variant) == "scalar":
-        return metric(*refactor_transform(A, B, variant=variant, eps=eps, solver=solver))
+        return metric(*refactor_transform(A, B, variant=variant, eps=eps, solver=solver, resolved=resolved))
     eps_ = check_eps(eps, A.dtype)
+    resolved = check_resolved(resolved, variant, solver)
     _warn_rank_above_size(A, B)
     # the kernel's own S and S^-1: no frame rotation, no square roots, no recomputation from P
-    return metric_kernel(*grams(A, B), eps_, solver)
+    return metric_kernel(*grams(A, B), eps_, solver, resolved)
 
 
 def precondition(
@@ -496,6 +510,7 @@ def precondition(
     variant: Variant = "full",
     eps: float | None = None,
     solver: Solver = "eigh",
+    resolved: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     r"""The gradient-space form of RefLoRA: precondition the factor gradients.
 
@@ -515,6 +530,7 @@ def precondition(
         variant: ``"full"`` or ``"scalar"``.
         eps: live-direction threshold, see :func:`refactor_transform`.
         solver: ``"eigh"`` (default) or ``"newton_schulz"``, see :func:`refactor_transform`.
+        resolved: the resolution gate, see :func:`refactor_transform` (default 0: the paper).
 
     Returns:
         ``(grad_A', grad_B')`` in the gradients' dtypes.
@@ -532,7 +548,7 @@ def precondition(
     """
     A, B = _check_pair(A, B)
     gA, gB = _check_grads(A, B, grad_A, grad_B)
-    S, S_inv = preconditioner(A, B, variant=variant, eps=eps, solver=solver)
+    S, S_inv = preconditioner(A, B, variant=variant, eps=eps, solver=solver, resolved=resolved)
     cd = S.dtype
     gA2 = _matmul_left(S_inv, gA.to(cd)).to(gA.dtype)
     gB2 = _matmul_right(gB.to(cd), S).to(gB.dtype)

@@ -210,7 +210,7 @@ def test_interval_caches_the_metric_between_refreshes() -> None:
     handle = attach(opt, [(A, B)], interval=3)
     metrics = []
     for _ in range(4):
-        metrics.append(reflora.preconditioner(A.detach(), B.detach()))
+        metrics.append(reflora.preconditioner(A.detach(), B.detach(), resolved=handle.resolved))
         opt.zero_grad()
         (0.5 * (B @ A - target).square().sum()).backward()
         gA = A.grad.clone()

@@ -279,3 +279,22 @@ def test_from_results_rejects_a_file_that_is_not_bench_results(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "is not a results.json written by reflora bench" in err and "KeyError" in err
     assert main(["bench", "--from-results", str(tmp_path / "missing.json"), "--no-plots"]) == 2
+
+
+def test_bench_rank_option_sets_every_tasks_rank(tmp_path, capsys) -> None:
+    """``--rank`` replaces the tasks' LoRA rank (recorded in results.json); a rank below 1 is refused."""
+    from reflora.__main__ import main
+    from reflora.adapters import find_pairs
+
+    assert main(["bench", "--tasks", "graph", "--methods", "lora", "reflora-param", "--rank", "8", "--steps", "2",
+                 "--seeds", "1", "--no-plots", "--no-vmap", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["tasks"]["graph"]["rank"] == 8 and "--rank 8" in report["command"]
+    import dataclasses
+
+    from reflora.bench.tasks import TASKS
+
+    task = dataclasses.replace(TASKS["graph"](), rank=8)
+    assert {p.shape[0] for p in find_pairs(task.build(0))} == {8}
+    assert main(["bench", "--tasks", "graph", "--rank", "0", "--out", str(tmp_path)]) == 2
+    assert "--rank must be >= 1" in capsys.readouterr().err

@@ -45,6 +45,9 @@ def add_arguments(p) -> None:
                    help="5 seeds at the shared lr, longer runs, and a stability sweep of 5 rates over 30x with 3 seeds each, on every task (~75 min on 2 CPU cores)")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     p.add_argument("--steps", type=int, default=None, help="override the steps per run (text/vision/graph)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="LoRA rank r of the text/vision/graph tasks (lora_alpha = 2r on text and vision; default: each "
+                        "task's own, 8 / 4 / 4)")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for results.json and PNG plots")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--from-results", type=Path, default=None, metavar="RESULTS_JSON",
@@ -270,7 +273,7 @@ def bench(args) -> int:
     t_start = time.perf_counter()
     report: dict = {
         "command": "reflora bench " + ("--full " if args.full else "") + ("--no-vmap " if args.no_vmap else "")
-                   + "--tasks " + " ".join(args.tasks),
+                   + (f"--rank {args.rank} " if args.rank is not None else "") + "--tasks " + " ".join(args.tasks),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
         "tasks": {},
@@ -279,6 +282,8 @@ def bench(args) -> int:
         _mf(args, out, report, mf_names)
     for name in [t for t in tasks if t != "mf"]:
         task = TASKS[name]()
+        if args.rank is not None:
+            task = dataclasses.replace(task, rank=args.rank)
         seeds = args.seeds or (5 if args.full else 1)
         steps = args.steps or (task.full_steps if args.full else task.steps)
         # --full: the stability sweep (5 rates over 30x, 3 seeds each) on every task, and all
@@ -304,7 +309,7 @@ def bench(args) -> int:
             runs += [r for r in members if r.lr != task.shared_lr]
         runs.sort(key=lambda r: args.methods.index(r.method))  # stable: the table's rows in --methods order
         vm = vmap_summary(programs, runs, task.shared_lr) if programs else None
-        entry = {"description": task.description, "steps": steps, "seeds": seeds, "grid_seeds": grid_seeds,
+        entry = {"description": task.description, "rank": task.rank, "steps": steps, "seeds": seeds, "grid_seeds": grid_seeds,
                  "shared_lr": task.shared_lr, "grid": list(grid), "metric": task.metric,
                  "runs": [r.as_dict() for r in runs], "vmap": vm}
         report["tasks"][name] = entry

@@ -37,12 +37,17 @@ class Task:
     shared_lr: float
     lr_grid: tuple[float, ...]
     metric: str
-    build: Callable[[int], nn.Module]  # seed -> model with LoRA (fresh each call)
+    make: Callable[[int, int], nn.Module]  # (seed, rank) -> model with LoRA (fresh each call)
     batches: Callable[[int], Iterator[Any]]  # seed -> infinite iterator of batches
     loss: Callable[[nn.Module, Any], torch.Tensor]
     evaluate: Callable[[nn.Module, int], float]  # (model, seed) -> held-out metric
     vmappable: bool = False  # the model runs under torch.func.vmap (reflora.bench.vmapped)
     extra: dict = field(default_factory=dict)
+    rank: int = 4  # the LoRA rank r (lora_alpha = 2 r); ``reflora bench --rank`` replaces it
+
+    def build(self, seed: int) -> nn.Module:
+        """A fresh model with LoRA of rank :attr:`rank` for ``seed``."""
+        return self.make(seed, self.rank)
 
     @property
     def full_grid(self) -> tuple[float, ...]:
@@ -117,7 +122,7 @@ def _minilm():
 
 
 def _text_task() -> Task:
-    def build(seed: int) -> nn.Module:
+    def build(seed: int, rank: int) -> nn.Module:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging
@@ -127,7 +132,8 @@ def _text_task() -> Task:
         logging.disable_progress_bar()
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(FAMILIES))
-        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS", lora_dropout=0.0)
+        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "value"], task_type="SEQ_CLS",
+                         lora_dropout=0.0)
         return get_peft_model(model, cfg)
 
     def batches(seed: int):
@@ -152,7 +158,7 @@ def _text_task() -> Task:
 
     return Task("text", "MiniLM-L6 (22.7M, pretrained) + LoRA r=8 on query/value, stdlib docstrings by module family (5 classes)",
                 steps=30, full_steps=180, shared_lr=3e-3, lr_grid=(1e-3, 3e-3, 1e-2), metric="held-out acc",
-                build=build, batches=batches, loss=loss, evaluate=evaluate)
+                make=build, batches=batches, loss=loss, evaluate=evaluate, rank=8)
 
 
 # ------------------------------------------------------------------------------------- vision
@@ -200,7 +206,7 @@ def _vit_base(seed: int) -> dict:
 
 
 def _vision_task() -> Task:
-    def build(seed: int) -> nn.Module:
+    def build(seed: int, rank: int) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
         from reflora.adapters.timm import vit_target_modules
@@ -209,7 +215,7 @@ def _vision_task() -> Task:
         model.load_state_dict(_vit_base(seed))
         torch.manual_seed(seed + 1)
         model.reset_classifier(5)  # new head for digits 5-9
-        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=vit_target_modules(model), modules_to_save=["head"])
+        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=vit_target_modules(model), modules_to_save=["head"])
         return get_peft_model(model, cfg)
 
     def batches(seed: int):
@@ -234,7 +240,7 @@ def _vision_task() -> Task:
 
     return Task("vision", "timm ViT (4 blocks, dim 64) pretrained here on digits 0-4, LoRA r=4 on attn/mlp to digits 5-9",
                 steps=40, full_steps=300, shared_lr=3e-3, lr_grid=(1e-3, 3e-3, 1e-2), metric="held-out acc",
-                build=build, batches=batches, loss=loss, evaluate=evaluate, vmappable=True)
+                make=build, batches=batches, loss=loss, evaluate=evaluate, vmappable=True, rank=4)
 
 
 # ------------------------------------------------------------------------------------- graph
@@ -283,14 +289,14 @@ def _gcn_base(seed: int) -> dict:
 
 
 def _graph_task() -> Task:
-    def build(seed: int) -> nn.Module:
+    def build(seed: int, rank: int) -> nn.Module:
         from reflora.adapters.pyg import add_lora
 
         base = _gcn_base(seed)  # first: the first call trains the base, which reseeds and draws
         torch.manual_seed(seed + 1)  # so the head and A are the same in every run of this seed
         model = GCN(8)
         model.load_state_dict(base, strict=False)  # new 8-way head
-        return add_lora(model, r=4, trainable=("head",))
+        return add_lora(model, r=rank, trainable=("head",))
 
     def batches(seed: int):
         x, ei, block, test = _sbm(seed)
@@ -308,7 +314,7 @@ def _graph_task() -> Task:
 
     return Task("graph", "PyG GCN pretrained on an SBM graph (400 nodes) for 4 coarse labels, LoRA r=4 to the 8 fine labels",
                 steps=60, full_steps=200, shared_lr=1e-2, lr_grid=(3e-3, 1e-2, 3e-2), metric="held-out acc",
-                build=build, batches=batches, loss=loss, evaluate=evaluate, vmappable=True)
+                make=build, batches=batches, loss=loss, evaluate=evaluate, vmappable=True, rank=4)
 
 
 TASKS: dict[str, Callable[[], Task]] = {"text": _text_task, "vision": _vision_task, "graph": _graph_task}
