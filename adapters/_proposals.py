@@ -146,8 +146,8 @@ class ProposalMode(TorchDispatchMode):
         if any((tag.kind, tag.index) != (first.kind, first.index) for _, tag in tags):
             return None  # two different sources meet: not a factor any more
         scalar = all(t.numel() <= 1 for t, _ in others)
-        if name in _SCALINGS and scalar:
-            return first  # s * x commutes with any refactor
+        if name in _SCALINGS and scalar and len(tags) == 1:
+            return first  # s * x commutes with any refactor (x * f(x), an RMS norm, does not)
         if not (scalar or name in _SCALINGS or all(id(t) in self.known for t, _ in others)):
             return None  # mixed with another activation (residual add, attention): stop here
         steps = max((tag.steps for _, tag in tags), key=len) + (name,)

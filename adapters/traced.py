@@ -11,7 +11,7 @@ keeps a proposal only if refactoring it leaves the model's outputs unchanged:
 
 That is the property RefLoRA (arXiv 2505.18877) relies on: the model depends on ``A`` and ``B``
 only through ``B A``. Verification runs on random values of the candidate factors (so ``B = 0``
-at initialisation proves nothing by accident), in ``eval()`` mode with the RNG forked and seeded
+at initialisation proves nothing by accident), with every ``training`` flag off and the RNG forked and seeded
 (dropout off, any other randomness identical between the runs), and in three steps:
 
 1. one forward and backward pass checks the first-order form of the invariance for every
@@ -349,8 +349,8 @@ def _unique_names(found: list[tuple[str, str, LoRAPair]], taken: set[str]) -> li
     names = [_pair_name(a, b) for a, b, _ in found]
     out = []
     for (a, b, pair), name in zip(found, names):
-        if names.count(name) > 1 or name in taken:
-            name = f"{canonical_name(a)}+{canonical_name(b).rsplit('.', 1)[-1]}"
+        if names.count(name) > 1 or name in taken:  # e.g. two pairs of raw parameters in one module
+            name = "+".join(canonical_name(n.removesuffix(".weight")) for n in (a, b))
         out.append(dataclasses.replace(pair, name=name))
     return out
 
@@ -374,7 +374,8 @@ def trace_pairs(
     experts stacked as PEFT stacks them (``"expert_rows"`` / ``"expert_cols"``).
 
     The model is left as it was: parameters are substituted with
-    :func:`torch.func.functional_call`, ``train()`` / ``eval()`` flags and buffers are restored.
+    :func:`torch.func.functional_call`, ``training`` flags and buffers are restored (the flags are
+    set directly, not through ``eval()``, which loralib overrides to merge its factors).
 
     Args:
         model: any ``nn.Module``.
@@ -411,7 +412,10 @@ def trace_pairs(
     training = {m: m.training for m in model.modules()}
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        model.eval()
+        # the flag, not model.eval(): some LoRAs override train() to merge B A into the base
+        # weight (loralib's merge_weights), which would hide the pair and change the weights
+        for m in training:
+            m.training = False
         mode = ProposalMode(params, known)
         run = _Runner(model, args, kwargs, names)
         try:
@@ -427,7 +431,7 @@ def trace_pairs(
         candidates, found = _verify(mode, params, names, run) if trainable else ([], [])
     finally:
         for m, flag in training.items():
-            m.train(flag)
+            m.training = flag
         with torch.no_grad():
             for b, saved in buffers:
                 if b.shape == saved.shape:
