@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, overload
 
 from torch import nn
 
@@ -155,6 +155,20 @@ def _load_plugins() -> None:
     load_plugins(register_finder, lambda: {e.name for e in _REGISTRY})
 
 
+@overload
+def find_pairs(
+    model: nn.Module, *, adapters: Literal["active", "all"] = ..., trainable_only: bool = ...,
+    example_inputs: Any = ..., explain: Literal[False] = ...,
+) -> list[LoRAPair]: ...
+
+
+@overload
+def find_pairs(
+    model: nn.Module, *, adapters: Literal["active", "all"] = ..., trainable_only: bool = ...,
+    example_inputs: Any = ..., explain: Literal[True],
+) -> DiscoveryReport: ...
+
+
 def find_pairs(
     model: nn.Module,
     *,
@@ -162,7 +176,7 @@ def find_pairs(
     trainable_only: bool = True,
     example_inputs: Any = None,
     explain: bool = False,
-) -> Any:
+) -> list[LoRAPair] | DiscoveryReport:
     """Every low-rank pair in ``model``: the finders' first, in module order, then traced ones.
 
     Pair names are canonical (:func:`reflora.pairs.canonical_name`): the segments torch's

@@ -568,3 +568,44 @@ def test_traced_discovery_bad_input(call, exc, pattern) -> None:
 def test_nothing_found_names_example_inputs() -> None:
     with pytest.raises(NoPairsFoundError, match="pass example_inputs="):
         find_pairs(nn.Linear(3, 3))
+
+
+def test_docs_page_python_blocks_run(monkeypatch, capsys) -> None:
+    """docs/finding-pairs.md: every python block runs (torchtune's layer from traced_models when
+    torchtune is not installed) and the explain output shown is what explain prints."""
+    import re
+    import sys
+    import types
+    from pathlib import Path
+
+    import reflora.adapters as adapters
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "finding-pairs.md").read_text()
+    if not importlib.util.find_spec("torchtune"):
+        peft = types.ModuleType("torchtune.modules.peft")
+        peft.LoRALinear = tm.TorchtuneLoRALinear
+        for name, mod in {"torchtune": types.ModuleType("torchtune"), "torchtune.modules": types.ModuleType("x"),
+                          "torchtune.modules.peft": peft}.items():
+            monkeypatch.setitem(sys.modules, name, mod)
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 4
+    try:
+        for block in blocks:
+            exec(compile(block, "finding-pairs.md", "exec"), {})
+    finally:
+        if "updown" in dict(adapters.list_finders()):
+            adapters.unregister_finder("updown")
+    printed = capsys.readouterr().out
+    assert "[('w1', (8, 64, 128)), ('w2', (8, 128, 64))]" in printed
+    shown = re.search(r"```text\n(.*?)```", text, flags=re.S).group(1)
+    number = re.compile(r"relative [0-9.e-]+ >")  # depends on the random weights
+    assert number.sub("relative x >", printed.strip()).endswith(number.sub("relative x >", shown.strip()))
+
+
+def test_traced_module_docstring_example() -> None:
+    import doctest
+
+    import reflora.adapters.traced as traced
+
+    result = doctest.testmod(traced, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
