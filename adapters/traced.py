@@ -279,7 +279,7 @@ def _refactored(values: dict[int, Tensor], hyps: list[_Hypothesis], g: torch.Gen
     for h in hyps:
         a = _core(values[h.a], h, 0).double()
         b = _core(values[h.b], h, 1).double()
-        P, P_inv_T = _random_P(a.shape[0], a.shape[1], g)
+        P, P_inv_T = (t.to(a.device) for t in _random_P(a.shape[0], a.shape[1], g))
         a2, b2 = P.mT @ a, b @ P_inv_T
         for idx, new, role in ((h.a, a2, 0), (h.b, b2, 1)):
             t = values[idx]
@@ -407,6 +407,9 @@ def trace_pairs(
         names.append(name)
         params.append(p)
     trainable = [i for i, p in enumerate(params) if p.requires_grad]
+    if not trainable:  # everything trainable is paired already (or nothing is): no forward pass
+        return DiscoveryReport(pairs=structural, structural=structural, traced=[], considered=[], candidates=[],
+                               unpaired={}, traced_run=True)
     known = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
 
     training = {m: m.training for m in model.modules()}
@@ -428,7 +431,7 @@ def trace_pairs(
                 f"traced discovery could not run {type(model).__name__}.forward on example_inputs: "
                 f"{type(err).__name__}: {err}"
             ) from err
-        candidates, found = _verify(mode, params, names, run) if trainable else ([], [])
+        candidates, found = _verify(mode, params, names, run)
     finally:
         for m, flag in training.items():
             m.training = flag

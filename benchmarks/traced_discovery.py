@@ -13,7 +13,7 @@ no structural finder knows), so every pair is found by tracing. Printed:
   also in units of forward passes;
 * step: forward + backward + ``AdamW.step()`` with RefLoRA attached from the traced pairs
   (``attach(opt, model, example_inputs=batch)``) and from the same pairs passed explicitly,
-  alternated, median over the steps. The two handles hold the same pairs; the tracer is not
+  alternated in ABBA order, median over the steps. The two handles hold the same pairs; the tracer is not
   active during steps, so the difference is noise.
 """
 
@@ -97,8 +97,9 @@ def main(argv=None) -> None:
     assert [(p.A, p.B) for p in traced.pairs] == [(p.A, p.B) for p in explicit.pairs]
     print(f"attach(..., example_inputs=): {attach_s * 1e3:8.1f} ms")
     times: dict[str, list[float]] = {"traced": [], "explicit": []}
-    for i in range(args.steps + 1):  # alternated; the first round warms up
-        for label, opt in (("traced", opt_t), ("explicit", opt_e)):
+    rounds = (("traced", opt_t), ("explicit", opt_e))
+    for i in range(args.steps + 1):  # alternated, ABBA order; the first round warms up
+        for label, opt in rounds if i % 2 else rounds[::-1]:
 
             def step():
                 opt.zero_grad()

@@ -186,6 +186,19 @@ def test_layouts_are_found_and_refactoring_them_keeps_outputs(name) -> None:
     _refactor_keeps_outputs(model, x, pairs)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_device(device) -> None:
+    torch.manual_seed(0)
+    for model, x, expected in ((ChainedLinear(), torch.randn(5, 16), 2), (StackedMoE(True), _tokens(), 1),
+                               (ConvKxK1x1(), torch.randn(2, 3, 6, 6), 1)):
+        model.to(device)
+        pairs = find_pairs(model, example_inputs=x.to(device))
+        assert len(pairs) == expected and all(p.A.device.type == device for p in pairs)
+
+
 def test_pairs_sharing_a_module_are_named_after_their_factors() -> None:
     names = [p.name for p in find_pairs(ChainedLinear(), example_inputs=torch.randn(5, 16))]
     assert names == ["A2+B2", "a+b"]  # in named_parameters() order of A
