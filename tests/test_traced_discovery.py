@@ -622,3 +622,32 @@ def test_traced_module_docstring_example() -> None:
 
     result = doctest.testmod(traced, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_structural_pairs_first_then_traced_ones() -> None:
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tt = tm.TorchtuneLoRALinear(16, 16, rank=2, alpha=2)  # traced
+            self.tt.weight.requires_grad_(False)
+            self.owned = nn.Module()  # loralib-style names: the owned_factors finder
+            self.owned.lora_A = nn.Parameter(torch.randn(3, 16))
+            self.owned.lora_B = nn.Parameter(torch.zeros(16, 3))
+
+        def forward(self, x):
+            h = self.tt(x)
+            return h + h @ self.owned.lora_A.T @ self.owned.lora_B.T
+
+    model = Mixed()
+    report = find_pairs(model, example_inputs=torch.randn(4, 16), explain=True)
+    assert [p.name for p in report.structural] == ["owned"] and [p.name for p in report.traced] == ["tt"]
+    assert [p.name for p in report.pairs] == ["owned", "tt"]
+    assert report.considered == ["tt.lora_a.weight", "tt.lora_b.weight"]  # owned's factors were claimed
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_low_and_high_precision(dtype) -> None:
+    torch.manual_seed(0)
+    assert len(find_pairs(ChainedLinear().to(dtype), example_inputs=torch.randn(5, 16, dtype=dtype))) == 2
+    report = find_pairs(Bottleneck(nn.ReLU()).to(dtype), example_inputs=torch.randn(5, 16, dtype=dtype), explain=True)
+    assert report.pairs == [] and len(report.rejected) == 1
