@@ -651,3 +651,18 @@ def test_low_and_high_precision(dtype) -> None:
     assert len(find_pairs(ChainedLinear().to(dtype), example_inputs=torch.randn(5, 16, dtype=dtype))) == 2
     report = find_pairs(Bottleneck(nn.ReLU()).to(dtype), example_inputs=torch.randn(5, 16, dtype=dtype), explain=True)
     assert report.pairs == [] and len(report.rejected) == 1
+
+
+def test_3d_expert_parameters_have_no_layout_and_say_so() -> None:
+    class Experts3D(nn.Module):  # (E, r, m) / (E, n, r): reflora.pairs has no layout for 3-D stacks
+        def __init__(self):
+            super().__init__()
+            self.A = nn.Parameter(torch.randn(3, 2, 8))
+            self.B = nn.Parameter(torch.randn(3, 6, 2))
+
+        def forward(self, x):
+            route = x[:, 0].abs().mul(10).long() % 3
+            return torch.stack([x[t] @ self.A[e].T @ self.B[e].T for t, e in enumerate(route.tolist())])
+
+    report = find_pairs(Experts3D(), example_inputs=_tokens(12), explain=True)
+    assert report.pairs == [] and "no layout fits" in report.rejected[0].reason
