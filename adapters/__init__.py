@@ -24,6 +24,16 @@ Built-in finders, in the order they are asked:
 ``owned_factors``         loralib-style modules owning 2-D ``lora_A`` / ``lora_B`` parameters
 ========================  ==========================================================
 
+Packages can add finders through the entry-point group ``reflora.finders``
+(:mod:`reflora.adapters.plugins`), loaded at the first call, once, and ordered by priority.
+
+After the finders, and only when ``example_inputs`` are given, *traced discovery*
+(:mod:`reflora.adapters.traced`) finds the pairs no finder recognised from one forward pass,
+and keeps a pair only if a random refactor ``(P^T A, B P^{-T})`` leaves the outputs unchanged:
+a LoRA written any way (torchtune, DeepSpeed-Chat, diffusers, raw parameters) needs no finder.
+``find_pairs(..., explain=True)`` returns a :class:`DiscoveryReport` saying what was considered,
+found and rejected, and why. See ``docs/finding-pairs.md``.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -42,13 +52,16 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, overload
 
 from torch import nn
 
+from reflora.adapters.traced import Candidate, DiscoveryReport, trace_pairs
 from reflora.pairs import LoRAPair, canonical_name
 
 __all__ = [
+    "Candidate",
+    "DiscoveryReport",
     "FindOptions",
     "Finder",
     "LoRAPair",
@@ -57,6 +70,7 @@ __all__ = [
     "list_finders",
     "mark_pair",
     "register_finder",
+    "trace_pairs",
     "unregister_finder",
 ]
 
@@ -130,14 +144,40 @@ def unregister_finder(name: str) -> None:
 
 
 def list_finders() -> list[tuple[str, int]]:
-    """``(name, priority)`` of every registered finder, in the order they are asked."""
+    """``(name, priority)`` of every registered finder (plugins included), in the order they are asked."""
+    _load_plugins()
     return [(e.name, e.priority) for e in _REGISTRY]
 
 
+def _load_plugins() -> None:
+    from reflora.adapters.plugins import load_plugins
+
+    load_plugins(register_finder, lambda: {e.name for e in _REGISTRY})
+
+
+@overload
 def find_pairs(
-    model: nn.Module, *, adapters: Literal["active", "all"] = "active", trainable_only: bool = True
-) -> list[LoRAPair]:
-    """Every low-rank pair in ``model``, in module order.
+    model: nn.Module, *, adapters: Literal["active", "all"] = ..., trainable_only: bool = ...,
+    example_inputs: Any = ..., explain: Literal[False] = ...,
+) -> list[LoRAPair]: ...
+
+
+@overload
+def find_pairs(
+    model: nn.Module, *, adapters: Literal["active", "all"] = ..., trainable_only: bool = ...,
+    example_inputs: Any = ..., explain: Literal[True],
+) -> DiscoveryReport: ...
+
+
+def find_pairs(
+    model: nn.Module,
+    *,
+    adapters: Literal["active", "all"] = "active",
+    trainable_only: bool = True,
+    example_inputs: Any = None,
+    explain: bool = False,
+) -> list[LoRAPair] | DiscoveryReport:
+    """Every low-rank pair in ``model``: the finders' first, in module order, then traced ones.
 
     Pair names are canonical (:func:`reflora.pairs.canonical_name`): the segments torch's
     wrappers insert (DDP / ``DataParallel`` ``module.``, ``torch.compile`` ``_orig_mod.``, FSDP,
@@ -149,17 +189,33 @@ def find_pairs(
         adapters: ``"active"`` or ``"all"`` adapters of multi-adapter (PEFT) models.
         trainable_only: keep only pairs whose factors both require grad. A pair with exactly one
             frozen factor (LoRA-FA freezes A) is skipped with a warning: refactoring would change
-            the frozen factor.
+            the frozen factor. Traced discovery only ever finds trainable pairs.
+        example_inputs: what ``model`` is called with (a tensor, a tuple of positional
+            arguments or a dict of keyword arguments). When given, the trainable parameters
+            the finders did not pair are traced through one forward pass and every proposed
+            pair is verified (:func:`reflora.adapters.traced.trace_pairs`); this costs a few
+            forward passes, once. ``None`` (default): finders only.
+        explain: return a :class:`DiscoveryReport` (pairs found, parameters considered,
+            proposals rejected and why) instead of the list, and do not raise when nothing
+            is found.
+
+    Returns:
+        ``list[LoRAPair]``, or a :class:`DiscoveryReport` with ``explain=True``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, ``explain`` is not a bool, or
+            ``example_inputs`` has an unsupported type.
         NoPairsFoundError: nothing was found (never a silent no-op).
         ValueError: two pairs share a parameter, or a pair's ranks disagree.
+        RuntimeError: the forward pass on ``example_inputs`` failed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if adapters not in ("active", "all"):
         raise ValueError(f"adapters must be 'active' or 'all'; got {adapters!r}")
+    if not isinstance(explain, bool):
+        raise TypeError(f"explain must be a bool; got {type(explain).__name__}")
+    _load_plugins()
     options = FindOptions(adapters=adapters)
     pairs: list[LoRAPair] = []
     seen: set[tuple[int, int]] = set()
@@ -183,6 +239,7 @@ def find_pairs(
         # two modules differ only in wrapper-like segments (a model's own child called
         # `module`): canonical names would be ambiguous, so this model keeps its raw names
         pairs = [_raw_named(p, *raw_names[id(p)]) for p in pairs]
+    claimed = [t for p in pairs for t in (p.A, p.B)]  # frozen ones too: tracing must not re-find them
     if trainable_only:
         kept = []
         for p in pairs:
@@ -196,7 +253,14 @@ def find_pairs(
                     stacklevel=2,
                 )
         pairs = kept
+    if example_inputs is not None:
+        report = trace_pairs(model, example_inputs, exclude=claimed, structural=pairs)
+    else:
+        report = DiscoveryReport(pairs, pairs, [], [], [], {}, traced_run=False)
+    pairs = report.pairs
     _check_unique(pairs)
+    if explain:
+        return report
     if not pairs:
         supported = "; ".join(f"{e.name}: {e.supports}" for e in _REGISTRY)
         raise NoPairsFoundError(
@@ -205,6 +269,11 @@ def find_pairs(
             "reflora.adapters.register_finder('mine', lambda name, module, options: "
             "[LoRAPair(name, module.down, module.up)] if isinstance(module, MyLoRA) else None, "
             "priority=20), or pass explicit (A, B) pairs to reflora.attach"
+            + (
+                ", or pass example_inputs= to find the pairs from a forward pass"
+                if example_inputs is None
+                else "; traced discovery on example_inputs found none either (pass explain=True to see why)"
+            )
         )
     return pairs
 

@@ -410,11 +410,16 @@ def _check_transportable(opt: torch.optim.Optimizer, transport: Any, second_mome
                 check(state, param, ctx, f"factor {label} of pair {pair.name!r}")
 
 
-def _as_pairs(pairs: Any) -> list[LoRAPair]:
+def _as_pairs(pairs: Any, example_inputs: Any = None) -> list[LoRAPair]:
     if isinstance(pairs, nn.Module):
         from reflora.adapters import find_pairs
 
-        return find_pairs(pairs)
+        return find_pairs(pairs, example_inputs=example_inputs)
+    if example_inputs is not None:
+        raise TypeError(
+            "example_inputs= is for finding pairs in a model: pass the nn.Module as pairs, or leave "
+            f"example_inputs out when passing explicit pairs (got pairs of type {type(pairs).__name__})"
+        )
     if isinstance(pairs, (Tensor, str, bytes)) or not isinstance(pairs, Iterable):
         raise TypeError(
             "pairs must be an nn.Module (pairs found by reflora.adapters.find_pairs) or an iterable "
@@ -1157,6 +1162,7 @@ def attach(
     solver: Literal["eigh", "newton_schulz"] = "eigh",
     diagnostics_interval: int = 0,
     resolved: float | None = None,
+    example_inputs: Any = None,
 ) -> RefLoRAHandle:
     r"""Make ``optimizer`` a RefLoRA optimizer for ``pairs`` (arXiv 2505.18877).
 
@@ -1224,6 +1230,11 @@ def attach(
             needs has directions far below the largest, and balancing those makes RefLoRA train
             slower than plain LoRA (``docs/rank-deficient.md``). Must be ``None`` or ``0`` for
             ``variant="scalar"``, which has no spectrum.
+        example_inputs: with ``pairs`` an ``nn.Module``: what the model is called with (a
+            tensor, a tuple of positional arguments or a dict of keyword arguments). Pairs no
+            finder recognises are then found from one forward pass and verified
+            (``find_pairs(model, example_inputs=...)``, see ``docs/finding-pairs.md``); once,
+            here, nothing per step.
 
     Returns:
         A :class:`RefLoRAHandle`.
@@ -1258,7 +1269,7 @@ def attach(
     resolved = resolve_resolved(resolved, variant, solver)
     if rank_above_size not in ("skip", "act"):
         raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {rank_above_size!r}")
-    pair_list = _skip_rank_above_size(_as_pairs(pairs), rank_above_size)
+    pair_list = _skip_rank_above_size(_as_pairs(pairs, example_inputs), rank_above_size)
     # distributed hook: DTensor (FSDP2) factors get local views and known reductions; placements
     # this variant cannot use raise here (reflora.distributed)
     pair_list = localize(pair_list, variant)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ class Case:
     expected: dict[str, tuple[int, int, int]]  # pair name -> (r, m, n)
     merge: Callable[[nn.Module], nn.Module] | None = None
     find_kwargs: dict | None = None
+    example_inputs: Any = None  # what ``output`` calls the model with (for traced discovery)
 
 
 def _peft(model, **cfg):
@@ -46,6 +47,7 @@ def _lm_case(model, vocab, expected, seq=10):
         loss=lambda m: m(input_ids=ids, labels=ids).loss,
         expected=expected,
         merge=lambda m: m.merge_and_unload(),
+        example_inputs={"input_ids": ids},
     )
 
 
@@ -115,6 +117,7 @@ def _encoder(model_cls, cfg, targets, names):
         loss=lambda m: m(input_ids=ids, labels=labels).loss,
         expected=exp,
         merge=lambda m: m.merge_and_unload(),
+        example_inputs={"input_ids": ids},
     )
 
 
@@ -212,6 +215,7 @@ def conv() -> Case:
         expected={"base_model.model.c1.default": (2, 9, 6), "base_model.model.c2.default": (2, 27, 5),
                   "base_model.model.c3.default": (2, 18, 4)},
         merge=lambda m: m.merge_and_unload(),
+        example_inputs=xs,
     )
 
 
@@ -225,6 +229,7 @@ def _vision_case(model, names_to_shapes):
         loss=lambda m: nn.functional.cross_entropy(m(x), y),
         expected=names_to_shapes,
         merge=lambda m: m.merge_and_unload(),
+        example_inputs=x,
     )
 
 
@@ -299,6 +304,7 @@ def pyg() -> Case:
         loss=lambda m: nn.functional.cross_entropy(m(data.x, data.edge_index)[:, :3], y % 3),
         expected={n: (2, m_, n_) for n, m_, n_ in lin},
         merge=merge_lora,
+        example_inputs=(data.x, data.edge_index),
     )
 
 
@@ -328,6 +334,7 @@ def raw() -> Case:
         output=lambda m: m(x),
         loss=lambda m: (m(x) - t).square().mean(),
         expected={"": (3, 16, 12), "adapter": (2, 12, 12)},
+        example_inputs=x,
     )
 
 
