@@ -83,9 +83,10 @@ def problem(seed: int, r: int, k: int):
     return X, X @ W, A, B, g
 
 
-def run(method: str, opt_name: str, lr: float, r: int, k: int, seed: int, batch: int, steps: int = STEPS[-1],
+def run(method: str, opt_name: str, lr: float, r: int, k: int, seed: int, batch: int, steps: int | None = None,
         curve: bool = False) -> dict:
     """Losses (full data) at ``STEPS`` (and every step with ``curve``) of one run."""
+    steps = steps or STEPS[-1]
     X, Y, A, B, g = problem(seed, r, k)
     if opt_name == "sgd-m":
         opt = torch.optim.SGD([A, B], lr=lr, momentum=0.9)

@@ -148,3 +148,32 @@ def test_distributed_benchmark_runs_small_on_two_processes(capsys) -> None:
     assert all(r[-1] == "0.00KB" for r in rows if r[0] == "ddp" and r[1] != "bare")
     growth = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d", line)]
     assert [int(g[0]) for g in growth] == [8, 16, 32, 64, 128, 256, 512, 1024]
+
+
+def test_rank_deficient_benchmark_runs_small(capsys, monkeypatch) -> None:
+    """The grid script prints its ratio table and summary; --trace's diagnostics show the mechanism
+    (release 0.2's default puts the top direction on one coordinate, plain LoRA spreads it)."""
+    import rank_deficient
+
+    monkeypatch.setattr(rank_deficient, "STEPS", (2, 4, 8))  # the table's machinery, not its numbers
+    monkeypatch.setattr(sys, "argv", ["rank_deficient.py", "--seeds", "1", "--ranks", "4", "--optimizers", "adamw",
+                                      "--batch", "256", "--workers", "1", "--methods", "default", "full/parameter/r0"])
+    rank_deficient.main()
+    out = capsys.readouterr().out
+    assert "Summary over 3 cells" not in out  # r = 4 has k in {1, 2, 4}, three rates: nine cells
+    assert "Summary over 9 cells" in out and "default" in out and "full/parameter/r0" in out
+    lora = rank_deficient.trace("lora", "adamw", 3e-3, 8, 1, at=(5,))
+    old = rank_deficient.trace("full/parameter/r0", "adamw", 3e-3, 8, 1, at=(5,))
+    assert lora[0]["spread"] > 4 and old[0]["spread"] < 1.5
+    assert old[0]["a_rest"] < 0.01 * lora[0]["a_rest"]  # the unneeded directions collapsed
+
+
+def test_rank_deficient_candidates_script_agrees_with_the_library() -> None:
+    import rank_deficient_candidates as cand
+
+    # the script's own balanced refactor shows what the library's resolved=0 shows: far behind
+    # plain LoRA at r = 8, k = 1 (the two differ in the dead-direction rule and the sign convention)
+    plain = cand.run("lora", 0, 8, 1, 3e-3, steps=150)[150]
+    for name in ("balanced", "resolved=0"):
+        assert cand.run(name, 0, 8, 1, 3e-3, steps=150)[150] > 10 * plain, name
+    assert cand.run("default", 0, 8, 1, 3e-3, steps=150)[150] == pytest.approx(plain, rel=1e-6)
