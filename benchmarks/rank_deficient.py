@@ -187,9 +187,17 @@ def diverged(res: dict) -> bool:
     return not math.isfinite(last) or last > res["l0"]
 
 
+def _parse_method(m: str) -> None:
+    """``resolved=X``: the default with another gate; ``eps=X``: release 0.2's default with a larger
+    dead-direction threshold (balance only the directions above it)."""
+    if m.startswith("resolved="):
+        METHODS[m] = {"resolved": float(m.split("=", 1)[1])}
+    elif m.startswith("eps="):
+        METHODS[m] = {"space": "parameter", "resolved": 0.0, "eps": float(m.split("=", 1)[1])}
+
+
 def _job(args):
-    if args[0].startswith("resolved="):  # worker processes rebuild the parsed methods
-        METHODS[args[0]] = {"resolved": float(args[0].split("=", 1)[1])}
+    _parse_method(args[0])  # worker processes rebuild the parsed methods
     return args, run(*args)
 
 
@@ -197,7 +205,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--methods", nargs="+", default=["default"],
-                    help=f"methods compared with plain LoRA, or 'all' (choices: {', '.join(m for m in METHODS if m != 'lora')})")
+                    help=f"methods compared with plain LoRA, or 'all' (choices: {', '.join(m for m in METHODS if m != 'lora')}; "
+                         "also resolved=X, the default with another gate, and eps=X, release 0.2's default with a "
+                         "larger dead-direction threshold)")
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     ap.add_argument("--batch", nargs="+", type=int, default=[ROWS, 32], help="rows per step (256: full batch)")
     ap.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16, 32])
@@ -211,8 +221,7 @@ def main() -> None:
     args = ap.parse_args()
     methods = [m for m in METHODS if m != "lora"] if args.methods == ["all"] else args.methods
     for m in methods:
-        if m.startswith("resolved="):  # e.g. resolved=0.05: the default with another gate
-            METHODS[m] = {"resolved": float(m.split("=", 1)[1])}
+        _parse_method(m)
         if m not in METHODS:
             ap.error(f"unknown method {m!r}; choices: {', '.join(METHODS)}")
     torch.set_num_threads(1)
