@@ -92,9 +92,10 @@ def resolved_gate(sig2: Tensor, resolved: float) -> Tensor:
     directions, and the paper frame then puts every live direction on its own coordinate, so an
     element-wise optimizer (Adam) spends its per-coordinate step on ``r - k`` coordinates that
     carry no gradient; see ``docs/rank-deficient.md``. A pair with ``B = 0`` (all
-    ``sigma = 0``) passes the test and gets the identity from the dead-direction rule anyway.
+    ``sigma = 0``) passes the test and gets the identity from the dead-direction rule anyway; a
+    non-finite one (NaN ``sigma``) passes too, so that it still comes out as NaN.
     """
-    return sig2[..., 0] >= (resolved * resolved) * sig2[..., -1]
+    return ~(sig2[..., 0] < (resolved * resolved) * sig2[..., -1])
 
 
 def _separated(lam_a: Tensor, sig2: Tensor, live: Tensor) -> Tensor:

@@ -111,6 +111,17 @@ def test_gate_leaves_unresolved_pairs_as_they_are_and_acts_on_the_rest() -> None
     torch.testing.assert_close(fast_S[0], S, rtol=1e-9, atol=1e-12)
 
 
+def test_gate_keeps_non_finite_pairs_nan() -> None:
+    """A pair holding NaN comes out as NaN with the gate on, as without it (the others are computed)."""
+    X, Y = _grams([[3.0, 1.0, 0.5, 0.4], [3.0, 1.0, 0.5, 0.01]])
+    X[1, 0, 0] = float("nan")
+    for frame in ("paper", None):
+        general = (lambda x, y: full_kernel(x, y, 1.4e-14, "paper", "eigh", 0.1)[:2]) if frame else \
+            (lambda x, y: metric_kernel(x, y, 1.4e-14, "eigh", 0.1))
+        out = eager_kernel(X, Y, 1.4e-14, frame, general, metric=False, resolved=0.1)
+        assert all(torch.isnan(t[1]).all() and torch.isfinite(t[0]).all() for t in out)
+
+
 def test_default_resolution_per_variant_and_solver() -> None:
     A = nn.Parameter(torch.randn(4, 16))
     B = nn.Parameter(torch.zeros(8, 4))
