@@ -303,10 +303,12 @@ def plot(out: str, methods: list[str]) -> None:
     cells = [("adamw", 3e-3, 8, 1), ("adamw", 3e-3, 16, 4), ("adamw", 1e-2, 8, 8), ("sgd-m", 1e-2, 16, 4)]
     fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.4))
     for ax, (o, lr, r, k) in zip(axes, cells):
-        for m in ["lora", *dict.fromkeys([*methods, "full/parameter/r0"])]:
+        for i, m in enumerate(["lora", *dict.fromkeys([*methods, "full/parameter/r0"])]):
             curves = [run(m, o, lr, r, k, s, ROWS, curve=True)["curve"] for s in range(3)]
             med = [statistics.median(c[t] for c in curves) for t in range(len(curves[0]))]
-            ax.semilogy(range(1, len(med) + 1), med, label="plain LoRA" if m == "lora" else m)
+            # overlapping curves (the gate closed: default == plain LoRA) stay visible
+            ax.semilogy(range(1, len(med) + 1), med, label="plain LoRA" if m == "lora" else m,
+                        linestyle=("-", "--", ":", "-.")[i % 4], linewidth=2.2 - 0.4 * (i % 4))
         ax.set_title(f"{o} lr={lr:g}, r={r}, k={k}")
         ax.set_xlabel("step")
     axes[0].set_ylabel("training loss (median of 3 seeds)")
