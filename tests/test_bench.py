@@ -282,14 +282,17 @@ def test_from_results_rejects_a_file_that_is_not_bench_results(tmp_path, capsys)
 
 
 def test_bench_rank_option_sets_every_tasks_rank(tmp_path, capsys) -> None:
-    """``--rank`` replaces the tasks' LoRA rank (recorded in results.json); a rank below 1 is refused."""
+    """``--rank`` replaces the tasks' LoRA rank (recorded in results.json); a rank below 1 is refused;
+    ``--shared-lr-only`` runs the shared rate alone."""
     from reflora.__main__ import main
     from reflora.adapters import find_pairs
 
     assert main(["bench", "--tasks", "graph", "--methods", "lora", "reflora-param", "--rank", "8", "--steps", "2",
-                 "--seeds", "1", "--no-plots", "--no-vmap", "--out", str(tmp_path)]) == 0
+                 "--seeds", "1", "--shared-lr-only", "--no-plots", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "results.json").read_text())
-    assert report["tasks"]["graph"]["rank"] == 8 and "--rank 8" in report["command"]
+    entry = report["tasks"]["graph"]
+    assert entry["rank"] == 8 and "--rank 8" in report["command"] and "--shared-lr-only" in report["command"]
+    assert entry["grid"] == [entry["shared_lr"]] and len(entry["runs"]) == 2  # 2 methods, one seed, one rate
     import dataclasses
 
     from reflora.bench.tasks import TASKS
