@@ -7,7 +7,7 @@ imported lazily by the parts that need them.
 from __future__ import annotations
 
 from reflora import diagnostics, distributed, func, functional, transport
-from reflora.attach import RefLoRAHandle, UnsupportedOptimizerError, attach, default_space
+from reflora.attach import RefLoRAHandle, UnstableOptionWarning, UnsupportedOptimizerError, attach, default_space
 from reflora.functional import precondition, preconditioner, refactor, refactor_transform
 from reflora.pairs import LoRAPair
 from reflora.transport import register_state_transport
@@ -17,6 +17,7 @@ __version__ = "0.2.0"
 __all__ = [
     "LoRAPair",
     "RefLoRAHandle",
+    "UnstableOptionWarning",
     "UnsupportedOptimizerError",
     "__version__",
     "attach",

@@ -40,6 +40,7 @@ __all__ = [
     "check_eps",
     "check_frame",
     "DEFAULT_RESOLVED",
+    "UnstableOptionWarning",
     "check_resolved",
     "resolve_resolved",
     "check_solver",
@@ -118,6 +119,10 @@ def _finite_only(X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _nan_where(finite: Tensor, out: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     nan = torch.full((), float("nan"), dtype=out[0].dtype, device=out[0].device)
     return tuple(torch.where(finite, t, nan) for t in out)
+
+
+class UnstableOptionWarning(UserWarning):
+    """An option was measured to diverge where plain training converges (the message says where)."""
 
 
 def check_resolved(resolved: object, variant: str = "full", solver: str = "eigh") -> float:

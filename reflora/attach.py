@@ -67,6 +67,7 @@ from torch.utils.hooks import RemovableHandle
 from reflora._kernels import (
     SECOND_MOMENT_RULES,
     check_eps,
+    UnstableOptionWarning,
     resolve_resolved,
     check_solver,
     check_variant,
@@ -92,7 +93,7 @@ from reflora.transport import (
     registered_optimizers,
 )
 
-__all__ = ["RefLoRAHandle", "UnsupportedOptimizerError", "attach", "default_space"]
+__all__ = ["RefLoRAHandle", "UnstableOptionWarning", "UnsupportedOptimizerError", "attach", "default_space"]
 
 Space = Literal["auto", "gradient", "parameter"]
 _SPACES = ("auto", "gradient", "parameter")
@@ -1383,6 +1384,15 @@ def attach(
         except Exception:
             handle.remove()
             raise
+        if second_moment == "reset" and _keeps_second_moments(get_state_transport(opt)):
+            warnings.warn(
+                f"second_moment='reset' zeroes {_qualname(opt)}'s second moments at every refactor, so the next "
+                "update divides by a near-zero denominator: with the full variant it diverged in every AdamW cell "
+                "of benchmarks/rank_deficient.py (90 of 90; docs/rank-deficient.md). Use second_moment='square' "
+                "(the default)",
+                UnstableOptionWarning,
+                stacklevel=2,
+            )
     for pair in pair_list:
         registered[id(pair.A)] = handle
         registered[id(pair.B)] = handle

@@ -101,6 +101,7 @@ from reflora._kernels import (
     SECOND_MOMENT_RULES,
     check_eps,
     check_solver,
+    UnstableOptionWarning,
     resolve_resolved,
     check_variant,
     full_kernel,
@@ -641,6 +642,14 @@ def _make(
     solver, frame_ = check_solver(solver, frame)
     eps_ = check_eps(reflora_eps, torch.float64)
     resolved_ = resolve_resolved(resolved, variant, solver)
+    if base == "adamw" and space == "parameter" and second_moment == "reset":
+        warnings.warn(
+            "second_moment='reset' zeroes AdamW's second moments at every refactor, so the next update divides "
+            "by a near-zero denominator: with the full variant it diverged in every AdamW cell of "
+            "benchmarks/rank_deficient.py (90 of 90; docs/rank-deficient.md). Use second_moment='square' (the default)",
+            UnstableOptionWarning,
+            stacklevel=3,
+        )
     if rank_above_size not in ("skip", "act"):
         raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {rank_above_size!r}")
     return FunctionalOptimizer(

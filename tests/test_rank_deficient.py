@@ -172,3 +172,21 @@ def test_func_matches_attach_under_the_gate() -> None:
         ((X @ pa["A"].T @ pa["B"].T - Y) ** 2).mean().backward()
         params, state = fo.update({k: v.grad for k, v in pa.items()}, state, params)
     torch.testing.assert_close(params["B"] @ params["A"], (B64 @ A64).detach(), rtol=1e-9, atol=1e-12)
+
+
+def test_reset_second_moments_under_adam_warns() -> None:
+    """second_moment='reset' diverged in every AdamW cell of the grid: attach and reflora.func say so."""
+    A = nn.Parameter(torch.randn(4, 16))
+    B = nn.Parameter(torch.zeros(8, 4))
+    with pytest.warns(reflora.UnstableOptionWarning, match=r"second_moment='reset'.*diverged.*'square'"):
+        reflora.attach(torch.optim.AdamW([A, B]), [(A, B)], space="parameter", second_moment="reset")
+    with pytest.warns(reflora.UnstableOptionWarning, match=r"second_moment='reset'"):
+        reflora.func.adamw([("A", "B")], second_moment="reset")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", reflora.UnstableOptionWarning)
+        # SGD has no second moment; 'square' is the default: no warning
+        reflora.attach(torch.optim.SGD([A, B], lr=0.1, momentum=0.9), [(A, B)], space="parameter",
+                       second_moment="reset")
+        reflora.attach(torch.optim.Adam([A, B]), [(A, B)], space="parameter")
