@@ -7,7 +7,10 @@ imported lazily by the parts that need them.
 from __future__ import annotations
 
 from reflora import diagnostics, distributed, func, functional, transport
-from reflora.attach import RefLoRAHandle, UnsupportedOptimizerError, attach, default_space
+from reflora.config import RefLoRAConfig, default_space
+from reflora.handle import RefLoRAHandle
+from reflora.hooks import attach
+from reflora.transport import UnsupportedOptimizerError
 from reflora.functional import precondition, preconditioner, refactor, refactor_transform
 from reflora.pairs import LoRAPair
 from reflora.transport import register_state_transport
@@ -16,6 +19,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "LoRAPair",
+    "RefLoRAConfig",
     "RefLoRAHandle",
     "UnsupportedOptimizerError",
     "__version__",
