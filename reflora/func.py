@@ -99,10 +99,10 @@ from torch import Tensor, nn
 
 from reflora._linalg import compute_dtype
 from reflora.config import RefLoRAConfig, check_int, default_space
-from reflora.functional import Transform, apply_transform, map_first_moments
+from reflora.functional import Transform
 from reflora.pairs import LAYOUTS, LoRAPair, from_core, to_core
-from reflora.step import kernel_of_stack
-from reflora.transport import STATE_KINDS, state_kinds
+from reflora.step import kernel_of_stack, transformed
+from reflora.transport import state_kinds
 
 __all__ = ["FunctionalOptimizer", "ParamPair", "adamw", "pairs_of", "sgd"]
 
@@ -531,26 +531,20 @@ class FunctionalOptimizer:
             # the r x r results are applied in float32 or wider, as attach does
             dt = torch.promote_types(params[g.pairs[0].A].dtype, torch.float32)
             left, right = left.to(dt), right.to(dt)
+            gate = started if self.space == "gradient" else active
             for j, p in enumerate(g.pairs):
-                # in gradient space (left, right) = (S, S^-1), both symmetric: the first-moment
-                # map right^T g_A, g_B left^T is then the preconditioning S^-1 g_A, g_B S
-                T = Transform(left[j], right[j])
-                gA, gB = self._core(grads, p, 0), self._core(grads, p, 1)
-                work = [(grads, (gA, gB), map_first_moments(T, gA, gB))]
-                if self.space == "parameter":
-                    A, B = self._core(params, p, 0), self._core(params, p, 1)
-                    work.append((params, (A, B), apply_transform(T, A, B)))
-                    for key, kind in self._moment_kinds():
-                        m = self._core(state[key], p, 0), self._core(state[key], p, 1)
-                        new = STATE_KINDS[kind].apply(T, *m, self.second_moment)
-                        if new is not None:
-                            work.append((state[key], m, new))
-                gate = started if self.space == "gradient" else active
-                for out, old_xs, new_xs in work:
-                    for side, (old_x, new_x) in enumerate(zip(old_xs, new_xs)):
-                        # selecting the output (not gating the transform) leaves a skipped step
-                        # exactly as it was, non-finite values and the "reset" rule included
-                        self._put(out, p, side, new_x if gate is None else torch.where(gate, new_x, old_x))
+                core = lambda d: (self._core(d, p, 0), self._core(d, p, 1))  # noqa: E731
+                parameter = self.space == "parameter"
+                kinds = self._moment_kinds() if parameter else ()
+                news = transformed(
+                    Transform(left[j], right[j]), core(grads), core(params) if parameter else None,
+                    [(kind, core(state[key])) for key, kind in kinds], self.second_moment, gate,
+                )
+                outs = [grads] + ([params] + [state[key] for key, _ in kinds] if parameter else [])
+                for out, new in zip(outs, news):
+                    if new is not None:  # (a state its kind leaves alone is not written)
+                        self._put(out, p, 0, new[0])
+                        self._put(out, p, 1, new[1])
 
     # -- base steps ------------------------------------------------------------------------
     def _base_step(self, t: Tensor, lr: Tensor, grads: dict[str, Tensor], state: State, params: dict[str, Tensor]) -> None:

@@ -9,7 +9,8 @@ in float32 or wider and written back with ``copy_``. Front-ends only gather and 
   :func:`precondition` (gradient space) or :func:`refactor` (parameter space);
 * the DeepSpeed ZeRO strategy (:mod:`reflora.integrations.deepspeed`) calls :func:`metrics` and
   :func:`precondition_one` from gradient hooks;
-* :mod:`reflora.func` calls :func:`kernel_of_stack`, the gated, out-of-place form.
+* :mod:`reflora.func` calls :func:`kernel_of_stack` and :func:`transformed`, the gated,
+  out-of-place form.
 
 A traced step (inside ``torch.compile``) passes ``gate``, a 0-d bool: every update is computed
 and the old value kept where the gate is false (:func:`copy_gated`).
@@ -26,7 +27,7 @@ from torch import Tensor
 from reflora._kernels import grams, group_kernel, metric, metric_kernel, full_kernel, scalar_kernel
 from reflora._linalg import compute_dtype, mm
 from reflora.distributed import group_key, local, reduce_grams, reduce_sq_norms
-from reflora.functional import Transform
+from reflora.functional import Transform, apply_transform, map_first_moments
 from reflora.pairs import LoRAPair, to_core
 from reflora.transport import STATE_KINDS, TransportContext, check_transportable
 
@@ -45,6 +46,7 @@ __all__ = [
     "precondition_one",
     "refactor",
     "sq_norms",
+    "transformed",
 ]
 
 Chunks = list[tuple[list[Tensor], Tensor]]
@@ -168,6 +170,33 @@ def kernel_of_stack(A: Tensor, B: Tensor, cfg: RefLoRAConfig, eps: float) -> tup
     if cfg.space == "gradient":
         return metric_kernel(X, Y, eps, cfg.solver, cfg.resolved)  # type: ignore[arg-type]
     return full_kernel(X, Y, eps, cfg.frame, cfg.solver, cfg.resolved)[:2]  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------- out of place
+
+
+def transformed(
+    T: Transform, grads: tuple[Tensor, Tensor], factors: tuple[Tensor, Tensor] | None = None,
+    states: Iterable[tuple[str, tuple[Tensor, Tensor]]] = (), rule: str = "square", gate: Tensor | None = None,
+) -> list[tuple[Tensor, Tensor] | None]:
+    """One pair's step out of place (:mod:`reflora.func`): the new ``(A-side, B-side)`` of the
+    gradients, then, in parameter space (``factors`` given), of the factors and of each
+    ``(kind, (state_A, state_B))`` by its kind (:data:`reflora.transport.STATE_KINDS`; ``None``
+    where the kind leaves the state as it is). With ``gate`` (a 0-d bool) every output is
+    ``where(gate, new, old)``: selecting the output, not gating the transform, leaves a skipped
+    step exactly as it was, non-finite values and the ``"reset"`` rule included.
+
+    In gradient space ``T = (S, S^{-1})``, both symmetric: the first-moment map ``right^T g_A``,
+    ``g_B left^T`` is then the preconditioning ``S^{-1} g_A``, ``g_B S``.
+    """
+    work: list[tuple[tuple[Tensor, Tensor], Any]] = [(grads, map_first_moments(T, *grads))]
+    if factors is not None:
+        work.append((factors, apply_transform(T, *factors)))
+        work += [(old, STATE_KINDS[kind].apply(T, *old, rule)) for kind, old in states]
+    if gate is None:
+        return [None if new is None else tuple(new) for _, new in work]  # type: ignore[misc]
+    return [None if new is None else (torch.where(gate, new[0], old[0]), torch.where(gate, new[1], old[1]))
+            for old, new in work]
 
 
 # ------------------------------------------------------------------------------- applying
