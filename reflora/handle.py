@@ -12,6 +12,7 @@ the docstring of :func:`reflora.attach` and in ``docs/design.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,15 @@ def _pair_mismatch(saved: list[str], names: list[str]) -> str:
     )
 
 
+def _option(field: str) -> property:
+    """A handle attribute that reads (and, validated, replaces) one field of its configuration."""
+
+    def set_(self: RefLoRAHandle, value: Any) -> None:
+        self.config = dataclasses.replace(self.config, **{field: value})
+
+    return property(lambda self: getattr(self.config, field), set_, doc=f"``config.{field}``.")
+
+
 class HookStrategy:
     """The default strategy: the whole step runs in the optimizer's step pre-hook."""
 
@@ -130,7 +140,7 @@ class RefLoRAHandle:
         self._skip_count = False
         self._traced_steps = False  # a step ran inside torch.compile (it records no diagnostics)
         transport = get_state_transport(optimizer) if config.space == "parameter" else None
-        self._mover = core.StateMover(optimizer, transport, config.second_moment)
+        self._mover = core.StateMover(optimizer, transport)
         self._groups = core.group_pairs(self.pairs)
         self._bufs = self._make_cache_buffers()
         self._cached: set[int] | None = set()  # Python mirror of the buffers' `valid` flags
@@ -142,17 +152,17 @@ class RefLoRAHandle:
         self._removed = False
 
     # -- configuration -----------------------------------------------------------------------
-    variant = property(lambda self: self.config.variant)
-    space = property(lambda self: self.config.space)
-    warmup_steps = property(lambda self: self.config.warmup_steps)
-    interval = property(lambda self: self.config.interval)
-    eps = property(lambda self: self.config.eps)
-    second_moment = property(lambda self: self.config.second_moment)
-    frame = property(lambda self: self.config.frame)
-    solver = property(lambda self: self.config.solver)
-    resolved = property(lambda self: self.config.resolved)
-    diagnostics_interval = property(lambda self: self.config.diagnostics_interval)
-    compiled = property(lambda self: self.config.compile)
+    variant = _option("variant")
+    space = _option("space")
+    warmup_steps = _option("warmup_steps")
+    interval = _option("interval")
+    eps = _option("eps")
+    second_moment = _option("second_moment")
+    frame = _option("frame")
+    solver = _option("solver")
+    resolved = _option("resolved")
+    diagnostics_interval = _option("diagnostics_interval")
+    compiled = _option("compile")
 
     # -- counter and cache -------------------------------------------------------------------
     @property
@@ -406,11 +416,11 @@ class RefLoRAHandle:
         """
         jobs = [[self.pairs[i] for i in self._members(group)] for group in self._groups]
         jobs = [pairs for pairs in jobs if pairs]
-        core.refactor(jobs, self._metrics(jobs, transform=True), self._mover, gate)  # type: ignore[arg-type]
+        core.refactor(jobs, self._metrics(jobs, transform=True), self._mover, self.config.second_moment, gate)  # type: ignore[arg-type]
 
     def check_state(self, pairs: Any) -> None:
         """Raise (before anything is modified) if the transport cannot move these pairs' state."""
-        self._mover.check(pairs)
+        self._mover.check(pairs, self.config.second_moment)
 
     def _finish_diagnostics(self, t: int) -> None:
         """Store this step's diagnostics: the stats computed from the kernel's Grams where it ran,

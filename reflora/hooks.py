@@ -60,6 +60,7 @@ from typing import Any, Iterable, Literal
 import torch
 from torch import Tensor, nn
 
+from reflora.adapters import as_pairs
 from reflora.config import RefLoRAConfig, Space, resolve_space, skip_rank_above_size, unwrap_optimizer
 from reflora.distributed import any_sharded, localize
 from reflora.handle import ATTACHED, RefLoRAHandle
@@ -70,7 +71,6 @@ from reflora.integrations.deepspeed import (
     check_zero_stage,
     zero_optimizer,
 )
-from reflora.adapters import as_pairs
 from reflora.pairs import LoRAPair
 from reflora.transport import UnsupportedOptimizerError, get_state_transport, qualname, registered_optimizers
 

@@ -309,20 +309,20 @@ def precondition_one(grad: Tensor, pair: LoRAPair, role: str, S: Tensor, S_inv: 
 
 
 class StateMover:
-    """What a refactor needs of the optimizer: its state, its transport and the second-moment
-    rule. ``spec`` is the transport's ``{state key: kind}`` (``None``: a function transport)."""
+    """What a refactor needs of the optimizer: its state and its transport. ``spec`` is the
+    transport's ``{state key: kind}`` (``None``: a function transport); ``rule`` below is the
+    second-moment rule (``"square"``, ``"keep"``, ``"reset"``)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, transport: Any, second_moment: str) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, transport: Any) -> None:
         self.optimizer = optimizer
         self.transport = transport
-        self.second_moment = second_moment
         self.spec = getattr(transport, "spec", None)
 
-    def check(self, pairs: Iterable[LoRAPair]) -> None:
+    def check(self, pairs: Iterable[LoRAPair], rule: str) -> None:
         """Raise (before anything is modified) if the transport cannot move these pairs' state."""
-        check_transportable(self.optimizer, self.transport, self.second_moment, pairs)
+        check_transportable(self.optimizer, self.transport, rule, pairs)
 
-    def fold(self, pairs: list[LoRAPair], left: Tensor, right: Tensor, on_a: Chunks, on_b: Chunks) -> bool:
+    def fold(self, pairs: list[LoRAPair], left: Tensor, right: Tensor, on_a: Chunks, on_b: Chunks, rule: str) -> bool:
         """Add the optimizer state of ``pairs`` to the factors' products where its kind maps it
         by a product (:data:`reflora.transport.STATE_KINDS`): ``"first"`` state like the
         gradients, ``"second"`` state by the ``"square"`` rule or not at all (``"keep"``).
@@ -330,7 +330,7 @@ class StateMover:
         transports, the ``"reset"`` rule, pairs with and without state in one group, state that
         is not parameter-shaped (and so raises there)."""
         spec = self.spec
-        if spec is None or self.second_moment == "reset":
+        if spec is None or rule == "reset":
             return False
         opt = self.optimizer
         states = [(opt.state.get(p.A), opt.state.get(p.B)) for p in pairs]
@@ -342,7 +342,7 @@ class StateMover:
             kind = STATE_KINDS.get(spec.get(key))  # type: ignore[arg-type]
             if kind is None:
                 return False
-            prod = kind.product(left, right, self.second_moment)
+            prod = kind.product(left, right, rule)
             if prod is None:
                 continue
             if prod is NotImplemented:
@@ -359,7 +359,7 @@ class StateMover:
             on_b.append((vb, prod[1]))
         return True
 
-    def move(self, pairs: list[LoRAPair], T: Transform, gate: Tensor | None = None) -> None:
+    def move(self, pairs: list[LoRAPair], T: Transform, rule: str, gate: Tensor | None = None) -> None:
         """Move the state of ``pairs`` through the transport (stacked per key), in place."""
         opt = self.optimizer
         with_state = [k for k, p in enumerate(pairs) if opt.state.get(p.A) and opt.state.get(p.B)]
@@ -402,7 +402,7 @@ class StateMover:
         viewB = view_for(layB, chosen[0].B.shape)
         sA = stacked(lambda p: p.A, viewA)
         sB = stacked(lambda p: p.B, viewB)
-        ctx = TransportContext(opt, self.second_moment, (layA, layB))
+        ctx = TransportContext(opt, rule, (layA, layB))
         newA, newB = self.transport(T_sel, sA, sB, ctx)
         for new, param_of, view in ((newA, lambda p: p.A, viewA), (newB, lambda p: p.B, viewB)):
             for key, value in new.items():
@@ -411,10 +411,11 @@ class StateMover:
 
 
 def refactor(
-    jobs: list[list[LoRAPair]], transforms: list[tuple[Tensor, ...]], mover: StateMover, gate: Tensor | None = None
+    jobs: list[list[LoRAPair]], transforms: list[tuple[Tensor, ...]], mover: StateMover, rule: str,
+    gate: Tensor | None = None,
 ) -> None:
     """Refactor every group of ``jobs`` by its ``(left, right) = (P^T, P^{-T})``: factors,
-    gradients and optimizer state.
+    gradients and optimizer state (second moments by ``rule``).
 
     Two phases: every group's transform and everything it will touch are gathered (and the
     state checked) first, then written. A transport that cannot move some state raises before
@@ -426,16 +427,16 @@ def refactor(
         # covectors: P^{-1} g_A = right^T g_A, g_B P = g_B left^T (the scalar variant: p, 1/p)
         on_a = [([p.a() for p in pairs], left), ([p.grad_a() for p in pairs], right.mT)]
         on_b = [([p.b() for p in pairs], right), ([p.grad_b() for p in pairs], left.mT)]
-        folded = mover.fold(pairs, left, right, on_a, on_b)
+        folded = mover.fold(pairs, left, right, on_a, on_b, rule)
         plans.append((pairs, left, right, on_a, on_b, folded))
         if not folded:
             unfolded.extend(pairs)
     if unfolded:
-        mover.check(unfolded)
+        mover.check(unfolded, rule)
     # every group's factors, gradients and folded state in one call (see apply_many)
     apply_many([c for plan in plans for c in plan[3]], [c for plan in plans for c in plan[4]], gate)
     for pairs, left, right, _, _, folded in plans:
         if not folded:
             # the state moves in float32 (or wider), like the factors and gradients
             T = Transform(apply_dtype(left, pairs[0].A), apply_dtype(right, pairs[0].A))
-            mover.move(pairs, T, None if gate is None else gate.to(pairs[0].A.device))
+            mover.move(pairs, T, rule, None if gate is None else gate.to(pairs[0].A.device))

@@ -75,3 +75,15 @@ def test_attach_and_func_hold_the_configuration():
     assert (handle.space, handle.interval, handle.frame) == ("gradient", 3, "paper")
     opt = reflora.func.sgd([("A", "B")], momentum=0.9, interval=3)
     assert opt.config == handle.config
+
+
+def test_a_handles_options_stay_assignable_and_are_validated():
+    """0.2 handles had plain attributes (benchmarks/overhead.py sets warmup_steps): they still
+    can be set, through a validated replacement of the configuration."""
+    A = nn.Parameter(torch.randn(2, 6))
+    B = nn.Parameter(torch.randn(5, 2))
+    handle = reflora.attach(torch.optim.AdamW([A, B]), [(A, B)], warmup_steps=10**9)
+    handle.warmup_steps = 0
+    assert handle.warmup_steps == handle.config.warmup_steps == 0
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        handle.warmup_steps = -1
