@@ -52,9 +52,9 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, overload
+from typing import Any, Callable, Iterable, Literal, Optional, overload
 
-from torch import nn
+from torch import Tensor, nn
 
 from reflora.adapters.traced import Candidate, DiscoveryReport, trace_pairs
 from reflora.pairs import LoRAPair, canonical_name
@@ -66,6 +66,7 @@ __all__ = [
     "Finder",
     "LoRAPair",
     "NoPairsFoundError",
+    "as_pairs",
     "find_pairs",
     "list_finders",
     "mark_pair",
@@ -367,3 +368,34 @@ def _register_builtins() -> None:
 
 
 _register_builtins()
+
+
+def as_pairs(pairs: Any, example_inputs: Any = None) -> list[LoRAPair]:
+    """``pairs`` as a list of :class:`LoRAPair`: found in an ``nn.Module`` (by
+    :func:`reflora.adapters.find_pairs`), or normalised from ``(A, B)`` tuples / ``LoRAPair`` s
+    (tuples are named ``pair0``, ``pair1``, ...)."""
+    if isinstance(pairs, nn.Module):
+        return find_pairs(pairs, example_inputs=example_inputs)
+    if example_inputs is not None:
+        raise TypeError(
+            "example_inputs= is for finding pairs in a model: pass the nn.Module as pairs, or leave "
+            f"example_inputs out when passing explicit pairs (got pairs of type {type(pairs).__name__})"
+        )
+    if isinstance(pairs, (Tensor, str, bytes)) or not isinstance(pairs, Iterable):
+        raise TypeError(
+            "pairs must be an nn.Module (pairs found by reflora.adapters.find_pairs) or an iterable "
+            f"of (A, B) parameter tuples / LoRAPair; got {type(pairs).__name__}"
+        )
+    out: list[LoRAPair] = []
+    for i, item in enumerate(pairs):
+        if isinstance(item, LoRAPair):
+            out.append(item)
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            out.append(LoRAPair(f"pair{i}", item[0], item[1]))
+        else:
+            raise TypeError(
+                f"pairs[{i}] must be an (A, B) tuple of parameters or a LoRAPair; got {type(item).__name__}"
+            )
+    if not out:
+        raise ValueError("no pairs given: RefLoRA would be a silent no-op; pass at least one (A, B) pair")
+    return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from reflora.bench.report import _ms, paired
+from reflora.bench.report import mean_sd, paired
 from reflora.bench.runner import run_one
 from reflora.bench.tasks import TASKS
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         head = (f"{'method':<16} {'final loss':>16} {'d loss vs LoRA':>30} {task.metric:>14} "
                 f"{'d metric vs LoRA':>30} {'d loss vs interval 1':>30}")
         print(head + "\n" + "-" * len(head))
-        print(f"{'LoRA':<16} {_ms([r.final_loss for r in lora]):>16} {'':>30} {_ms([r.metric for r in lora]):>14}")
+        print(f"{'LoRA':<16} {mean_sd([r.final_loss for r in lora]):>16} {'':>30} {mean_sd([r.metric for r in lora]):>14}")
         first = ours[args.intervals[0]]
         for k, runs in ours.items():
             errors = [r.error for r in runs if r.error]
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             d_metric = paired([a.metric - b.metric for a, b in zip(runs, lora)])
             d_first = "" if runs is first else paired(
                 [a.final_loss - b.final_loss for a, b in zip(runs, first)], lower_is_better=True)
-            print(f"{'interval ' + str(k):<16} {_ms([r.final_loss for r in runs]):>16} {d_loss:>30} "
-                  f"{_ms([r.metric for r in runs]):>14} {d_metric:>30} {d_first:>30}")
+            print(f"{'interval ' + str(k):<16} {mean_sd([r.final_loss for r in runs]):>16} {d_loss:>30} "
+                  f"{mean_sd([r.metric for r in runs]):>14} {d_metric:>30} {d_first:>30}")
     return 0
 
 

@@ -7,7 +7,11 @@ imported lazily by the parts that need them.
 from __future__ import annotations
 
 from reflora import diagnostics, distributed, func, functional, transport
-from reflora.attach import RefLoRAHandle, UnstableOptionWarning, UnsupportedOptimizerError, attach, default_space
+from reflora._kernels import UnstableOptionWarning
+from reflora.config import RefLoRAConfig, default_space
+from reflora.handle import RefLoRAHandle
+from reflora.hooks import attach
+from reflora.transport import UnsupportedOptimizerError
 from reflora.functional import precondition, preconditioner, refactor, refactor_transform
 from reflora.pairs import LoRAPair
 from reflora.transport import register_state_transport
@@ -16,6 +20,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "LoRAPair",
+    "RefLoRAConfig",
     "RefLoRAHandle",
     "UnstableOptionWarning",
     "UnsupportedOptimizerError",

@@ -2,7 +2,7 @@
 
 Everything here is pure, batched over leading dimensions and traceable (no ``.item()``, no
 Python branch on tensor values). The functional API validates its inputs and calls these; the
-optimizer hook (:mod:`reflora.attach`) stacks same-shape pairs and calls them once per group.
+optimizer hook (:mod:`reflora.step`) stacks same-shape pairs and calls them once per group.
 
 * :func:`grams`: ``(A A^T, B^T B)`` in float64, the only O((m + n) r^2) work of the full variant.
 * :func:`full_kernel`: ``(left, right, S, S^{-1})`` from the Grams (all ``r x r``), by the
@@ -13,14 +13,20 @@ optimizer hook (:mod:`reflora.attach`) stacks same-shape pairs and calls them on
 * :func:`eager_kernel`: the eager hook's shortcut on CPU: the two-``eigh`` kernel for pairs
   whose directions are all live, the general one for the rest (it syncs with the host to
   decide, so it is not for traced code nor for CUDA, where the hook must not sync).
+* :func:`compiled_full_kernel`: :func:`full_kernel` through a per-shape ``torch.compile`` cache
+  (``attach(compile=True)``).
+* :func:`group_kernel`: which of these one group of the hook's step runs.
 """
 
 from __future__ import annotations
 
+import types
+import warnings
+from collections import defaultdict
+from typing import Callable
+
 import torch
 from torch import Tensor
-
-from typing import Callable
 
 from reflora._linalg import (
     balanced_metric,
@@ -45,7 +51,9 @@ __all__ = [
     "resolve_resolved",
     "check_solver",
     "check_variant",
+    "compiled_full_kernel",
     "eager_kernel",
+    "group_kernel",
     "full_kernel",
     "grams",
     "metric",
@@ -235,3 +243,96 @@ def eager_kernel(
     bad = (~ok).flatten().nonzero().squeeze(-1)
     sub = general(X.reshape(-1, r, r)[bad], Y.reshape(-1, r, r)[bad])
     return tuple(t.reshape(-1, r, r).index_copy(0, bad, u).reshape(*lead, r, r) for t, u in zip(out, sub))
+
+
+# ------------------------------------------------------------------------------- compile=True
+# Eager steps with compile=True run the r x r kernel through torch.compile. The kernel sees the
+# Grams only, (G, [E,] r, r): its graphs depend on r, E, the dtype, the device, eps, frame and the
+# group size G. Dynamo keeps compiled graphs, and counts recompiles against its limit (8), per
+# *code object*, so one compiled function shared by every shape crashed a PEFT model with 9 or
+# more distinct ranks (rank_pattern). Here every key gets its own copy of the kernel's code object
+# (its own cache), and G is padded to a power of two, so a group whose member set varies (MoE
+# routing, conditional branches) needs at most log2(G) + 1 graphs. A key that would need more
+# than _MAX_GRAPHS_PER_KEY graphs runs eagerly (one warning), never crashes.
+
+_MAX_GRAPHS_PER_KEY = 6
+_BACKEND = "inductor"  # tests swap in "eager": same dynamo caches and guards, no code generation
+_COMPILED: dict[tuple, Callable[..., tuple[Tensor, ...]]] = {}
+_COMPILED_SIZES: dict[tuple, set[int]] = defaultdict(set)
+_WARNED: set[tuple] = set()
+
+
+def _fresh_compiled_kernel() -> Callable[..., tuple[Tensor, ...]]:
+    # a new code object (equal to full_kernel's) is what gives this key a cache of its own
+    fn = types.FunctionType(
+        full_kernel.__code__.replace(), full_kernel.__globals__, full_kernel.__name__,
+        full_kernel.__defaults__, full_kernel.__closure__,
+    )
+    fn.__doc__, fn.__qualname__ = full_kernel.__doc__, full_kernel.__qualname__
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=_BACKEND)
+
+
+def _bucket(G: int) -> int:
+    return 1 << (G - 1).bit_length()
+
+
+def compiled_full_kernel(
+    X: Tensor, Y: Tensor, eps: float, frame: str, solver: str = "eigh", resolved: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`full_kernel` through a per-key ``torch.compile`` cache, padded to a bounded set of shapes.
+
+    Padding rows are identity Grams (a balanced pair: finite outputs) and are dropped again.
+    """
+    G = X.shape[0]
+    key = (tuple(X.shape[1:]), X.dtype, X.device, float(eps), frame, solver, float(resolved), _BACKEND)
+    size = _bucket(G)
+    sizes = _COMPILED_SIZES[key]
+    if size not in sizes and len(sizes) >= _MAX_GRAPHS_PER_KEY:
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(
+                f"reflora compile=True: Grams of shape {key[0]} ({X.dtype}, {X.device}) came in "
+                f"{len(sizes) + 1} group sizes; running that kernel eagerly from now on instead of "
+                "recompiling it again (results are the same)",
+                stacklevel=4,
+            )
+        return full_kernel(X, Y, eps, frame, solver, resolved)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = _COMPILED[key] = _fresh_compiled_kernel()
+    sizes.add(size)
+    if size != G:
+        eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device).expand(size - G, *X.shape[1:])
+        X, Y = torch.cat([X, eye]), torch.cat([Y, eye])
+    out = fn(X, Y, eps, frame, solver, resolved)
+    return out if size == G else tuple(t[:G] for t in out)  # type: ignore[return-value]
+
+
+def group_kernel(
+    X: Tensor, Y: Tensor, *, eps: float, frame: str, solver: str, resolved: float, transform: bool,
+    compiled: bool = False,
+) -> tuple[Tensor, ...]:
+    """The r x r kernel on a stack of Grams: the transform ``(left, right)`` if ``transform``
+    (parameter space), else ``(S, S^{-1})`` (gradient space: the frame does not enter ``S``,
+    so the paper frame's rotation and Newton-Schulz's square roots are skipped).
+
+    Traced (inside an outer ``torch.compile``): the general kernel, traced into that graph.
+    ``compiled``: the per-key compiled kernel. Eager on CPU with ``eigh``: :func:`eager_kernel`,
+    two ``eigh`` instead of three or four for pairs whose directions are all live (the same
+    answer to round-off; it syncs with the host to decide, which CUDA steps must not, so they
+    take the general kernel).
+    """
+    res = resolved
+    if torch.compiler.is_compiling():
+        return full_kernel(X, Y, eps, frame, solver, res)[:2] if transform else metric_kernel(X, Y, eps, solver, res)
+    if compiled:
+        out = compiled_full_kernel(X, Y, eps, frame if transform else "symmetric", solver, res)
+        return out[:2] if transform else out[2:]
+    if solver == "eigh" and X.device.type == "cpu" and (frame == "paper" or not transform):
+        if transform:
+            return eager_kernel(
+                X, Y, eps, "paper", lambda x, y: full_kernel(x, y, eps, "paper", solver, res)[:2],
+                metric=False, resolved=res,
+            )
+        return eager_kernel(X, Y, eps, None, lambda x, y: metric_kernel(x, y, eps, solver, res), resolved=res)
+    return full_kernel(X, Y, eps, frame, solver, res)[:2] if transform else metric_kernel(X, Y, eps, solver, res)

@@ -30,8 +30,8 @@ def default_eps(dtype: torch.dtype | None = None) -> float:
 
     A squared singular value ``sigma_j^2`` of ``B A`` computed from float64 Grams carries an
     absolute error of a few ``machine_eps * ||A||_2^2 ||B||_F^2``; anything below
-    ``64 * machine_eps`` (1.4e-14) of that scale is indistinguishable from zero. The argument is
-    accepted for backward compatibility and ignored: the kernel always runs in float64.
+    ``64 * machine_eps`` (1.4e-14) of that scale is indistinguishable from zero. The kernel always
+    runs in float64, so ``dtype`` does not change the result.
     """
     return 64.0 * torch.finfo(torch.float64).eps
 
@@ -64,7 +64,7 @@ _GAP_MIN = 1e-4
 _GAP_PER_COND = 1e-6
 
 
-def _live_basis(X: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def live_basis(X: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(lam_a, sig2, Z, live)``: the two eigendecompositions every form of the kernel starts with.
 
     ``eigh(X) = V_A diag(lam_a) V_A^T``; ``Z = V_A diag(lam_a^{1/2}) V_M`` with
@@ -132,7 +132,7 @@ def live_metric(
     be finite. The caller decides with ``ok`` (a host sync), so this is for eager use; it is the
     eager hook's hot path, hence written with as few (tiny, launch-bound) ops as it can.
     """
-    lam_a, sig2, Z, live = _live_basis(X, Y, eps)
+    lam_a, sig2, Z, live = live_basis(X, Y, eps)
     ok = live[..., 0] if frame is None else _separated(lam_a, sig2, live)
     w = sig2.pow(-0.25).unsqueeze(-2)  # (not-ok pairs may get inf / NaN here: discarded)
     R = Z * w
@@ -198,7 +198,7 @@ def balanced_metric(
     cd = X.dtype
     eye = torch.eye(X.shape[-1], dtype=cd, device=X.device)
     # X and Y are finite here (full_kernel masks non-finite pairs), so plain eigh is safe
-    lam_a, sig2, Z, live = _live_basis(X, Y, eps)
+    lam_a, sig2, Z, live = live_basis(X, Y, eps)
     sig = torch.where(live, sig2, 1.0).sqrt()
     w_r = torch.where(live, sig.rsqrt(), 0.0)
     w_l = torch.where(live, sig.pow(-1.5), 0.0)
@@ -378,3 +378,6 @@ def newton_schulz_sqrt(S: Tensor) -> tuple[Tensor, Tensor]:
     # half the bound as margin: S is itself an iterate, and cond(S) <= r / d holds up to 1 + d / r
     R, R_inv = _coupled_sign(S / t, eye.expand_as(S), _ns_fast_steps((NS_SHIFT / r**2) ** 0.5 / 2))
     return R * t.sqrt(), R_inv / t.sqrt()
+
+
+_live_basis = live_basis  # (the name tests/test_numerics.py imports)

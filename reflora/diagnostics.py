@@ -27,9 +27,11 @@ import torch
 from torch import Tensor
 
 from reflora._kernels import check_variant, metric, metric_kernel, scalar_kernel
-from reflora._linalg import _live_basis, default_eps
+from reflora._linalg import default_eps, live_basis
+from reflora.adapters import as_pairs
+from reflora.step import gram_stack, group_pairs
 
-__all__ = ["STATS", "diagnose", "pair_stats", "summarize"]
+__all__ = ["STATS", "diagnose", "group_stats", "pair_stats", "rows_in_order", "summarize"]
 
 STATS = ("imbalance", "cond_AAt", "cond_BtB", "S_deviation", "sigma_max", "sigma_min")
 
@@ -52,7 +54,7 @@ def pair_stats(X: Tensor, Y: Tensor, variant: str = "full", eps: float | None = 
     ty = Y.diagonal(dim1=-2, dim2=-1).sum(-1)
     lam_x = torch.linalg.eigvalsh(X).clamp_min(0.0)
     lam_y = torch.linalg.eigvalsh(Y).clamp_min(0.0)
-    _, sig2, _, _ = _live_basis(X, Y, eps)
+    _, sig2, _, _ = live_basis(X, Y, eps)
     if variant == "scalar":
         p2, _ = metric(*scalar_kernel(tx, ty))
         dev = (p2[..., 0, 0] - 1.0).abs()
@@ -93,22 +95,18 @@ def diagnose(pairs: Any, variant: str = "full", eps: float | None = None) -> dic
         variant: whose metric ``S_deviation`` measures (``"full"`` or ``"scalar"``).
         eps: dead-direction threshold of the metric (``None``: the default, 1.4e-14).
     """
-    from reflora.attach import _as_pairs
     from reflora.distributed import is_dtensor
 
-    pair_list = _as_pairs(pairs)
+    pair_list = as_pairs(pairs)
     if any(is_dtensor(p.A) or is_dtensor(p.B) for p in pair_list):
         raise ValueError(
             "diagnose() takes unsharded pairs; these are FSDP2 / DTensor shards. Use "
             "reflora.attach(..., diagnostics_interval=k) and handle.diagnostics(), which sums the "
             "shards' Grams over the ranks"
         )
-    by_shape: dict[tuple, list] = {}
-    for p in pair_list:
-        by_shape.setdefault((p.A.device, p.experts, *p.shape, p.layout), []).append(p)
-    groups = list(by_shape.values())
+    groups = [[pair_list[i] for i in g] for g in group_pairs(pair_list)]
     with torch.no_grad():
-        return rows_in_order(pair_list, groups, _group_stats(groups, variant, eps))
+        return rows_in_order(pair_list, groups, group_stats(groups, variant, eps))
 
 
 def rows_in_order(pairs: list, groups: list[list], stats: list[dict[str, Tensor]]) -> dict[str, dict[str, float]]:
@@ -145,10 +143,8 @@ def summarize(rows: dict[str, dict[str, float]], prefix: str = "reflora/") -> di
     }
 
 
-def _group_stats(pair_groups: Iterable[list], variant: str, eps: float | None) -> list[dict[str, Tensor]]:
+def group_stats(pair_groups: Iterable[list], variant: str, eps: float | None) -> list[dict[str, Tensor]]:
     """Per group of same-shape pairs: :func:`pair_stats` (tensors, no host sync), from the Grams of
-    the optimizer hook's own routine (summed over the ranks for sharded pairs). Call under no_grad."""
-    from reflora.attach import _gram_stack
-
-    return [pair_stats(*_gram_stack(group), variant, eps) for group in pair_groups]
+    the optimizer step's own routine (summed over the ranks for sharded pairs). Call under no_grad."""
+    return [pair_stats(*gram_stack(group), variant, eps) for group in pair_groups]
 

@@ -97,31 +97,20 @@ from typing import Any, Iterable, Literal, Mapping, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from reflora._kernels import (
-    SECOND_MOMENT_RULES,
-    check_eps,
-    check_solver,
-    UnstableOptionWarning,
-    resolve_resolved,
-    check_variant,
-    full_kernel,
-    grams,
-    metric,
-    metric_kernel,
-    scalar_kernel,
-)
 from reflora._linalg import compute_dtype
-from reflora.functional import Transform, apply_transform, map_first_moments, map_second_moments
+from reflora.config import RefLoRAConfig, check_int, default_space
+from reflora.functional import Transform
 from reflora.pairs import LAYOUTS, LoRAPair, from_core, to_core
+from reflora.step import kernel_of_stack, transformed
+from reflora.transport import state_kinds
 
 __all__ = ["FunctionalOptimizer", "ParamPair", "adamw", "pairs_of", "sgd"]
 
 Params = Mapping[str, Tensor]
 State = dict[str, Any]
-_SPACES = ("auto", "gradient", "parameter")
-# space="auto" resolves as reflora.attach resolves it for torch.optim.AdamW / torch.optim.SGD
-# (reflora.default_space): the transports registered for them keep second moments / first only
-_AUTO_SPACE = {"adamw": "parameter", "sgd": "gradient"}
+# the torch.optim optimizer each base step equals: space="auto" and the state kinds follow its
+# registration (reflora.default_space, reflora.transport.state_kinds)
+_TORCH_OPTIMIZER = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 class ParamPair(NamedTuple):
@@ -188,14 +177,6 @@ def pairs_of(model: nn.Module, *, adapters: Literal["active", "all"] = "active")
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return value
-
-
 def _check_float(name: str, value: Any, lo: float, hi: float | None = None, hi_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float; got {type(value).__name__}")
@@ -238,7 +219,7 @@ def _as_param_pairs(pairs: Any) -> tuple[ParamPair, ...]:
             raise TypeError(f"pairs[{i}]: name must be a str or None; got {item.name!r}")
         if not (isinstance(item.layout, tuple) and len(item.layout) == 2 and all(x in LAYOUTS for x in item.layout)):
             raise ValueError(f"pairs[{i}]: layout must be a pair of {LAYOUTS}; got {item.layout!r}")
-        _check_int(f"pairs[{i}].experts", item.experts, 1)
+        check_int(f"pairs[{i}].experts", item.experts, 1)
         if item.A == item.B:
             raise ValueError(f"pairs[{i}]: A and B are the same parameter {item.A!r}")
         out.append(item)
@@ -322,31 +303,40 @@ class FunctionalOptimizer:
     base: str
     lr: float
     hyper: tuple[tuple[str, Any], ...]
-    variant: str
-    space: str
-    warmup_steps: int
-    interval: int
-    second_moment: str
-    frame: str
-    solver: str
-    reflora_eps: float
-    rank_above_size: str
-    resolved: float = 0.0
+    config: RefLoRAConfig
+
+    # the RefLoRA options, read from the configuration (space resolved)
+    variant = property(lambda self: self.config.variant)
+    space = property(lambda self: self.config.space)
+    warmup_steps = property(lambda self: self.config.warmup_steps)
+    interval = property(lambda self: self.config.interval)
+    second_moment = property(lambda self: self.config.second_moment)
+    frame = property(lambda self: self.config.frame)
+    solver = property(lambda self: self.config.solver)
+    rank_above_size = property(lambda self: self.config.rank_above_size)
+    resolved = property(lambda self: self.config.resolved)
+
+    @property
+    def reflora_eps(self) -> float:
+        """The dead-direction threshold (``None`` given: the float64 default)."""
+        return self.config.eps_for(torch.float64)
 
     # -- state layout ----------------------------------------------------------------------
     def _hp(self, key: str) -> Any:
         return dict(self.hyper)[key]
 
     def _moment_kinds(self) -> tuple[tuple[str, str], ...]:
-        """The per-parameter state: ``(key, kind)`` with kind ``"first"`` / ``"second"`` (as in
-        :mod:`reflora.transport`'s registrations for AdamW and SGD)."""
+        """The per-parameter state: ``(key, kind)``, the kinds as registered for the torch
+        optimizer the base step equals (:func:`reflora.transport.state_kinds`)."""
         if self.base == "adamw":
-            kinds = (("exp_avg", "first"), ("exp_avg_sq", "second"))
-            return kinds + ((("max_exp_avg_sq", "second"),) if self._hp("amsgrad") else ())
-        return (("momentum_buffer", "first"),) if self._hp("momentum") != 0 else ()
+            keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self._hp("amsgrad") else ())
+        else:
+            keys = ("momentum_buffer",) if self._hp("momentum") != 0 else ()
+        kinds = state_kinds(_TORCH_OPTIMIZER[self.base]) or {}
+        return tuple((key, kinds[key]) for key in keys)
 
     def _caches(self) -> bool:
-        return bool(self.pairs) and self.space == "gradient" and self.interval > 1
+        return bool(self.pairs) and self.config.caches
 
     # -- planning (static: names and shapes only) -------------------------------------------
     def _groups(self, params: Params, warn: bool = False) -> list[_Group]:
@@ -517,14 +507,7 @@ class FunctionalOptimizer:
         ``(P^T, P^{-T})`` in parameter space; ``(G, [E,] r, r)`` or ``(G, [E,] 1, 1)``, float64."""
         A = torch.stack([self._core(params, p, 0) for p in g.pairs])
         B = torch.stack([self._core(params, p, 1) for p in g.pairs])
-        if self.variant == "scalar":
-            cd = compute_dtype(A.dtype)
-            left, right = scalar_kernel(A.to(cd).square().sum((-2, -1)), B.to(cd).square().sum((-2, -1)))
-            return metric(left, right) if self.space == "gradient" else (left, right)
-        X, Y = grams(A, B)
-        if self.space == "gradient":
-            return metric_kernel(X, Y, self.reflora_eps, self.solver, self.resolved)
-        return full_kernel(X, Y, self.reflora_eps, self.frame, self.solver, self.resolved)[:2]
+        return kernel_of_stack(A, B, self.config, self.reflora_eps)
 
     def _reflora(
         self, groups: list[_Group], t: Tensor, grads: dict[str, Tensor], state: State, params: dict[str, Tensor]
@@ -548,29 +531,20 @@ class FunctionalOptimizer:
             # the r x r results are applied in float32 or wider, as attach does
             dt = torch.promote_types(params[g.pairs[0].A].dtype, torch.float32)
             left, right = left.to(dt), right.to(dt)
+            gate = started if self.space == "gradient" else active
             for j, p in enumerate(g.pairs):
-                # in gradient space (left, right) = (S, S^-1), both symmetric: the first-moment
-                # map right^T g_A, g_B left^T is then the preconditioning S^-1 g_A, g_B S
-                T = Transform(left[j], right[j])
-                gA, gB = self._core(grads, p, 0), self._core(grads, p, 1)
-                work = [(grads, (gA, gB), map_first_moments(T, gA, gB))]
-                if self.space == "parameter":
-                    A, B = self._core(params, p, 0), self._core(params, p, 1)
-                    work.append((params, (A, B), apply_transform(T, A, B)))
-                    for key, kind in self._moment_kinds():
-                        if kind == "second" and self.second_moment == "keep":
-                            continue
-                        m = self._core(state[key], p, 0), self._core(state[key], p, 1)
-                        if kind == "first":
-                            work.append((state[key], m, map_first_moments(T, *m)))
-                        else:
-                            work.append((state[key], m, map_second_moments(T, *m, rule=self.second_moment)))  # type: ignore[arg-type]
-                gate = started if self.space == "gradient" else active
-                for out, old_xs, new_xs in work:
-                    for side, (old_x, new_x) in enumerate(zip(old_xs, new_xs)):
-                        # selecting the output (not gating the transform) leaves a skipped step
-                        # exactly as it was, non-finite values and the "reset" rule included
-                        self._put(out, p, side, new_x if gate is None else torch.where(gate, new_x, old_x))
+                core = lambda d: (self._core(d, p, 0), self._core(d, p, 1))  # noqa: E731
+                parameter = self.space == "parameter"
+                kinds = self._moment_kinds() if parameter else ()
+                news = transformed(
+                    Transform(left[j], right[j]), core(grads), core(params) if parameter else None,
+                    [(kind, core(state[key])) for key, kind in kinds], self.second_moment, gate,
+                )
+                outs = [grads] + ([params] + [state[key] for key, _ in kinds] if parameter else [])
+                for out, new in zip(outs, news):
+                    if new is not None:  # (a state its kind leaves alone is not written)
+                        self._put(out, p, 0, new[0])
+                        self._put(out, p, 1, new[1])
 
     # -- base steps ------------------------------------------------------------------------
     def _base_step(self, t: Tensor, lr: Tensor, grads: dict[str, Tensor], state: State, params: dict[str, Tensor]) -> None:
@@ -630,33 +604,15 @@ def _make(
     rank_above_size: str, resolved: float | None,
 ) -> FunctionalOptimizer:
     lr = _check_float("lr", lr, 0.0)
-    variant = check_variant(variant)
-    if space not in _SPACES:
-        raise ValueError(f"space must be one of {_SPACES}; got {space!r}")
-    if space == "auto":
-        space = _AUTO_SPACE[base]
-    warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
-    interval = _check_int("interval", interval, 1)
-    if second_moment not in SECOND_MOMENT_RULES:
-        raise ValueError(f"second_moment must be one of {SECOND_MOMENT_RULES}; got {second_moment!r}")
-    solver, frame_ = check_solver(solver, frame)
-    eps_ = check_eps(reflora_eps, torch.float64)
-    resolved_ = resolve_resolved(resolved, variant, solver)
-    if base == "adamw" and space == "parameter" and second_moment == "reset":
-        warnings.warn(
-            "second_moment='reset' zeroes AdamW's second moments at every refactor, so the next update divides "
-            "by a near-zero denominator: with the full variant it diverged in every AdamW cell of "
-            "benchmarks/rank_deficient.py (90 of 90; docs/rank-deficient.md). Use second_moment='square' (the default)",
-            UnstableOptionWarning,
-            stacklevel=3,
-        )
-    if rank_above_size not in ("skip", "act"):
-        raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {rank_above_size!r}")
-    return FunctionalOptimizer(
-        pairs=_as_param_pairs(pairs), base=base, lr=lr, hyper=tuple(hyper.items()), variant=variant,
-        space=space, warmup_steps=warmup_steps, interval=interval, second_moment=second_moment,
-        frame=frame_, solver=solver, reflora_eps=eps_, rank_above_size=rank_above_size, resolved=resolved_,
+    cfg = RefLoRAConfig(
+        variant=variant, space=space, warmup_steps=warmup_steps, interval=interval,  # type: ignore[arg-type]
+        second_moment=second_moment, frame=frame, solver=solver, eps=reflora_eps,  # type: ignore[arg-type]
+        rank_above_size=rank_above_size, resolved=resolved,  # type: ignore[arg-type]
     )
+    if cfg.space == "auto":  # as attach resolves it for the torch optimizer this base step equals
+        cfg = cfg.with_space(default_space(_TORCH_OPTIMIZER[base]))
+    cfg.warn_if_unstable(_TORCH_OPTIMIZER[base], stacklevel=4)
+    return FunctionalOptimizer(pairs=_as_param_pairs(pairs), base=base, lr=lr, hyper=tuple(hyper.items()), config=cfg)
 
 
 def adamw(

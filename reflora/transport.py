@@ -51,20 +51,25 @@ __all__ = [
     "TransportContext",
     "TransportFn",
     "UnsupportedOptimizerError",
+    "STATE_KINDS",
+    "StateKindMap",
+    "check_transportable",
     "get_state_transport",
+    "keeps_second_moments",
+    "qualname",
+    "state_kinds",
     "register_state_transport",
     "registered_optimizers",
 ]
 
 StateKind = Literal["first", "second", "keep"]
-_KINDS = ("first", "second", "keep")
 
 
 class UnsupportedOptimizerError(TypeError):
     """The optimizer, or the state it holds, cannot be used with the requested RefLoRA mode."""
 
 
-def _qualname(cls_or_obj: Any) -> str:
+def qualname(cls_or_obj: Any) -> str:
     """``module.qualname`` of a class (or of an object's class).
 
     Error messages use it because short names are ambiguous: ``torch.optim.Adafactor`` and
@@ -92,6 +97,49 @@ class TransportContext:
     layout: tuple[str, str] = ("plain", "plain")
 
 
+@dataclass(frozen=True)
+class StateKindMap:
+    """How one kind of state follows a refactor ``(left, right) = (P^T, P^{-T})``.
+
+    Attributes:
+        apply: ``apply(T, state_A, state_B, rule) -> (new_A, new_B)`` on stacked core-layout
+            tensors, or ``None``: left as it is.
+        product: the same map as products ``x_A <- T_A x_A``, ``x_B <- x_B T_B``:
+            ``product(left, right, rule) -> (T_A, T_B)``; ``None``: left as it is;
+            ``NotImplemented``: not a product (use ``apply``). The hook folds these into the
+            products it applies to the factors and gradients.
+    """
+
+    apply: Callable[[Transform, Tensor, Tensor, str], "tuple[Tensor, Tensor] | None"]
+    product: Callable[[Tensor, Tensor, str], Any]
+
+
+def _second_product(left: Tensor, right: Tensor, rule: str) -> Any:
+    if rule == "keep":
+        return None
+    if rule == "square":
+        return right.mT.square(), left.mT.square()
+    return NotImplemented
+
+
+#: The one table of state kinds: what a ``"first"`` / ``"second"`` / ``"keep"`` entry of a
+#: registration (:func:`register_state_transport`) does to the state under a refactor. Used by
+#: the spec transports, the hook's folded products and :mod:`reflora.func`.
+STATE_KINDS: dict[str, StateKindMap] = {
+    # linear in past gradients: mapped like a gradient, P^{-1} m_A, m_B P
+    "first": StateKindMap(
+        apply=lambda T, a, b, rule: map_first_moments(T, a, b),
+        product=lambda left, right, rule: (right.mT, left.mT),
+    ),
+    # element-wise second moments: by the second_moment rule
+    "second": StateKindMap(
+        apply=lambda T, a, b, rule: None if rule == "keep" else map_second_moments(T, a, b, rule=rule),
+        product=_second_product,
+    ),
+    "keep": StateKindMap(apply=lambda T, a, b, rule: None, product=lambda left, right, rule: None),
+}
+
+
 # fn(transform, state_A, state_B, ctx) -> (new_state_A, new_state_B). States hold stacked tensors
 # of a group of same-shape pairs: every state tensor with at least one dimension, those shaped
 # like their parameter in the core's layout (A-states (G, r, m), B-states (G, n, r); pairs
@@ -116,7 +164,7 @@ _REGISTRY: dict[type, TransportFn] = {}
 
 def _unknown_key(optimizer: Any, key: str) -> str:
     return (
-        f"{_qualname(optimizer)} holds state {key!r} that its registered transport does not know; "
+        f"{qualname(optimizer)} holds state {key!r} that its registered transport does not know; "
         f"declare it with reflora.transport.register_state_transport({type(optimizer).__name__}, "
         f"{{..., {key!r}: 'first' | 'second' | 'keep'}}, overwrite=True)"
     )
@@ -124,9 +172,9 @@ def _unknown_key(optimizer: Any, key: str) -> str:
 
 def _from_spec(cls: type, spec: Mapping[str, StateKind]) -> TransportFn:
     for key, kind in spec.items():
-        if kind not in _KINDS:
+        if kind not in STATE_KINDS:
             raise ValueError(
-                f"state key {key!r} of {_qualname(cls)}: kind must be one of {_KINDS}; got {kind!r}"
+                f"state key {key!r} of {qualname(cls)}: kind must be one of {tuple(STATE_KINDS)}; got {kind!r}"
             )
     spec = dict(spec)
 
@@ -140,7 +188,7 @@ def _from_spec(cls: type, spec: Mapping[str, StateKind]) -> TransportFn:
             if not isinstance(value, Tensor) or value.shape != param.shape:
                 got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
                 raise UnsupportedOptimizerError(
-                    f"{_qualname(ctx.optimizer)} holds state {key!r} ({got}) for {where} of shape "
+                    f"{qualname(ctx.optimizer)} holds state {key!r} ({got}) for {where} of shape "
                     f"{tuple(param.shape)}, declared {kind!r} in its registered transport; a {kind!r} "
                     "kind maps state shaped like its parameter only, and factored or 1-D moments have "
                     "no element-wise map. Register a function transport for it "
@@ -160,10 +208,11 @@ def _from_spec(cls: type, spec: Mapping[str, StateKind]) -> TransportFn:
                 continue
             if key not in sA or key not in sB:
                 raise KeyError(f"state {key!r} is present for only one factor of a pair")
-            if kind == "first":
-                outA[key], outB[key] = map_first_moments(T, sA[key], sB[key])
-            else:
-                outA[key], outB[key] = map_second_moments(T, sA[key], sB[key], rule=ctx.second_moment)
+            new = STATE_KINDS[kind].apply(T, sA[key], sB[key], ctx.second_moment)
+            if kind == "second" and new is None:  # the "keep" rule: the moments as they were
+                new = (sA[key], sB[key])
+            if new is not None:
+                outA[key], outB[key] = new
         return outA, outB
 
     transport.__name__ = f"transport_{cls.__name__}"
@@ -207,7 +256,7 @@ def register_state_transport(optimizer_cls: type, spec: Spec, *, overwrite: bool
         raise TypeError(f"optimizer_cls must be a torch.optim.Optimizer subclass; got {optimizer_cls!r}")
     if _lookup(optimizer_cls) is not None and not overwrite:
         raise ValueError(
-            f"a state transport for {_qualname(optimizer_cls)} is already registered; pass overwrite=True"
+            f"a state transport for {qualname(optimizer_cls)} is already registered; pass overwrite=True"
         )
     if isinstance(spec, Mapping):
         fn = _from_spec(optimizer_cls, spec)
@@ -219,9 +268,10 @@ def register_state_transport(optimizer_cls: type, spec: Spec, *, overwrite: bool
     return fn
 
 
-def get_state_transport(optimizer: torch.optim.Optimizer) -> TransportFn | None:
-    """The transport registered for ``type(optimizer)`` or its nearest registered base class."""
-    for cls in type(optimizer).__mro__:
+def get_state_transport(optimizer: torch.optim.Optimizer | type) -> TransportFn | None:
+    """The transport registered for ``type(optimizer)`` (or the class ``optimizer``) or its
+    nearest registered base class."""
+    for cls in (optimizer if isinstance(optimizer, type) else type(optimizer)).__mro__:
         fn = _lookup(cls)
         if fn is not None:
             return fn
@@ -230,9 +280,40 @@ def get_state_transport(optimizer: torch.optim.Optimizer) -> TransportFn | None:
     return None
 
 
+def state_kinds(optimizer: torch.optim.Optimizer | type) -> dict[str, StateKind] | None:
+    """``{state key: kind}`` of the spec registered for ``optimizer`` (or its nearest registered
+    base class); ``None`` for a function transport or none."""
+    spec = getattr(get_state_transport(optimizer), "spec", None)
+    return None if spec is None else dict(spec)
+
+
+def keeps_second_moments(transport: Any) -> bool:
+    """Whether a registered transport moves element-wise second moments (an Adam-like optimizer).
+
+    A spec transport says so with a ``"second"`` kind (Adam, AdamW, NAdam, RAdam, RMSprop,
+    Adagrad); a function transport is taken to (the built-in ones move Adafactor's factored
+    second moments). SGD's spec holds a ``"first"`` kind only."""
+    spec = getattr(transport, "spec", None)
+    return spec is None or "second" in spec.values()
+
+
+def check_transportable(opt: torch.optim.Optimizer, transport: Any, second_moment: str, pairs: Any) -> None:
+    """Raise (before anything is modified) if ``transport`` cannot move the state of ``pairs``
+    (:class:`reflora.LoRAPair` s) that ``opt`` holds now."""
+    check = getattr(transport, "check", None)
+    if check is None:
+        return
+    for pair in pairs:
+        ctx = TransportContext(opt, second_moment, pair.layout)
+        for label, param in (("A", pair.A), ("B", pair.B)):
+            state = opt.state.get(param)
+            if state:
+                check(state, param, ctx, f"factor {label} of pair {pair.name!r}")
+
+
 def registered_optimizers() -> list[str]:
     """Qualified names of the optimizer classes with a registered transport."""
-    return sorted({_qualname(c) for c in _REGISTRY} | {display for _, _, display, _ in _LAZY})
+    return sorted({qualname(c) for c in _REGISTRY} | {display for _, _, display, _ in _LAZY})
 
 
 # ------------------------------------------------------------------------------- Adafactor
@@ -317,16 +398,16 @@ def _adafactor_check(keys: tuple[str, ...], factored: str) -> Callable[..., None
         unknown = sorted(set(state) - set(keys))
         if unknown:
             raise UnsupportedOptimizerError(
-                f"{_qualname(ctx.optimizer)} holds state {unknown} for {where} of shape "
+                f"{qualname(ctx.optimizer)} holds state {unknown} for {where} of shape "
                 f"{tuple(param.shape)} that its transport does not know (it moves {list(keys)}); "
                 "register a transport that does with reflora.transport.register_state_transport("
                 f"{type(ctx.optimizer).__name__}, fn, overwrite=True), or use space='gradient'"
             )
         if factored in state and ctx.second_moment not in ("keep", "reset"):
             if "flatten" in ctx.layout:
-                raise UnsupportedOptimizerError(f"{_qualname(ctx.optimizer)}, {where}: {_ADAFACTOR_CONV}")
+                raise UnsupportedOptimizerError(f"{qualname(ctx.optimizer)}, {where}: {_ADAFACTOR_CONV}")
             if any(lay in EXPERT_LAYOUTS for lay in ctx.layout):
-                raise UnsupportedOptimizerError(f"{_qualname(ctx.optimizer)}, {where}: {_ADAFACTOR_EXPERTS}")
+                raise UnsupportedOptimizerError(f"{qualname(ctx.optimizer)}, {where}: {_ADAFACTOR_EXPERTS}")
 
     return check
 

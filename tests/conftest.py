@@ -20,6 +20,13 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile("thorough", deadline=None, max_examples=500)
+settings.register_profile(  # make test-fast: the inner loop
+    "fast",
+    deadline=None,
+    max_examples=8,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

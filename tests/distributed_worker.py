@@ -41,7 +41,7 @@ from torch import nn  # noqa: E402
 import reflora  # noqa: E402
 from reflora.adapters import find_pairs  # noqa: E402
 
-reflora_attach = sys.modules["reflora.attach"]  # (reflora.attach the attribute is the function)
+import reflora.step as reflora_step  # noqa: E402 (the step core: where the kernels are called)
 
 RANK = int(os.environ.get("RANK", "0"))
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
@@ -269,7 +269,7 @@ class KernelRecorder:
     full variant's batched kernel (one call per rank r a step, all groups of that rank stacked)
     and the scalar variant's."""
 
-    TARGETS = ((reflora_attach.RefLoRAHandle, "_kernel_call"), (reflora_attach, "scalar_kernel"))
+    TARGETS = ((reflora_step, "group_kernel"), (reflora_step, "scalar_kernel"))
 
     def __init__(self):
         self.records = []

@@ -20,7 +20,7 @@ METHODS = {
     "reflora-s": "RefLoRA-S: scalar, parameter space (exact state transport)",
     "reflora-s-grad": "RefLoRA-S: scalar, gradient space",
 }
-_MODES = {
+MODES = {
     "reflora": ("full", "gradient"),
     "reflora-param": ("full", "parameter"),
     "reflora-s": ("scalar", "parameter"),
@@ -37,7 +37,7 @@ def make_optimizer(method: str, model: nn.Module, lr: float, **attach_kw):
 
     ``attach_kw`` go to :func:`reflora.attach` (``interval=``, ``warmup_steps=``, ...): RefLoRA
     methods only."""
-    if attach_kw and method not in _MODES:
+    if attach_kw and method not in MODES:
         raise ValueError(f"attach options {sorted(attach_kw)} apply to the RefLoRA methods only; got method {method!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "lora":
@@ -56,8 +56,8 @@ def make_optimizer(method: str, model: nn.Module, lr: float, **attach_kw):
             return create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr, weight_decay=0.0), None
         except Exception as exc:  # noqa: BLE001
             raise MethodUnavailable(f"PEFT's Riemannian optimizer does not apply: {exc}") from exc
-    if method in _MODES:
-        variant, space = _MODES[method]
+    if method in MODES:
+        variant, space = MODES[method]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         return opt, reflora.attach(opt, model, variant=variant, space=space, **attach_kw)
     raise ValueError(f"method must be one of {list(METHODS)}; got {method!r}")

@@ -35,7 +35,7 @@ def paired(diffs: list[float], lower_is_better: bool = False) -> str:
     return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] {wl}"
 
 
-def _ms(xs: list[float]) -> str:
+def mean_sd(xs: list[float]) -> str:
     """``mean±sd`` with three significant digits on the mean and the sd to the same decimals."""
     xs = [x for x in xs if math.isfinite(x)]
     if not xs:
@@ -75,12 +75,12 @@ def task_table(runs: list[Run], shared_lr: float, metric_name: str) -> str:
         d_metric = "" if m == "lora" or not pairs else paired([r.metric - b.metric for r, b in pairs])
         reach = [steps_to(r.losses, b.final_loss) for r, b in pairs]
         reach_s = "" if m == "lora" else ("-" if not reach or any(x is None for x in reach)
-                                          else _ms([float(x) for x in reach]))
+                                          else mean_sd([float(x) for x in reach]))
         ms = [r.ms_per_step for r in rs]
         base_ms = [b.ms_per_step for _, b in pairs]
         over = f"{statistics.fmean(ms) / statistics.fmean(base_ms) - 1:+.0%}" if base_ms and m != "lora" else ""
-        lines.append(f"{m:<15}{_ms([r.final_loss for r in rs]):>13}{d_loss:>34}{_ms([r.metric for r in rs]):>13}"
-                     f"{d_metric:>34}{reach_s:>12}{_ms(ms):>10}{over:>9}{_ms([r.state_mb for r in rs]):>9}")
+        lines.append(f"{m:<15}{mean_sd([r.final_loss for r in rs]):>13}{d_loss:>34}{mean_sd([r.metric for r in rs]):>13}"
+                     f"{d_metric:>34}{reach_s:>12}{mean_sd(ms):>10}{over:>9}{mean_sd([r.state_mb for r in rs]):>9}")
     if len(lrs) > 1:
         seeds = min(len(by[(m, lr)]) for m in methods for lr in lrs if by[(m, lr)]) if runs else 0
         lines += ["", f"stability sweep: {metric_name} / final training loss per learning rate, mean over seeds "

@@ -68,7 +68,7 @@ def _state_mb(opt, handle) -> float:
             if isinstance(v, torch.Tensor):
                 total += v.numel() * v.element_size()
     if handle is not None:
-        for S, S_inv in handle._cache.values():
+        for S, S_inv in handle.cached_metrics.values():
             total += (S.numel() + S_inv.numel()) * S.element_size()
     return total / 2**20
 

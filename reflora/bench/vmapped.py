@@ -26,13 +26,13 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 import reflora
-from reflora.bench.methods import _MODES
+from reflora.bench.methods import MODES
 from reflora.bench.runner import Run, run_one
 from reflora.bench.tasks import Task
 
 __all__ = ["VMAP_METHODS", "vmapped_sweep"]
 
-VMAP_METHODS = ("lora", *_MODES)
+VMAP_METHODS = ("lora", *MODES)
 """The bench methods with a :mod:`reflora.func` form (the rest always run one by one)."""
 
 
@@ -52,7 +52,7 @@ def _optimizer(method: str, pairs: tuple, lr: float) -> reflora.func.FunctionalO
     """The :mod:`reflora.func` twin of :func:`reflora.bench.methods.make_optimizer`'s ``method``."""
     if method == "lora":
         return reflora.func.adamw(None, lr=lr, weight_decay=0.0)
-    variant, space = _MODES[method]
+    variant, space = MODES[method]
     return reflora.func.adamw(pairs, lr=lr, weight_decay=0.0, variant=variant, space=space)
 
 

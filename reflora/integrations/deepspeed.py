@@ -35,9 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reflora.pairs import LoRAPair, to_core
+from reflora.handle import RefLoRAHandle
+from reflora.pairs import LoRAPair
+from reflora.step import precondition_one
+from reflora.transport import UnsupportedOptimizerError
 
-__all__ = ["ZeroGradientHandle", "zero_optimizer"]
+__all__ = ["ZeroGradientHandle", "ZeroGradientStrategy", "check_zero", "check_zero_stage", "zero_optimizer"]
 
 
 def _is_deepspeed(obj: Any) -> bool:
@@ -74,8 +77,6 @@ ZERO3_MESSAGE = (
 
 def check_zero_stage(wrapper: Any) -> None:
     """Raise for ZeRO-3 (checked before the pairs are looked for: its factors are empty placeholders)."""
-    from reflora.transport import UnsupportedOptimizerError
-
     if "Stage3" in type(wrapper).__name__:
         raise UnsupportedOptimizerError(
             ZERO3_MESSAGE.format(name=f" ({type(wrapper).__module__}.{type(wrapper).__qualname__})"))
@@ -83,8 +84,6 @@ def check_zero_stage(wrapper: Any) -> None:
 
 def check_zero(wrapper: Any, pairs: list[LoRAPair], space: str) -> None:
     """Raise for what RefLoRA cannot do under this DeepSpeed optimizer (before anything is hooked)."""
-    from reflora.transport import UnsupportedOptimizerError
-
     name = f"{type(wrapper).__module__}.{type(wrapper).__qualname__}"
     check_zero_stage(wrapper)
     if any(hasattr(t, "ds_tensor") for p in pairs for t in (p.A, p.B)):
@@ -102,86 +101,56 @@ def check_zero(wrapper: Any, pairs: list[LoRAPair], space: str) -> None:
                 raise ValueError(f"pair {p.name!r}: {label} does not require a gradient; nothing to precondition")
 
 
-def _attach_handle_class():
-    from reflora.attach import RefLoRAHandle, _apply_dtype
+class ZeroGradientStrategy:
+    """Where the step happens under ZeRO-1/2: gradient hooks on the factors precondition each
+    rank's gradient during backward, before DeepSpeed reduces it; the optimizer's pre-hook does
+    nothing. ``S`` comes from the handle's :meth:`~reflora.RefLoRAHandle.gradient_metrics` (cached
+    between refreshes with ``interval > 1``, as in the plain hook), once per optimizer step."""
 
-    class ZeroGradientHandle(RefLoRAHandle):
-        """RefLoRA in gradient space under DeepSpeed ZeRO-1/2 (see :mod:`reflora.integrations.deepspeed`).
+    def __init__(self) -> None:
+        self._step_metrics: dict[int, tuple[Tensor, Tensor]] | None = None  # per pair, for this step
 
-        The same API as :class:`~reflora.RefLoRAHandle` (``remove``, ``state_dict``,
-        ``load_state_dict``, ``step_count``); the gradients are preconditioned in tensor hooks
-        during backward instead of in the optimizer's step pre-hook.
-        """
+    def install(self, handle: Any) -> list[Any]:
+        return [
+            t.register_hook(functools.partial(self._grad_hook, handle, i, role))
+            for i, p in enumerate(handle.pairs)
+            for role, t in (("A", p.A), ("B", p.B))
+        ]
 
-        def __init__(self, wrapper: Any, inner: torch.optim.Optimizer, pairs: list[LoRAPair], **kw: Any) -> None:
-            super().__init__(inner, pairs, **kw)
-            self.deepspeed_optimizer = wrapper
-            self._step_metrics: dict[int, tuple[Tensor, Tensor]] | None = None  # per pair, for this step
-            for i, p in enumerate(self.pairs):
-                for role, t in (("A", p.A), ("B", p.B)):
-                    self._hooks.append(t.register_hook(functools.partial(self._grad_hook, i, role)))
+    def pre_step(self, handle: Any, optimizer: torch.optim.Optimizer, kwargs: Any) -> None:
+        return None  # the gradients were preconditioned in backward, before DeepSpeed reduced them
 
-        def _pre_hook(self, optimizer, args, kwargs) -> None:
-            return None  # the gradients were preconditioned in backward, before DeepSpeed reduced them
+    def post_step(self, handle: Any) -> None:
+        self._step_metrics = None  # the factors changed: the next backward recomputes S
 
-        def _post_hook(self, optimizer, args, kwargs) -> None:
-            super()._post_hook(optimizer, args, kwargs)
-            self._step_metrics = None  # the factors changed: the next backward recomputes S
+    def _compute_metrics(self, handle: Any) -> dict[int, tuple[Tensor, Tensor]]:
+        cfg, t = handle.config, handle.step_count
+        groups = list(enumerate(handle.groups))
+        with torch.no_grad():
+            metrics = handle.gradient_metrics(groups, refresh=cfg.active(t) or cfg.interval == 1)
+        return {i: (S[j].clone(), S_inv[j].clone()) for (_, group), (S, S_inv) in zip(groups, metrics)
+                for j, i in enumerate(group)}
 
-        def _compute_metrics(self) -> dict[int, tuple[Tensor, Tensor]]:
-            """``S`` and ``S^-1`` of every pair for the current factors (with ``interval > 1``:
-            recomputed at refresh steps, the cached ones in between), as in the plain hook."""
-            t = self.step_count
-            refresh = self._active(t) or self.interval == 1
-            out: dict[int, tuple[Tensor, Tensor]] = {}
-            with torch.no_grad():
-                for g, group in enumerate(self._groups):
-                    pairs = [self.pairs[i] for i in group]
-                    bufs = None if self._bufs is None else self._bufs[g]
-                    if refresh or any(i not in self._cached_pairs() for i in group):
-                        S, S_inv = self._metrics([pairs], transform=False)[0]
-                        if bufs is not None:
-                            bufs[0].copy_(S)
-                            bufs[1].copy_(S_inv)
-                            bufs[2].fill_(True)
-                            self._cached_pairs().update(group)
-                    else:
-                        assert bufs is not None
-                        S, S_inv = bufs[0], bufs[1]
-                    for j, i in enumerate(group):
-                        out[i] = (S[j].clone(), S_inv[j].clone())
-            return out
-
-        def _grad_hook(self, i: int, role: str, grad: Tensor) -> Tensor | None:
-            if self._removed or self.step_count < self.warmup_steps:
-                return None
-            if self._step_metrics is None:
-                self._step_metrics = self._compute_metrics()
-            S, S_inv = self._step_metrics[i]
-            pair = self.pairs[i]
-            layout = pair.layout[0 if role == "A" else 1]
-            with torch.no_grad():
-                g = to_core(grad, layout, pair.experts)
-                T = _apply_dtype(S_inv if role == "A" else S, g)
-                if self.variant == "scalar":
-                    new = g.to(T.dtype) * T
-                else:
-                    new = T @ g.to(T.dtype) if role == "A" else g.to(T.dtype) @ T
-                out = torch.empty_like(grad)
-                to_core(out, layout, pair.experts).copy_(new)
-            return out
-
-    return ZeroGradientHandle
+    def _grad_hook(self, handle: Any, i: int, role: str, grad: Tensor) -> Tensor | None:
+        if handle.removed or handle.step_count < handle.config.warmup_steps:
+            return None
+        if self._step_metrics is None:
+            self._step_metrics = self._compute_metrics(handle)
+        S, S_inv = self._step_metrics[i]
+        with torch.no_grad():
+            return precondition_one(grad, handle.pairs[i], role, S, S_inv, handle.config.variant == "scalar")
 
 
-@functools.lru_cache(maxsize=1)
-def handle_class():
-    """The handle class (built on first use: it subclasses :class:`reflora.RefLoRAHandle`, and
-    :mod:`reflora.attach` imports this module)."""
-    return _attach_handle_class()
+class ZeroGradientHandle(RefLoRAHandle):
+    """RefLoRA in gradient space under DeepSpeed ZeRO-1/2: a :class:`RefLoRAHandle` whose
+    strategy (:class:`reflora.integrations.deepspeed.ZeroGradientStrategy`) preconditions the
+    gradients in tensor hooks during backward instead of in the optimizer's step pre-hook.
 
+    Attributes:
+        deepspeed_optimizer: DeepSpeed's optimizer wrapper.
+    """
 
-def __getattr__(name: str) -> Any:
-    if name == "ZeroGradientHandle":
-        return handle_class()
-    raise AttributeError(name)
+    def __init__(self, wrapper: Any, inner: torch.optim.Optimizer, pairs: list[LoRAPair], config: Any,
+                 strategy: Any) -> None:
+        self.deepspeed_optimizer = wrapper
+        super().__init__(inner, pairs, config, strategy=strategy)

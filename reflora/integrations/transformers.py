@@ -42,7 +42,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from reflora.attach import RefLoRAHandle, attach
+from reflora.handle import RefLoRAHandle
+from reflora.hooks import attach
 from reflora.diagnostics import summarize
 from reflora.distributed import ShardingError
 
