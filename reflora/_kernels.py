@@ -39,25 +39,25 @@ from reflora._linalg import (
 )
 
 __all__ = [
+    "DEFAULT_RESOLVED",
     "FRAMES",
     "SECOND_MOMENT_RULES",
     "SOLVERS",
+    "UnstableOptionWarning",
     "VARIANTS",
     "check_eps",
     "check_frame",
-    "DEFAULT_RESOLVED",
-    "UnstableOptionWarning",
     "check_resolved",
-    "resolve_resolved",
     "check_solver",
     "check_variant",
     "compiled_full_kernel",
     "eager_kernel",
-    "group_kernel",
     "full_kernel",
     "grams",
+    "group_kernel",
     "metric",
     "metric_kernel",
+    "resolve_resolved",
     "scalar_kernel",
 ]
 

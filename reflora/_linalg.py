@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["balanced_metric", "compute_dtype", "default_eps", "live_metric", "resolved_gate", "newton_schulz_geomean", "newton_schulz_metric", "newton_schulz_sqrt", "sym_eigh"]
+__all__ = ["balanced_metric", "compute_dtype", "default_eps", "live_metric", "newton_schulz_geomean", "newton_schulz_metric", "newton_schulz_sqrt", "resolved_gate", "sym_eigh"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -26,10 +26,11 @@ def _problem(seed: int, r: int, k: int, m: int = 64):
     return X, X @ W, A, B
 
 
-def _losses(r: int, k: int, lr: float, steps: int, seed: int = 0, **attach_kw) -> dict[int, float]:
+def _losses(r: int, k: int, lr: float, steps: int, seed: int = 0, plain: bool = False, **attach_kw) -> dict[int, float]:
+    """Full-batch loss every 50 AdamW steps; RefLoRA attached with ``attach_kw`` unless ``plain``."""
     X, Y, A, B = _problem(seed, r, k)
     opt = torch.optim.AdamW([A, B], lr=lr, weight_decay=0.0)
-    if attach_kw is not None and attach_kw.get("_plain") is None:
+    if not plain:
         reflora.attach(opt, [(A, B)], **attach_kw)
     out = {}
     for t in range(1, steps + 1):
@@ -43,7 +44,7 @@ def _losses(r: int, k: int, lr: float, steps: int, seed: int = 0, **attach_kw) -
 
 
 def _plain(r: int, k: int, lr: float, steps: int, seed: int = 0) -> dict[int, float]:
-    return _losses(r, k, lr, steps, seed, _plain=True)
+    return _losses(r, k, lr, steps, seed, plain=True)
 
 
 def test_default_keeps_pace_with_plain_lora_when_rank_exceeds_need() -> None:
