@@ -85,8 +85,9 @@ def gram_stack(pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
     if pairs[0].A.numel() > STACK_MAX_NUMEL:
         Xs, Ys = zip(*(grams(p.a(), p.b()) for p in pairs))
         X, Y = torch.stack(Xs), torch.stack(Ys)
-    elif a0.shape == b0.mT.shape and a0.dtype == b0.dtype:
-        # square layer (m == n): A and B^T stack into one (2G, r, m) product, Y = (B^T)(B^T)^T
+    elif a0.shape == b0.mT.shape and a0.dtype == b0.dtype and b0.mT.is_contiguous():
+        # square layer (m == n) whose B is stored transposed: A and B^T stack (plain copies) into
+        # one (2G, r, m) product, Y = (B^T)(B^T)^T
         Z = torch.stack([p.a() for p in pairs] + [p.b().mT for p in pairs]).to(compute_dtype(a0.dtype))
         XY = mm(Z, Z.mT)
         X, Y = XY[: len(pairs)], XY[len(pairs):]
@@ -240,10 +241,11 @@ def apply_many(left: Chunks, right: Chunks = (), gate: Tensor | None = None) -> 
     """``x <- T[i] @ x`` for every chunk ``(xs, T)`` of ``left`` and ``x <- x @ T[i]`` for every
     chunk of ``right`` (``xs`` of one shape per chunk; a scalar ``T``, ``(G, [E,] 1, 1)``, multiplies).
 
-    Small tensors (launch-bound) go through one stacked product per ``(dtype, device, shape)``
-    for everything at once (factors, gradients and optimizer state, every group, both sides: a
-    right product ``x T`` is done as ``(T^T x^T)^T`` on the transposed view), large ones
-    (bandwidth-bound) one at a time, in place of a copy of the whole group.
+    Small tensors (launch-bound) go through one stacked product per ``(side, dtype, device,
+    shape)`` for everything at once (factors, gradients and optimizer state, every group; a right
+    product ``x T`` of a transposed layout is done as ``(T^T x^T)^T`` on the contiguous ``x^T``,
+    so that every stack is a plain copy), large ones (bandwidth-bound) one at a time, in place of
+    a copy of the whole group.
     """
     chunks = [("left", xs, T) for xs, T in left if xs] + [("right", xs, T) for xs, T in right if xs]
     if not chunks:
@@ -264,17 +266,20 @@ def apply_many(left: Chunks, right: Chunks = (), gate: Tensor | None = None) -> 
                 new = t * y if scalar else (t @ y if side == "left" else y @ t)
                 copy_gated([x], [new], None if gate is None else gate.to(x.device))
             continue
-        if side == "right" and T.shape[-1] != 1:
-            xs, T = [x.mT for x in xs], T.mT  # x T = (T^T x^T)^T, written through the transposed view
-        buckets[(xs[0].dtype, xs[0].device, xs[0].shape, T.shape[-1] == 1)].append((xs, T))
-    for (dtype, device, _, scalar), group in buckets.items():
+        scalar = T.shape[-1] == 1
+        if side == "right" and not scalar and not xs[0].is_contiguous() and xs[0].mT.is_contiguous():
+            # a transposed layout: x T = (T^T x^T)^T on the contiguous x^T (stacking strided views
+            # would be a strided copy, several times slower than a plain one)
+            side, xs, T = "left", [x.mT for x in xs], T.mT
+        buckets[(side if not scalar else "left", xs[0].dtype, xs[0].device, xs[0].shape, scalar)].append((xs, T))
+    for (side, dtype, device, _, scalar), group in buckets.items():
         # (no no-op calls here: on a small model every call counts, see benchmarks/overhead.py (c))
         xs = [x for chunk, _ in group for x in chunk]
         T = apply_dtype(torch.cat([T for _, T in group]) if len(group) > 1 else group[0][1], xs[0])
         X = torch.stack(xs)
         if dtype != T.dtype:
             X = X.to(T.dtype)
-        out = T * X if scalar else mm(T, X)
+        out = T * X if scalar else (mm(T, X) if side == "left" else mm(X, T))
         copy_gated(xs, out.unbind(0), None if gate is None else gate.to(device))
 
 
