@@ -191,6 +191,30 @@ def _hook_timer(handle, spent: list[float] | None = None, inner=None) -> list[fl
     return spent
 
 
+@torch.no_grad()
+def grams_floor(handle) -> None:
+    """A floor for (b), not a mode: only the float64 Grams ``A A^T``, ``B^T B`` of every pair,
+    stacked per group as the hook does (``reflora.step.gram_stack``). Every full-variant step pays
+    at least this: the float32 accuracy contract needs float64 Grams."""
+    import reflora.step
+
+    for group in handle.groups:
+        reflora.step.gram_stack([handle.pairs[i] for i in group])
+
+
+@torch.no_grad()
+def touch_floor(opt, raw) -> None:
+    """A floor for (b), not a mode: one in-place read and write of every tensor a parameter-space
+    step rewrites under AdamW (both factors, their gradients, ``exp_avg`` and ``exp_avg_sq``): the
+    memory traffic no refactor that moves the optimizer state can go below. The per-layer loop
+    touches the gradients only."""
+    ts = []
+    for A, B in raw:
+        for p in (A, B):
+            ts += [p.data, p.grad, *(v for v in opt.state[p].values() if v.dim() > 0)]
+    torch._foreach_mul_(ts, 1.0)
+
+
 def training_step(rank: int, repeats: int, layers: int, seq: int, batch: int) -> None:
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -207,7 +231,8 @@ def training_step(rank: int, repeats: int, layers: int, seq: int, batch: int) ->
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     pairs = reflora.adapters.find_pairs(model)
 
-    modes = [*MODES, ("full", "gradient", "compile"), ("reference", "per-layer")]
+    modes = [*MODES, ("full", "gradient", "compile"), ("reference", "per-layer"), ("floor", "grams-f64"),
+             ("floor", "touch-once")]
     hook_time = {m: [] for m in modes}
     raw = [(p.A, p.B) for p in pairs]
 
@@ -225,9 +250,12 @@ def training_step(rank: int, repeats: int, layers: int, seq: int, batch: int) ->
         for mode in order:
             h = None
             if mode is not None:
-                if mode[0] == "reference":
+                if mode[0] in ("reference", "floor"):
                     h = reflora.attach(opt, pairs, warmup_steps=10**9)  # hooks only, never acts
-                    _hook_timer(h, hook_time[mode], lambda o, a, k: reference_per_layer(raw))
+                    inner = {"per-layer": lambda o, a, k: reference_per_layer(raw),
+                             "grams-f64": lambda o, a, k: grams_floor(h),
+                             "touch-once": lambda o, a, k: touch_floor(opt, raw)}[mode[1]]
+                    _hook_timer(h, hook_time[mode], inner)
                 else:
                     h = reflora.attach(opt, pairs, variant=mode[0], space=mode[1], compile=len(mode) == 3)
                     _hook_timer(h, hook_time[mode])
