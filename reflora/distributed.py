@@ -156,7 +156,10 @@ def _what_dim(role: str, layout: str, dim: int, experts: int) -> str:
 class _FactorSharding:
     mesh: Any
     placements: tuple
-    shard_mesh_dims: tuple[int, ...]  # mesh dimensions along which this factor is sharded
+    shard_mesh_dims: tuple[int, ...]  # mesh dimensions along which this factor (or its work copy) is sharded
+    # the placements of the work copy the full variant steps on (its rank dimension sharded: see
+    # reflora.reshard), or None where the factor is used as it is
+    work: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ class _PairSharding:
     # reduced dim contributes at coordinate 0 only, so that the sum counts it once.
     contrib: tuple[tuple[bool, bool], ...]
     key: tuple
+    work: tuple[tuple | None, tuple | None] = (None, None)  # work placements of (A, B), see _FactorSharding
 
 
 def _factor_sharding(pair: LoRAPair, role: str, t: Tensor, variant: str) -> _FactorSharding:
@@ -177,6 +181,7 @@ def _factor_sharding(pair: LoRAPair, role: str, t: Tensor, variant: str) -> _Fac
     mesh, placements = t.device_mesh, tuple(t.placements)
     outer = _outer_dims(role, layout, t.dim(), pair.experts)
     dims = []
+    work = list(placements)
     for mesh_dim, pl in enumerate(placements):
         if isinstance(pl, Replicate):
             continue
@@ -188,26 +193,31 @@ def _factor_sharding(pair: LoRAPair, role: str, t: Tensor, variant: str) -> _Fac
             )
         dim = pl.dim % t.dim()
         expert_stack = pair.experts > 1
-        if dim not in outer and (variant == "full" or expert_stack):
-            fix = (
-                "Shard A along m and B along n: pass shard_placement_fn=reflora.distributed.lora_shard_placement(model) "
-                "to every fully_shard call (it shards lora_A.weight along dimension 1 and leaves lora_B.weight on "
-                "FSDP2's default Shard(0))"
-            )
-            why = (
-                "the full variant mixes A's r rows (A A^T, P^T A, S^-1 grad_A) and B's r columns, so every step "
-                "would need the other ranks' slices"
-                if variant == "full" else
-                f"the per-expert norms of an expert stack ({pair.experts} experts) need each expert's slice whole"
-            )
-            alt = "" if expert_stack else ", or use variant='scalar', which works with any placement"
+        if dim not in outer and expert_stack:
             raise ShardingError(
                 f"{where} is sharded along stored dimension {dim} ({pl!r} on mesh dimension {mesh_dim} of size "
-                f"{mesh.size(mesh_dim)}), which splits {_what_dim(role, layout, dim, pair.experts)}: {why}. "
-                f"{fix}{alt}"
+                f"{mesh.size(mesh_dim)}), which splits {_what_dim(role, layout, dim, pair.experts)}: the per-expert "
+                f"Grams and norms of an expert stack ({pair.experts} experts) need each expert's slice whole. Shard "
+                "A along m and B along n: pass shard_placement_fn=reflora.distributed.lora_shard_placement(model) "
+                "to every fully_shard call"
             )
+        if dim not in outer and variant == "full":
+            # the full variant mixes A's r rows (A A^T, P^T A, S^-1 grad_A) and B's r columns: it
+            # steps on a copy sharded along m / n instead, moved there and back around the step
+            free = [d for d in outer if not any(isinstance(q, Shard) and q.dim % t.dim() == d for q in placements)]
+            if not free:
+                raise ShardingError(
+                    f"{where} is sharded along stored dimension {dim} ({pl!r} on mesh dimension {mesh_dim}), which "
+                    f"splits {_what_dim(role, layout, dim, pair.experts)}, and its {'m' if role == 'A' else 'n'} "
+                    f"dimension is sharded on another mesh dimension ({placements}), so the full variant has no "
+                    "dimension to move that shard to. Shard each factor along one mesh dimension (FSDP2, HSDP), pass "
+                    "shard_placement_fn=reflora.distributed.lora_shard_placement(model) to every fully_shard call, "
+                    "or use variant='scalar', which works with any placement"
+                )
+            work[mesh_dim] = Shard(free[0])
         dims.append(mesh_dim)
-    return _FactorSharding(mesh, placements, tuple(dims))
+    moved = tuple(work) != placements
+    return _FactorSharding(mesh, placements, tuple(dims), tuple(work) if moved else None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,25 +230,41 @@ class ShardedLoRAPair(LoRAPair):
 
     sharding: _PairSharding | None = field(default=None, repr=False)
     global_shape: tuple[int, int, int] | None = field(default=None, repr=False)
+    # during RefLoRA's step: the work copies ("A", "gA", "B", "gB") of factors sharded along their
+    # rank dimension (reflora.reshard); the views below read these instead of the factors
+    staged: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # built by localize() from a validated LoRAPair; LoRAPair's checks read a() / b(), which
         # are local here (with a sharded rank dimension, A's local rank is not B's)
         pass
 
+    def _view(self, role: str, t: Tensor | None, key: str) -> Tensor | None:
+        if t is None:
+            return None
+        side = 0 if role == "A" else 1
+        if self.sharding is not None and self.sharding.work[side] is not None:
+            w = self.staged.get(key)
+            if w is None:
+                raise RuntimeError(
+                    f"pair {self.name!r}: {role} is sharded along its rank dimension ({tuple(t.placements)}); its "
+                    "local rows are not what the full variant works on. Read it inside RefLoRA's step (reflora.reshard."
+                    "restaged moves it to a copy sharded along m / n), or shard it with lora_shard_placement"
+                )
+            t = w
+        return to_core(local(t), self.layout[side], self.experts)
+
     def a(self) -> Tensor:
-        return to_core(local(self.A), self.layout[0], self.experts)
+        return self._view("A", self.A, "A")  # type: ignore[return-value]
 
     def b(self) -> Tensor:
-        return to_core(local(self.B), self.layout[1], self.experts)
+        return self._view("B", self.B, "B")  # type: ignore[return-value]
 
     def grad_a(self) -> Tensor | None:
-        g = self.A.grad
-        return None if g is None else to_core(local(g), self.layout[0], self.experts)
+        return self._view("A", self.A.grad, "gA")
 
     def grad_b(self) -> Tensor | None:
-        g = self.B.grad
-        return None if g is None else to_core(local(g), self.layout[1], self.experts)
+        return self._view("B", self.B.grad, "gB")
 
     @property
     def rank(self) -> int:
@@ -274,8 +300,8 @@ def _pair_sharding(pair: LoRAPair, variant: str) -> _PairSharding:
     )
     # by content: fully_shard builds a new DeviceMesh object per call when none is given
     key = (mesh.device_type, tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist()), mesh.mesh_dim_names,
-           a.placements, b.placements)
-    return _PairSharding(mesh, reduce_dims, contrib, key)
+           a.work or a.placements, b.work or b.placements)
+    return _PairSharding(mesh, reduce_dims, contrib, key, (a.work, b.work))
 
 
 def localize(pairs: Iterable[LoRAPair], variant: str) -> list[LoRAPair]:
