@@ -15,12 +15,16 @@ Design (one collective per same-shape group per step, never a gather)::
     T @ A_k, B_k @ T', the gradients and the optimizer state: local
 
 The scalar variant all-reduces ``2 G`` squared norms instead, and works with any placement
-(a norm is a sum over all entries). The full variant needs ``A`` sharded along ``m`` (its columns)
-and ``B`` along ``n`` (its rows): a shard of the rank dimension ``r`` would put rows of ``A``
-that ``A A^T`` and ``P^T A`` mix on other ranks. FSDP2's default ``Shard(0)`` is right for
-``B = lora_B.weight`` ``(n, r)`` but splits ``r`` of ``A = lora_A.weight`` ``(r, m)``; pass
-:func:`lora_shard_placement` to ``fully_shard`` to shard ``A`` along ``m`` instead. Placements the
-full variant cannot use raise at :func:`reflora.attach`, naming the pair and this fix.
+(a norm is a sum over all entries). The full variant works on ``A`` sharded along ``m`` (its
+columns) and ``B`` along ``n`` (its rows): a shard of the rank dimension ``r`` holds rows of ``A``
+that ``A A^T`` and ``P^T A`` mix with rows on other ranks. FSDP2's default ``Shard(0)`` is right
+for ``B = lora_B.weight`` ``(n, r)`` but splits ``r`` of ``A = lora_A.weight`` ``(r, m)``; the
+full variant then steps on whole copies of ``A``, its gradient and its optimizer state, gathered
+before the step, and each rank keeps its own rows of the result (:mod:`reflora.reshard`), which
+costs a few times ``A``'s size in traffic per step. :func:`lora_shard_placement` shards ``A`` along ``m`` in
+the first place and saves that traffic. Placements that still cannot work raise at
+:func:`reflora.attach`, naming the pair and the fix: an expert stack sharded across its experts'
+slices.
 
 Replicated mesh dimensions (HSDP's ``(Replicate(), Shard(0))``, DDP) need no reduction: the
 collective runs over the mesh dimensions a factor is sharded on, and a factor replicated along
@@ -105,13 +109,15 @@ class CommStats:
     """What the hooks sent through collectives (all ranks count the same). Reset with :meth:`reset`."""
 
     calls: int = 0
-    bytes: int = 0
-    seconds: float = 0.0  # wall time inside the collectives (a synchronous all-reduce per call)
+    bytes: int = 0  # the payload handed to the collectives: the all-reduced tensor, a redistributed shard
+    seconds: float = 0.0  # wall time inside the collectives (synchronous calls)
+    redistributed: int = 0  # of ``bytes``, those of redistributions (reflora.reshard: a rank dimension sharded)
 
     def reset(self) -> None:
         self.calls = 0
         self.bytes = 0
         self.seconds = 0.0
+        self.redistributed = 0
 
 
 _STATS = CommStats()
@@ -158,7 +164,7 @@ class _FactorSharding:
     placements: tuple
     shard_mesh_dims: tuple[int, ...]  # mesh dimensions along which this factor (or its work copy) is sharded
     # the placements of the work copy the full variant steps on (its rank dimension sharded: see
-    # reflora.reshard), or None where the factor is used as it is
+    # reflora.reshard, gathered along those mesh dimensions), or None where the factor is used as it is
     work: tuple | None = None
 
 
@@ -203,18 +209,10 @@ def _factor_sharding(pair: LoRAPair, role: str, t: Tensor, variant: str) -> _Fac
             )
         if dim not in outer and variant == "full":
             # the full variant mixes A's r rows (A A^T, P^T A, S^-1 grad_A) and B's r columns: it
-            # steps on a copy sharded along m / n instead, moved there and back around the step
-            free = [d for d in outer if not any(isinstance(q, Shard) and q.dim % t.dim() == d for q in placements)]
-            if not free:
-                raise ShardingError(
-                    f"{where} is sharded along stored dimension {dim} ({pl!r} on mesh dimension {mesh_dim}), which "
-                    f"splits {_what_dim(role, layout, dim, pair.experts)}, and its {'m' if role == 'A' else 'n'} "
-                    f"dimension is sharded on another mesh dimension ({placements}), so the full variant has no "
-                    "dimension to move that shard to. Shard each factor along one mesh dimension (FSDP2, HSDP), pass "
-                    "shard_placement_fn=reflora.distributed.lora_shard_placement(model) to every fully_shard call, "
-                    "or use variant='scalar', which works with any placement"
-                )
-            work[mesh_dim] = Shard(free[0])
+            # steps on a copy gathered along this mesh dimension (reflora.reshard), which counts
+            # its Gram once (as a replicated factor's), and keeps its own rows of the result
+            work[mesh_dim] = Replicate()
+            continue
         dims.append(mesh_dim)
     moved = tuple(work) != placements
     return _FactorSharding(mesh, placements, tuple(dims), tuple(work) if moved else None)
@@ -230,8 +228,8 @@ class ShardedLoRAPair(LoRAPair):
 
     sharding: _PairSharding | None = field(default=None, repr=False)
     global_shape: tuple[int, int, int] | None = field(default=None, repr=False)
-    # during RefLoRA's step: the work copies ("A", "gA", "B", "gB") of factors sharded along their
-    # rank dimension (reflora.reshard); the views below read these instead of the factors
+    # during RefLoRA's step: the gathered work copies ("A", "gA", "B", "gB") of factors sharded along
+    # their rank dimension (reflora.reshard); the views below read these instead of the factors
     staged: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -249,7 +247,7 @@ class ShardedLoRAPair(LoRAPair):
                 raise RuntimeError(
                     f"pair {self.name!r}: {role} is sharded along its rank dimension ({tuple(t.placements)}); its "
                     "local rows are not what the full variant works on. Read it inside RefLoRA's step (reflora.reshard."
-                    "restaged moves it to a copy sharded along m / n), or shard it with lora_shard_placement"
+                    "restaged gathers it), or shard it with lora_shard_placement"
                 )
             t = w
         return to_core(local(t), self.layout[side], self.experts)
@@ -391,13 +389,15 @@ def lora_shard_placement(
     r"""A ``shard_placement_fn`` for ``fully_shard`` that shards every LoRA ``A`` along ``m``.
 
     FSDP2 shards each parameter along dimension 0 by default, which is right for ``lora_B.weight``
-    ``(n, r)`` but splits the rank dimension of ``lora_A.weight`` ``(r, m)``, and the full variant
-    of RefLoRA mixes those rows. With this function ``A`` is sharded along its ``m`` dimension
-    (dimension 1 of ``lora_A.weight``), ``B`` along ``n``, every other parameter as FSDP2 would.
+    ``(n, r)`` but splits the rank dimension of ``lora_A.weight`` ``(r, m)``, whose rows the full
+    variant of RefLoRA mixes: it then gathers ``A``, its gradient and its optimizer state
+    for each step (:mod:`reflora.reshard`). With this function ``A`` is sharded along its ``m``
+    dimension (dimension 1 of ``lora_A.weight``), ``B`` along ``n``, every other parameter as
+    FSDP2 would, and the step needs one small all-reduce per same-shape group and nothing else.
 
     FSDP2 shards dimensions other than 0 evenly only: an ``A`` whose ``m`` is not a multiple of
-    ``shard_size`` keeps ``Shard(0)`` (with a warning naming it; the scalar variant still works
-    there, the full variant raises at :func:`reflora.attach`).
+    ``shard_size`` keeps ``Shard(0)`` (with a warning naming it; both variants still work there,
+    the full variant gathering them).
 
     Build it from the model *before* sharding (it recognises the parameters by identity, and
     ``fully_shard`` replaces them) and pass it to every ``fully_shard`` call::
@@ -437,7 +437,8 @@ def lora_shard_placement(
         warnings.warn(
             f"FSDP2 shards dimensions other than 0 evenly only; {len(uneven)} factor(s) cannot be sharded along "
             f"m / n over {shard_size} ranks and keep FSDP2's default Shard(0): {', '.join(uneven[:4])}"
-            f"{' ...' if len(uneven) > 4 else ''}. The full variant raises on them at attach; the scalar variant works",
+            f"{' ...' if len(uneven) > 4 else ''}. The full variant gathers them for each step "
+            "(reflora.reshard: more traffic); the scalar variant uses them as they are",
             stacklevel=2,
         )
 

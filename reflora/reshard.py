@@ -7,24 +7,24 @@ splits the rank dimension ``r`` of ``A = lora_A.weight`` ``(r, m)``: rank ``k`` 
 ``P^T A``, ``P^{-1} grad_A``, ``S^{-1} grad_A`` and the state maps.
 
 Around the step (inside the optimizer's pre-hook, before the optimizer reads anything), every such
-tensor is redistributed to a work copy sharded along its other dimension, ``Shard(0) -> Shard(1)``
-for ``A`` (an all-to-all: each rank sends ``(W - 1) / W`` of its shard), the step runs on the work
-copies exactly as it does under :func:`reflora.distributed.lora_shard_placement` (partial Grams,
-one all-reduce per group, local ``r x r`` products), and what the step changed is redistributed
-back into the original shards with ``copy_``::
+tensor is gathered along the mesh dimension that splits ``r`` (``Shard(0) -> Replicate()``: one
+all-gather per tensor), the step runs on the whole copies (a gathered ``A`` adds its Gram to the
+all-reduce from one rank only, as a replicated factor does, so the sum counts it once; ``B`` stays
+sharded along ``n``), and each rank copies its own rows of what the step changed back into its
+shard (``Replicate() -> Shard(0)``: a slice, no communication)::
 
-    A, grad_A (+ A's optimizer state in parameter space)   Shard(0) --all-to-all--> Shard(1)
-    the step on the work copies (reflora.step, unchanged)
-    grad_A (+ A and its state in parameter space)          Shard(1) --all-to-all--> Shard(0)
+    A, grad_A (+ A's optimizer state in parameter space)   Shard(0) --all-gather--> Replicate()
+    the step on the whole copies (reflora.step, unchanged)
+    grad_A (+ A and its state in parameter space)          Replicate() --own rows--> Shard(0)
 
-Per rank and step this moves ``2 (W - 1) / W^2`` of each moved tensor's whole size (there and
-back), against ``(W - 1) / W`` for an all-gather of the whole factor, which would let every rank
-compute its new rows locally without a way back: the same at ``W = 2``, ``W / 2`` times more for the
-gather beyond, and a whole ``r x m`` copy per tensor on every rank. ``docs/fsdp2.md`` has the
-measured cost. What is moved: in gradient space ``A`` (read: the Grams) and ``grad_A`` (there and
-back); in parameter space ``A``, ``grad_A`` and each optimizer state tensor shaped and sharded
-like ``A`` (AdamW's ``exp_avg`` / ``exp_avg_sq``, SGD's ``momentum_buffer``), there and back.
-The same applies to a ``B`` sharded along its rank dimension (``Shard(1)``), moved to ``Shard(0)``.
+What is gathered: in gradient space ``A`` (the Grams) and ``grad_A``; in parameter space ``A``,
+``grad_A`` and each optimizer state tensor shaped and sharded like ``A`` (AdamW's ``exp_avg`` /
+``exp_avg_sq``, SGD's ``momentum_buffer``). Per rank and step that is ``(W - 1) / W`` of each
+tensor's whole size received, and a whole ``r x m`` copy of each held during the hook. The
+alternative, a ``Shard(0) -> Shard(1)`` all-to-all there and back, receives ``2 (W - 1) / W^2``:
+the same at ``W = 2``, less beyond, but two collectives per tensor instead of one, and on gloo
+(CPU) DTensor performs it as an all-gather each way. ``docs/fsdp2.md`` has both measured.
+A ``B`` sharded along its rank dimension (``Shard(1)``) is gathered the same way.
 """
 
 from __future__ import annotations
@@ -56,25 +56,31 @@ def needs_restaging(pairs: Iterable[LoRAPair]) -> bool:
 
 
 def _redistribute(t: Tensor, placements: tuple) -> Tensor:
-    """``t`` (a ``DTensor``) redistributed to ``placements``, counted in :func:`comm_stats`
-    (the payload this rank hands to the collective: its local shard)."""
+    """``t`` (a ``DTensor``) redistributed to ``placements``; a gather is counted in
+    :func:`comm_stats` (the payload this rank hands to the collective: its local shard), taking
+    one's own shard of a replicated tensor is local and not counted."""
+    from torch.distributed.tensor import Shard
+
     stats = comm_stats()
     start = time.perf_counter()
     out = t.detach().redistribute(t.device_mesh, placements)
-    stats.seconds += time.perf_counter() - start
-    stats.calls += 1
-    stats.bytes += local(t).numel() * t.element_size()
+    if any(isinstance(src, Shard) and src != dst for src, dst in zip(t.placements, placements)):
+        stats.seconds += time.perf_counter() - start
+        stats.calls += 1
+        payload = local(t).numel() * t.element_size()
+        stats.bytes += payload
+        stats.redistributed += payload
     return out
 
 
 @contextlib.contextmanager
 def restaged(pairs: Iterable[LoRAPair], optimizer: torch.optim.Optimizer | None, write_factors: bool) -> Iterator[None]:
     """Within the block, ``pairs`` whose factors are sharded along their rank dimension read and
-    write work copies sharded along ``m`` / ``n``: their views (``a()``, ``grad_a()``, ...) and,
+    write whole work copies (gathered along that mesh dimension): their views (``a()``, ``grad_a()``, ...) and,
     with ``write_factors`` (parameter space), the optimizer's state entries of those factors.
 
-    On leaving the block normally, the gradients (and with ``write_factors`` the factors and the
-    state) are redistributed back into the original shards, in place, and the state entries are
+    On leaving the block normally, each rank copies its own part of the gradients (and with
+    ``write_factors`` of the factors and the state) back into its original shards, in place, and the state entries are
     the original tensors again. If the block raises, the work copies are dropped unwritten (the
     step core checks everything before it writes, and a collective on the way out could hang a
     rank that did not raise).
