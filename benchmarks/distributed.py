@@ -264,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         own_q = sum(q["comm_bytes"].values()) - q["reflora_bytes"]
         print(f"{mode:18} {_mb(own):>11} {_mb(r['reflora_bytes'] - r['moved_bytes']):>14} {_mb(r['moved_bytes']):>14} "
               f"{100 * r['reflora_bytes'] / own:13.2f}% {100 * q['reflora_bytes'] / own_q:26.3f}%")
-    print("gathered: lora_A and its gradient, and in parameter space its AdamW moments, one all-gather each "
-          "(Shard(0) -> Replicate); each rank's shard counted once (it receives W - 1 of them); keeping its own rows "
-          "of the result afterwards is local")
+    print("gathered: lora_A and its gradient, and in parameter space its AdamW moments (Shard(0) -> Replicate, "
+          "all shards in one all-gather); each rank's shard counted once (it receives W - 1 of them); keeping its "
+          "own rows of the result afterwards is local")
 
     # Growth with the world size W, from the per-rank payloads measured at W0 ranks. Ring collectives:
     # an all-gather moves (W - 1)/W of the gathered size through each rank (the gathered size is the
