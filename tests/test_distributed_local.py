@@ -230,3 +230,21 @@ def test_sharded_expert_stack_equals_plain_tensors(mesh, variant, space) -> None
         out.append((whole(A).detach(), whole(B).detach()))
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("space", ["gradient", "parameter"])
+def test_rank_dimension_sharded_twice_takes_the_general_redistribution(mesh, space) -> None:
+    # A's rank dimension sharded on both dimensions of a 2-D mesh (nested shards): the batched gather
+    # leaves it to DTensor.redistribute (reflora.reshard); the result is the plain one
+    A0, B0, T = _factors(4)
+    A, B, _ = _run(nn.Parameter(A0.clone()), nn.Parameter(B0.clone()), T, "full", space)
+    mesh2 = init_device_mesh("cpu", (1, 1))
+    dA = nn.Parameter(distribute_tensor(A0.clone(), mesh2, [Shard(0), Shard(0)]))
+    dB = nn.Parameter(distribute_tensor(B0.clone(), mesh2, [Shard(0), Replicate()]))
+    reflora.distributed.comm_stats().reset()
+    sA, sB, _ = _run(dA, dB, T, "full", space)
+    torch.testing.assert_close(sA, A, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(sB, B, rtol=1e-6, atol=1e-7)
+    # per step: the Grams' all-reduce and one redistribution per gathered tensor (A, grad_A, and from
+    # the second step AdamW's 2 moments in parameter space), not one batched all-gather
+    assert reflora.distributed.comm_stats().calls == {"gradient": 3 * 3, "parameter": 3 + 5 + 5}[space]
