@@ -155,6 +155,21 @@ def _gather_all(items: list[tuple[Tensor, tuple]]) -> list[Tensor]:
     return out  # type: ignore[return-value]
 
 
+def _own_part(work: Tensor, original: Tensor) -> Tensor:
+    """This rank's shard of the whole work copy ``work``, shaped like ``original``'s local shard: a
+    slice where the batched gather made it (no ``DTensor`` dispatch per tensor), else
+    ``DTensor.redistribute`` back to the original placements (also local: a replicated tensor's
+    own shard)."""
+    d = _gather_dim(original, tuple(work.placements))
+    if d is None:
+        return local(_redistribute(work, tuple(original.placements)))
+    dim = original.placements[d].dim % original.dim()
+    mesh = original.device_mesh
+    sizes = _chunk_sizes(original.shape[dim], mesh.size(d))
+    k = mesh.get_local_rank(d)
+    return local(work).narrow(dim, sum(sizes[:k]), sizes[k])
+
+
 @contextlib.contextmanager
 def restaged(pairs: Iterable[LoRAPair], optimizer: torch.optim.Optimizer | None, write_factors: bool) -> Iterator[None]:
     """Within the block, ``pairs`` whose factors are sharded along their rank dimension read and
@@ -207,10 +222,10 @@ def restaged(pairs: Iterable[LoRAPair], optimizer: torch.optim.Optimizer | None,
             p.staged.clear()  # type: ignore[attr-defined]
         raise
     for original, work in writes:
-        local(original).copy_(local(_redistribute(work, tuple(original.placements))))
+        local(original).copy_(_own_part(work, original))
     for state, skey, original in swapped:
         # (the entry the step left: a transport may have replaced the work copy by a new tensor)
-        local(original).copy_(local(_redistribute(state[skey], tuple(original.placements))))
+        local(original).copy_(_own_part(state[skey], original))
         state[skey] = original
     for p, _ in todo:
         p.staged.clear()  # type: ignore[attr-defined]
