@@ -8,10 +8,11 @@ splits the rank dimension ``r`` of ``A = lora_A.weight`` ``(r, m)``: rank ``k`` 
 
 Around the step (inside the optimizer's pre-hook, before the optimizer reads anything), every such
 tensor is gathered along the mesh dimension that splits ``r`` (``Shard(0) -> Replicate()``: one
-all-gather of all their shards, concatenated, per process group and dtype), the step runs on the whole copies (a gathered ``A`` adds its Gram to the
-all-reduce from one rank only, as a replicated factor does, so the sum counts it once; ``B`` stays
-sharded along ``n``), and each rank copies its own rows of what the step changed back into its
-shard (``Replicate() -> Shard(0)``: a slice, no communication)::
+all-gather of all their shards, concatenated, per process group and dtype), the step runs on the
+whole copies (a gathered ``A`` adds its Gram to the all-reduce from one rank only, as a replicated
+factor does, so the sum counts it once; ``B`` stays sharded along ``n``), and each rank copies its
+own rows of what the step changed back into its shard (``Replicate() -> Shard(0)``: a slice, no
+communication)::
 
     A, grad_A (+ A's optimizer state in parameter space)   Shard(0) --one all-gather--> Replicate()
     the step on the whole copies (reflora.step, unchanged)
@@ -40,7 +41,7 @@ from torch import Tensor
 from reflora.distributed import comm_stats, is_dtensor, local
 from reflora.pairs import LoRAPair
 
-__all__ = ["moved_roles", "needs_restaging", "restaged"]
+__all__ = ["moved_roles", "restaged"]
 
 
 def moved_roles(pair: LoRAPair) -> tuple[str, ...]:
@@ -49,11 +50,6 @@ def moved_roles(pair: LoRAPair) -> tuple[str, ...]:
     if s is None:
         return ()
     return tuple(role for role, work in zip("AB", s.work) if work is not None)
-
-
-def needs_restaging(pairs: Iterable[LoRAPair]) -> bool:
-    """Whether any of ``pairs`` has a factor sharded along its rank dimension (see module doc)."""
-    return any(moved_roles(p) for p in pairs)
 
 
 def _redistribute(t: Tensor, placements: tuple) -> Tensor:
