@@ -15,12 +15,16 @@ Design (one collective per same-shape group per step, never a gather)::
     T @ A_k, B_k @ T', the gradients and the optimizer state: local
 
 The scalar variant all-reduces ``2 G`` squared norms instead, and works with any placement
-(a norm is a sum over all entries). The full variant needs ``A`` sharded along ``m`` (its columns)
-and ``B`` along ``n`` (its rows): a shard of the rank dimension ``r`` would put rows of ``A``
-that ``A A^T`` and ``P^T A`` mix on other ranks. FSDP2's default ``Shard(0)`` is right for
-``B = lora_B.weight`` ``(n, r)`` but splits ``r`` of ``A = lora_A.weight`` ``(r, m)``; pass
-:func:`lora_shard_placement` to ``fully_shard`` to shard ``A`` along ``m`` instead. Placements the
-full variant cannot use raise at :func:`reflora.attach`, naming the pair and this fix.
+(a norm is a sum over all entries). The full variant works on ``A`` sharded along ``m`` (its
+columns) and ``B`` along ``n`` (its rows): a shard of the rank dimension ``r`` holds rows of ``A``
+that ``A A^T`` and ``P^T A`` mix with rows on other ranks. FSDP2's default ``Shard(0)`` is right
+for ``B = lora_B.weight`` ``(n, r)`` but splits ``r`` of ``A = lora_A.weight`` ``(r, m)``; the
+full variant then steps on whole copies of ``A``, its gradient and its optimizer state, gathered
+before the step, and each rank keeps its own rows of the result (:mod:`reflora.reshard`), which
+costs a few times ``A``'s size in traffic per step. :func:`lora_shard_placement` shards ``A`` along ``m`` in
+the first place and saves that traffic. Placements that still cannot work raise at
+:func:`reflora.attach`, naming the pair and the fix: an expert stack sharded across its experts'
+slices.
 
 Replicated mesh dimensions (HSDP's ``(Replicate(), Shard(0))``, DDP) need no reduction: the
 collective runs over the mesh dimensions a factor is sharded on, and a factor replicated along
@@ -105,13 +109,15 @@ class CommStats:
     """What the hooks sent through collectives (all ranks count the same). Reset with :meth:`reset`."""
 
     calls: int = 0
-    bytes: int = 0
-    seconds: float = 0.0  # wall time inside the collectives (a synchronous all-reduce per call)
+    bytes: int = 0  # the payload handed to the collectives: the all-reduced tensor, a redistributed shard
+    seconds: float = 0.0  # wall time inside the collectives (synchronous calls)
+    redistributed: int = 0  # of ``bytes``, those of redistributions (reflora.reshard: a rank dimension sharded)
 
     def reset(self) -> None:
         self.calls = 0
         self.bytes = 0
         self.seconds = 0.0
+        self.redistributed = 0
 
 
 _STATS = CommStats()
@@ -156,7 +162,10 @@ def _what_dim(role: str, layout: str, dim: int, experts: int) -> str:
 class _FactorSharding:
     mesh: Any
     placements: tuple
-    shard_mesh_dims: tuple[int, ...]  # mesh dimensions along which this factor is sharded
+    shard_mesh_dims: tuple[int, ...]  # mesh dimensions along which this factor (or its work copy) is sharded
+    # the placements of the work copy the full variant steps on (its rank dimension sharded: see
+    # reflora.reshard, gathered along those mesh dimensions), or None where the factor is used as it is
+    work: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,7 @@ class _PairSharding:
     # reduced dim contributes at coordinate 0 only, so that the sum counts it once.
     contrib: tuple[tuple[bool, bool], ...]
     key: tuple
+    work: tuple[tuple | None, tuple | None] = (None, None)  # work placements of (A, B), see _FactorSharding
 
 
 def _factor_sharding(pair: LoRAPair, role: str, t: Tensor, variant: str) -> _FactorSharding:
@@ -177,6 +187,7 @@ def _factor_sharding(pair: LoRAPair, role: str, t: Tensor, variant: str) -> _Fac
     mesh, placements = t.device_mesh, tuple(t.placements)
     outer = _outer_dims(role, layout, t.dim(), pair.experts)
     dims = []
+    work = list(placements)
     for mesh_dim, pl in enumerate(placements):
         if isinstance(pl, Replicate):
             continue
@@ -188,26 +199,23 @@ def _factor_sharding(pair: LoRAPair, role: str, t: Tensor, variant: str) -> _Fac
             )
         dim = pl.dim % t.dim()
         expert_stack = pair.experts > 1
-        if dim not in outer and (variant == "full" or expert_stack):
-            fix = (
-                "Shard A along m and B along n: pass shard_placement_fn=reflora.distributed.lora_shard_placement(model) "
-                "to every fully_shard call (it shards lora_A.weight along dimension 1 and leaves lora_B.weight on "
-                "FSDP2's default Shard(0))"
-            )
-            why = (
-                "the full variant mixes A's r rows (A A^T, P^T A, S^-1 grad_A) and B's r columns, so every step "
-                "would need the other ranks' slices"
-                if variant == "full" else
-                f"the per-expert norms of an expert stack ({pair.experts} experts) need each expert's slice whole"
-            )
-            alt = "" if expert_stack else ", or use variant='scalar', which works with any placement"
+        if dim not in outer and expert_stack:
             raise ShardingError(
                 f"{where} is sharded along stored dimension {dim} ({pl!r} on mesh dimension {mesh_dim} of size "
-                f"{mesh.size(mesh_dim)}), which splits {_what_dim(role, layout, dim, pair.experts)}: {why}. "
-                f"{fix}{alt}"
+                f"{mesh.size(mesh_dim)}), which splits {_what_dim(role, layout, dim, pair.experts)}: the per-expert "
+                f"Grams and norms of an expert stack ({pair.experts} experts) need each expert's slice whole. Shard "
+                "A along m and B along n: pass shard_placement_fn=reflora.distributed.lora_shard_placement(model) "
+                "to every fully_shard call"
             )
+        if dim not in outer and variant == "full":
+            # the full variant mixes A's r rows (A A^T, P^T A, S^-1 grad_A) and B's r columns: it
+            # steps on a copy gathered along this mesh dimension (reflora.reshard), which counts
+            # its Gram once (as a replicated factor's), and keeps its own rows of the result
+            work[mesh_dim] = Replicate()
+            continue
         dims.append(mesh_dim)
-    return _FactorSharding(mesh, placements, tuple(dims))
+    moved = tuple(work) != placements
+    return _FactorSharding(mesh, placements, tuple(dims), tuple(work) if moved else None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,25 +228,41 @@ class ShardedLoRAPair(LoRAPair):
 
     sharding: _PairSharding | None = field(default=None, repr=False)
     global_shape: tuple[int, int, int] | None = field(default=None, repr=False)
+    # during RefLoRA's step: the gathered work copies ("A", "gA", "B", "gB") of factors sharded along
+    # their rank dimension (reflora.reshard); the views below read these instead of the factors
+    staged: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # built by localize() from a validated LoRAPair; LoRAPair's checks read a() / b(), which
         # are local here (with a sharded rank dimension, A's local rank is not B's)
         pass
 
+    def _view(self, role: str, t: Tensor | None, key: str) -> Tensor | None:
+        if t is None:
+            return None
+        side = 0 if role == "A" else 1
+        if self.sharding is not None and self.sharding.work[side] is not None:
+            w = self.staged.get(key)
+            if w is None:
+                raise RuntimeError(
+                    f"pair {self.name!r}: {role} is sharded along its rank dimension ({tuple(t.placements)}); its "
+                    "local rows are not what the full variant works on. Read it inside RefLoRA's step (reflora.reshard."
+                    "restaged gathers it), or shard it with lora_shard_placement"
+                )
+            t = w
+        return to_core(local(t), self.layout[side], self.experts)
+
     def a(self) -> Tensor:
-        return to_core(local(self.A), self.layout[0], self.experts)
+        return self._view("A", self.A, "A")  # type: ignore[return-value]
 
     def b(self) -> Tensor:
-        return to_core(local(self.B), self.layout[1], self.experts)
+        return self._view("B", self.B, "B")  # type: ignore[return-value]
 
     def grad_a(self) -> Tensor | None:
-        g = self.A.grad
-        return None if g is None else to_core(local(g), self.layout[0], self.experts)
+        return self._view("A", self.A.grad, "gA")
 
     def grad_b(self) -> Tensor | None:
-        g = self.B.grad
-        return None if g is None else to_core(local(g), self.layout[1], self.experts)
+        return self._view("B", self.B.grad, "gB")
 
     @property
     def rank(self) -> int:
@@ -274,8 +298,8 @@ def _pair_sharding(pair: LoRAPair, variant: str) -> _PairSharding:
     )
     # by content: fully_shard builds a new DeviceMesh object per call when none is given
     key = (mesh.device_type, tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist()), mesh.mesh_dim_names,
-           a.placements, b.placements)
-    return _PairSharding(mesh, reduce_dims, contrib, key)
+           a.work or a.placements, b.work or b.placements)
+    return _PairSharding(mesh, reduce_dims, contrib, key, (a.work, b.work))
 
 
 def localize(pairs: Iterable[LoRAPair], variant: str) -> list[LoRAPair]:
@@ -365,13 +389,15 @@ def lora_shard_placement(
     r"""A ``shard_placement_fn`` for ``fully_shard`` that shards every LoRA ``A`` along ``m``.
 
     FSDP2 shards each parameter along dimension 0 by default, which is right for ``lora_B.weight``
-    ``(n, r)`` but splits the rank dimension of ``lora_A.weight`` ``(r, m)``, and the full variant
-    of RefLoRA mixes those rows. With this function ``A`` is sharded along its ``m`` dimension
-    (dimension 1 of ``lora_A.weight``), ``B`` along ``n``, every other parameter as FSDP2 would.
+    ``(n, r)`` but splits the rank dimension of ``lora_A.weight`` ``(r, m)``, whose rows the full
+    variant of RefLoRA mixes: it then gathers ``A``, its gradient and its optimizer state
+    for each step (:mod:`reflora.reshard`). With this function ``A`` is sharded along its ``m``
+    dimension (dimension 1 of ``lora_A.weight``), ``B`` along ``n``, every other parameter as
+    FSDP2 would, and the step needs one small all-reduce per same-shape group and nothing else.
 
     FSDP2 shards dimensions other than 0 evenly only: an ``A`` whose ``m`` is not a multiple of
-    ``shard_size`` keeps ``Shard(0)`` (with a warning naming it; the scalar variant still works
-    there, the full variant raises at :func:`reflora.attach`).
+    ``shard_size`` keeps ``Shard(0)`` (with a warning naming it; both variants still work there,
+    the full variant gathering them).
 
     Build it from the model *before* sharding (it recognises the parameters by identity, and
     ``fully_shard`` replaces them) and pass it to every ``fully_shard`` call::
@@ -411,7 +437,8 @@ def lora_shard_placement(
         warnings.warn(
             f"FSDP2 shards dimensions other than 0 evenly only; {len(uneven)} factor(s) cannot be sharded along "
             f"m / n over {shard_size} ranks and keep FSDP2's default Shard(0): {', '.join(uneven[:4])}"
-            f"{' ...' if len(uneven) > 4 else ''}. The full variant raises on them at attach; the scalar variant works",
+            f"{' ...' if len(uneven) > 4 else ''}. The full variant gathers them for each step "
+            "(reflora.reshard: more traffic); the scalar variant uses them as they are",
             stacklevel=2,
         )
 

@@ -26,6 +26,7 @@ from reflora._linalg import compute_dtype
 from reflora.diagnostics import group_stats, pair_stats, rows_in_order
 from reflora.distributed import any_sharded
 from reflora.pairs import LoRAPair, canonical_name
+from reflora.reshard import restaged
 from reflora.transport import get_state_transport
 
 if TYPE_CHECKING:
@@ -255,12 +256,17 @@ class RefLoRAHandle:
             groups = [[self.pairs[i] for i in g] for g in self._groups]
             with torch.no_grad():
                 self._diag_parts = list(zip(groups, group_stats(groups, cfg.variant, cfg.eps)))
+        started = t >= cfg.warmup_steps
+        refactors = started and cfg.space == "parameter" and cfg.active(t)
+        works = (started and cfg.space == "gradient") or refactors or (due and cfg.variant == "full")
         try:
-            with torch.no_grad():
-                if t >= cfg.warmup_steps:
+            # factors sharded along their rank dimension (FSDP2's default Shard(0) of lora_A) step
+            # on work copies sharded along m / n (reflora.reshard); a no-op for every other pair
+            with torch.no_grad(), restaged(self.pairs if works else (), self.optimizer, refactors):
+                if started:
                     if cfg.space == "gradient":
                         self._gradient_step(refresh=cfg.active(t) or cfg.interval == 1)
-                    elif cfg.active(t):
+                    elif refactors:
                         self._parameter_step()
                 if due:
                     self._finish_diagnostics(t)

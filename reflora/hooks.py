@@ -25,7 +25,9 @@ results are written back with ``copy_`` under ``no_grad``. A pair stacking ``E``
 Distributed training (README, "Multi-GPU and multi-node"): under DDP the factors are replicated
 and nothing changes. FSDP2 factors are ``DTensor`` shards: each rank forms partial Grams (or
 squared norms) from its own shard, one all-reduce per same-shape group sums them, and every
-transform stays on the rank's shard (:mod:`reflora.distributed`). Under DeepSpeed ZeRO-1/2 the
+transform stays on the rank's shard (:mod:`reflora.distributed`); a factor sharded along its rank
+dimension (FSDP2's default ``Shard(0)`` of ``lora_A``) is gathered for the full variant's
+step (:mod:`reflora.reshard`). Under DeepSpeed ZeRO-1/2 the
 gradient-space modes precondition the gradients before DeepSpeed reduces them
 (:mod:`reflora.integrations.deepspeed`, a strategy of the handle).
 

@@ -5,7 +5,8 @@ Started by tests/test_distributed_trainer.py (not a test module):
     torchrun --standalone --nproc-per-node 2 tests/distributed_trainer_script.py OUT.json --backend ddp ...
     accelerate launch --config_file CFG tests/distributed_trainer_script.py OUT.json --backend fsdp2 ...
 
-Trains a PEFT Llama built from a config with checkpoints every 3 steps; with --resume-from it
+Trains a PEFT Llama built from a config with checkpoints every 3 steps; with --modes it trains
+each listed mode in turn without checkpoints (OUT.<i>: one Trainer per mode in one launch); with --resume-from it
 continues from one of them, with --then-resume it then builds model, Trainer and callback anew
 in the same processes and resumes from checkpoint-3 (OUT.resumed). Rank 0 writes the losses, the trained LoRA factors (gathered whole,
 after training) and what it saw of the sharding to OUT.json / OUT.pt.
@@ -65,7 +66,7 @@ def enable_fsdp_on_cpu() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--backend", choices=["ddp", "fsdp2"], default="ddp")
+    ap.add_argument("--backend", choices=["ddp", "fsdp2", "single"], default="ddp")
     ap.add_argument("--variant", default="full")
     ap.add_argument("--space", default="gradient")
     ap.add_argument("--interval", type=int, default=1)
@@ -78,10 +79,19 @@ def main() -> None:
                     help="lift accelerate's GPU-only gate on its FSDP plugin (see enable_fsdp_on_cpu)")
     ap.add_argument("--preshard", action="store_true",
                     help="fully_shard the model with reflora.distributed.lora_shard_placement before Trainer")
+    ap.add_argument("--modes", default=None,
+                    help="comma-separated variant/space: train each in turn (OUT.<i>), no checkpoints")
+    ap.add_argument("--float64", action="store_true", help="train in float64 (equivalence to round-off)")
+    ap.add_argument("--batch", type=int, default=2, help="sequences per process and step")
     a = ap.parse_args()
     if a.cpu_fsdp_gate:
         enable_fsdp_on_cpu()
-    train(a, a.resume_from, a.out)
+    if a.modes:
+        for i, mode in enumerate(a.modes.split(",")):
+            a.variant, a.space = mode.split("/")
+            train(a, None, f"{a.out}.{i}")
+    else:
+        train(a, a.resume_from, a.out)
     if a.then_resume:
         train(a, os.path.join(a.run_dir, "checkpoint-3"), a.out + ".resumed")
     import torch.distributed as dist
@@ -100,12 +110,19 @@ def train(a, resume_from: str | None, out: str) -> None:
         # a model sharded before Trainer: accelerate keeps it as it is, nothing left to wrap
         cfg.update({"auto_wrap_policy": "NO_WRAP"} if a.preshard else {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
         kw = dict(fsdp=True, fsdp_config=cfg)
+    if a.modes:
+        # every process reads its slice of one sequential stream: 2 processes x 2 sequences see the
+        # same global batches as 1 process x 4; nothing saved
+        kw.update(train_sampling_strategy="sequential", save_strategy="no")
     args = transformers.TrainingArguments(
-        output_dir=a.run_dir, max_steps=a.max_steps, per_device_train_batch_size=2, learning_rate=5e-3,
+        output_dir=a.run_dir, max_steps=a.max_steps, per_device_train_batch_size=a.batch, learning_rate=5e-3,
         save_steps=3, logging_steps=1, report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
-        disable_tqdm=True, max_grad_norm=1.0, save_only_model=False, ddp_backend="gloo", **kw,
+        disable_tqdm=True, max_grad_norm=1.0, save_only_model=False,
+        ddp_backend=None if a.backend == "single" else "gloo", **kw,
     )
     m = model()
+    if a.float64:
+        m = m.double()
     if a.preshard:
         import torch.distributed as dist
         from torch.distributed.fsdp import fully_shard

@@ -136,9 +136,9 @@ def test_distributed_benchmark_runs_small_on_two_processes(capsys) -> None:
             "--steps", "2", "--timeout", "120"]
     assert bench_distributed.main(args) == 0
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.startswith(("fsdp2 ", "ddp "))]
+    rows = [line.split() for line in out.splitlines() if line.startswith(("fsdp2 ", "fsdp2-s0 ", "ddp "))]
     modes = ["bare", "full/gradient", "full/parameter", "scalar/gradient", "scalar/parameter"]
-    assert [(r[0], r[1]) for r in rows] == [(b, m) for b in ("fsdp2", "ddp") for m in modes]
+    assert [(r[0], r[1]) for r in rows] == [(b, m) for b in ("fsdp2", "fsdp2-s0", "ddp") for m in modes]
     for r in rows:
         assert r[2].endswith("ms") and math.isfinite(float(r[2][:-2]))
     # RefLoRA's bytes per step under FSDP2: 7 pairs x 2 Grams x 4 x 4 float64 (full), 7 x 2 float64 (scalar)
@@ -146,6 +146,15 @@ def test_distributed_benchmark_runs_small_on_two_processes(capsys) -> None:
     assert ours == {"full/gradient": "1.75KB", "full/parameter": "1.75KB", "scalar/gradient": "0.11KB",
                     "scalar/parameter": "0.11KB"}
     assert all(r[-1] == "0.00KB" for r in rows if r[0] == "ddp" and r[1] != "bare")
+    # FSDP2's default Shard(0): the full variant adds all-gathers of lora_A's shards (7 pairs: 2 KB of
+    # float32 shards per rank and gathered tensor): A and its gradient (gradient space), and AdamW's 2
+    # moments (parameter space; the table's medians are over steps that have moments)
+    s0 = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+          if line.startswith(("full/", "scalar/")) and "%" in line and "MB" in line.split()[1]}
+    assert [s0[m][1:3] for m in modes[1:]] == [["1.75KB", "4.00KB"], ["1.75KB", "8.00KB"], ["0.11KB", "0.00KB"],
+                                               ["0.11KB", "0.00KB"]]
+    own = {r[1]: r for r in rows if r[0] == "fsdp2-s0"}
+    assert own["full/parameter"][-1] == "9.75KB" and own["scalar/gradient"][-1] == "0.11KB"
     growth = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d", line)]
     assert [int(g[0]) for g in growth] == [8, 16, 32, 64, 128, 256, 512, 1024]
 

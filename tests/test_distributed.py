@@ -91,17 +91,33 @@ def test_fsdp2_mixed_precision_bf16_params_fp32_reduce() -> None:
         assert per_rank[0]["traj_error"] < 5e-2  # near the float32 run: bf16 compute only
 
 
-def test_fsdp2_default_placement_scalar_works_full_raises() -> None:
-    runs = launch("train", 2, {"modes": MODES, "steps": STEPS, "placement": "default"}, timeout=150)
-    for m, (variant, space, _) in enumerate(MODES):
+def test_fsdp2_default_placement_all_modes_match_one_process() -> None:
+    # FSDP2's default Shard(0) splits lora_A (r, m) along r: the full variant steps on whole copies of
+    # A, its gradient and (parameter space) its optimizer state, gathered before the step, and each
+    # rank keeps its own rows of the result (reflora.reshard); the scalar variant uses the shards
+    modes = MODES + [["full", "parameter", "sgd"]]
+    runs = launch("train", 2, {"modes": modes, "steps": STEPS, "placement": "default"}, timeout=150)
+    for m, (variant, space, opt) in enumerate(modes):
         per_rank = [r[m] for r in runs]
-        if variant == "full":
-            msg = per_rank[0]["attach_error"]
-            assert "sharded along stored dimension 0 (Shard(dim=0)" in msg and "its rank dimension r" in msg
-            assert "lora_shard_placement" in msg and "variant='scalar'" in msg
-        else:
-            assert set(per_rank[0]["placements"].values()) == {("(Shard(dim=0),)", "(Shard(dim=0),)")}
+        assert "attach_error" not in per_rank[0], per_rank[0]["attach_error"]
+        assert set(per_rank[0]["placements"].values()) == {("(Shard(dim=0),)", "(Shard(dim=0),)")}
+        if variant == "scalar":
             _check_mode(per_rank, STEPS)
+            continue
+        r0 = per_rank[0]
+        assert r0["kernels"] == STEPS and all(res["ranks_identical"] and res["shard_local"] for res in per_rank)
+        assert r0["step_error"] < 1e-5 and r0["traj_error"] < 1e-5 and r0["effect"] > 1e-2, r0
+        states = {"adamw": 2, "sgd": 1}[opt]
+        for res in per_rank:
+            for k, comm in enumerate(res["comm"]):
+                # one all-gather of every pair's A and grad_A shards (gradient space), and of A's state
+                # (parameter space; no state before the first step); keeping one's own rows after the
+                # step needs no collective
+                assert comm["calls"] == GROUPS + 1, (k, comm)
+                assert comm["counts"] == {"c10d.allreduce_": GROUPS, "c10d.allgather_": 1}, (k, comm)
+                # 14 shards of A (2, m) float32, m = 32 for 12 pairs and 64 for 2: 4096 bytes per gathered set
+                moves = 2 if space == "gradient" else 2 + (states if k else 0)
+                assert comm["bytes"] == _bytes_per_step(variant) + moves * 4096, (k, comm)
 
 
 def test_hsdp_two_dimensional_mesh() -> None:
@@ -150,14 +166,25 @@ def test_placements_replicated_uneven_and_empty_shards() -> None:
         {"A": "R", "B": "R", "shape": [4, 12, 10], "calls": 0},
         {"A": "S1", "B": "S0", "shape": [3, 5, 7], "calls": 1},
         {"A": "S1", "B": "S0", "shape": [1, 1, 6], "calls": 1},
-        {"A": "S0", "B": "S1", "shape": [4, 12, 10], "calls": 1, "scalar_only": True},
+        # a rank dimension sharded: the full variant gathers that factor for the step (and adds its Gram
+        # once; both gathered: nothing left to all-reduce); uneven (r = 3) and empty (r = 1: rank 1
+        # holds no row of A) shards
+        {"A": "S0", "B": "S0", "shape": [4, 12, 10], "calls": 1, "moved": 1},
+        {"A": "S0", "B": "S1", "shape": [4, 12, 10], "calls": 1, "moved": 2, "full_calls": 0},
+        {"A": "S0", "B": "S0", "shape": [3, 5, 7], "calls": 1, "moved": 1},
+        {"A": "S0", "B": "S0", "shape": [1, 6, 6], "calls": 1, "moved": 1},
     ]
     runs = launch("placements", 2, {"cases": cases}, timeout=120)
     for rank, results in enumerate(runs):
-        assert len(results) == 4 * 6 + 2
+        assert len(results) == 4 * len(cases)
         for res in results:
             assert res["error"] < 1e-5, res
-            assert res["calls"] == 3 * res["case"]["calls"], res  # one all-reduce per step, or none
+            full = res["mode"].startswith("full")
+            f = res["case"].get("moved", 0) if full else 0
+            calls = res["case"].get("full_calls", res["case"]["calls"]) if full else res["case"]["calls"]
+            # one all-reduce per step, or none; one all-gather per step of the gathered factors, their
+            # gradients and (parameter space) AdamW's moments; over 3 steps
+            assert res["calls"] == 3 * calls + (3 if f else 0), res
         empty = [res for res in results if res["case"]["shape"] == [1, 1, 6]]
         assert all(res["local_A"] == ((1, 1) if rank == 0 else (1, 0)) for res in empty)
 

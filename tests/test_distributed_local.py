@@ -84,13 +84,26 @@ def test_replicated_factor_is_counted_once(mesh) -> None:
     torch.testing.assert_close(sB, B, rtol=1e-6, atol=1e-7)
 
 
-def test_scalar_variant_accepts_a_sharded_rank_dimension(mesh) -> None:
+@pytest.mark.parametrize("variant,space,opt_cls", [
+    ("full", "gradient", torch.optim.AdamW), ("full", "parameter", torch.optim.AdamW),
+    ("full", "parameter", lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9)),
+    ("scalar", "gradient", torch.optim.AdamW), ("scalar", "parameter", torch.optim.AdamW)])
+def test_sharded_rank_dimension_equals_plain_tensors(mesh, variant, space, opt_cls) -> None:
+    # FSDP2's default Shard(0) for lora_A (and B on its rank dimension): the full variant steps on
+    # gathered work copies (reflora.reshard), the scalar variant on the shards themselves
     A0, B0, T = _factors(2)
-    A, B, _ = _run(nn.Parameter(A0.clone()), nn.Parameter(B0.clone()), T, "scalar", "parameter")
-    dA = nn.Parameter(distribute_tensor(A0.clone(), mesh, [Shard(0)]))  # FSDP2's default for lora_A
-    dB = nn.Parameter(distribute_tensor(B0.clone(), mesh, [Shard(0)]))
-    sA, sB, _ = _run(dA, dB, T, "scalar", "parameter")
-    torch.testing.assert_close(sA, A, rtol=1e-6, atol=1e-7)
+    A, B, _ = _run(nn.Parameter(A0.clone()), nn.Parameter(B0.clone()), T, variant, space, opt_cls=opt_cls)
+    for b_dim in (0, 1):
+        dA = nn.Parameter(distribute_tensor(A0.clone(), mesh, [Shard(0)]))
+        dB = nn.Parameter(distribute_tensor(B0.clone(), mesh, [Shard(b_dim)]))
+        sA, sB, handle = _run(dA, dB, T, variant, space, opt_cls=opt_cls)
+        torch.testing.assert_close(sA, A, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(sB, B, rtol=1e-6, atol=1e-7)
+        assert all(isinstance(v, DTensor) and v.placements == (Shard(0),)  # the state is the original again
+                   for v in handle.optimizer.state[dA].values() if isinstance(v, DTensor))
+        if variant == "full":
+            with pytest.raises(RuntimeError, match=r"rank dimension.*inside RefLoRA's step"):
+                handle.pairs[0].a()  # its local rows are not what the full variant works on
 
 
 def _dt(mesh, t, placement):
@@ -102,18 +115,12 @@ def _bad_inputs(mesh):
     E = LoRAPair("experts", _dt(mesh, torch.randn(8, 12), Shard(0)), _dt(mesh, torch.randn(10, 8), Shard(0)),
                  ("expert_rows", "expert_cols"), experts=2)
     return [
-        ("full A on its rank dim", [(_dt(mesh, A0, Shard(0)), _dt(mesh, B0, Shard(0)))], "full", "gradient",
-         ShardingError, r"pair 'pair0': A \(stored shape \(4, 12\)\) is sharded along stored dimension 0 \(Shard\(dim=0\) "
-         r"on mesh dimension 0 of size 1\), which splits its rank dimension r.*lora_shard_placement\(model\).*"
-         r"variant='scalar'"),
-        ("full B on its rank dim", [(_dt(mesh, A0, Shard(1)), _dt(mesh, B0, Shard(1)))], "full", "parameter",
-         ShardingError, r"B \(stored shape \(10, 4\)\) is sharded along stored dimension 1 .*its rank dimension r"),
         ("partial", [(nn.Parameter(DTensor.from_local(A0, mesh, [Partial()])), _dt(mesh, B0, Shard(0)))],
          "scalar", "gradient", ShardingError, r"placement Partial\(sum\) on mesh dimension 0.*not pending reductions"),
         ("mixed", [(_dt(mesh, A0, Shard(1)), nn.Parameter(B0.clone()))], "full", "gradient", ShardingError,
          r"A is a DTensor \(sharded\) but B is a plain tensor"),
         ("expert stack on rows", [E], "scalar", "gradient", ShardingError,
-         r"per-expert norms of an expert stack \(2 experts\)"),
+         r"per-expert Grams and norms of an expert stack \(2 experts\)"),
     ]
 
 
@@ -182,15 +189,20 @@ def test_trainer_callback_names_the_presharding_fix(mesh) -> None:
 
     from reflora.integrations.transformers import RefLoRACallback
 
+    args, state = SimpleNamespace(output_dir="."), SimpleNamespace(global_step=0)
     A0, B0, _ = _factors()
     pair = (_dt(mesh, A0, Shard(0)), _dt(mesh, B0, Shard(0)))  # what accelerate's fully_shard gives lora_A
     opt = torch.optim.AdamW(list(pair), lr=1e-2)
-    cb = RefLoRACallback(pairs=[pair], variant="full")
-    with pytest.raises(ShardingError, match=r"its rank dimension r.*Under Trainer / accelerate.*NO_WRAP"):
-        cb.on_train_begin(SimpleNamespace(output_dir="."), SimpleNamespace(global_step=0), None,
-                          model=nn.Linear(1, 1), optimizer=opt)
-    RefLoRACallback(pairs=[pair], variant="scalar").on_train_begin(  # the scalar variant takes it
-        SimpleNamespace(output_dir="."), SimpleNamespace(global_step=0), None, model=nn.Linear(1, 1), optimizer=opt)
+    for variant in ("full", "scalar"):  # both take it
+        cb = RefLoRACallback(pairs=[pair], variant=variant)
+        cb.on_train_begin(args, state, None, model=nn.Linear(1, 1), optimizer=opt)
+        cb.handle.remove()
+    # an expert stack sharded across its experts' slices still needs lora_shard_placement
+    E = LoRAPair("experts", _dt(mesh, torch.randn(8, 12), Shard(0)), _dt(mesh, torch.randn(10, 8), Shard(0)),
+                 ("expert_rows", "expert_cols"), experts=2)
+    cb = RefLoRACallback(pairs=[E], variant="full")
+    with pytest.raises(ShardingError, match=r"expert stack.*Under Trainer / accelerate.*NO_WRAP"):
+        cb.on_train_begin(args, state, None, model=nn.Linear(1, 1), optimizer=torch.optim.AdamW([E.A, E.B]))
 
 
 @pytest.mark.parametrize("variant,space", [("full", "parameter"), ("scalar", "gradient")])
@@ -218,3 +230,21 @@ def test_sharded_expert_stack_equals_plain_tensors(mesh, variant, space) -> None
         out.append((whole(A).detach(), whole(B).detach()))
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("space", ["gradient", "parameter"])
+def test_rank_dimension_sharded_twice_takes_the_general_redistribution(mesh, space) -> None:
+    # A's rank dimension sharded on both dimensions of a 2-D mesh (nested shards): the batched gather
+    # leaves it to DTensor.redistribute (reflora.reshard); the result is the plain one
+    A0, B0, T = _factors(4)
+    A, B, _ = _run(nn.Parameter(A0.clone()), nn.Parameter(B0.clone()), T, "full", space)
+    mesh2 = init_device_mesh("cpu", (1, 1))
+    dA = nn.Parameter(distribute_tensor(A0.clone(), mesh2, [Shard(0), Shard(0)]))
+    dB = nn.Parameter(distribute_tensor(B0.clone(), mesh2, [Shard(0), Replicate()]))
+    reflora.distributed.comm_stats().reset()
+    sA, sB, _ = _run(dA, dB, T, "full", space)
+    torch.testing.assert_close(sA, A, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(sB, B, rtol=1e-6, atol=1e-7)
+    # per step: the Grams' all-reduce and one redistribution per gathered tensor (A, grad_A, and from
+    # the second step AdamW's 2 moments in parameter space), not one batched all-gather
+    assert reflora.distributed.comm_stats().calls == {"gradient": 3 * 3, "parameter": 3 + 5 + 5}[space]

@@ -117,3 +117,46 @@ def test_trainer_fsdp_config_falls_back_to_ddp_on_cpu(tmp_path) -> None:
     args = ["--backend", "fsdp2", "--variant", "scalar", "--space", "parameter", "--max-steps", "2"]
     first = _run(tmp_path, "torchrun", "first", args)
     assert first["seen"]["sharded"] == "LoRAPair" and first["seen"]["placements"] == "None"
+
+
+FOUR_MODES = ["full/parameter", "full/gradient", "scalar/parameter", "scalar/gradient"]
+
+
+def test_trainer_fsdp2_default_placement_all_modes_match_one_process(tmp_path) -> None:
+    # Trainer's fsdp_config (version 2): accelerate shards every parameter on FSDP2's default
+    # Shard(0), lora_A along its rank dimension. Every mode, float64, 4 steps, in one launch of 2
+    # processes (one Trainer per mode), against one process on the same global batches of 4
+    # (launched alongside): equal to round-off
+    args = ["--modes", ",".join(FOUR_MODES), "--float64", "--max-steps", "4"]
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", SCRIPT, str(tmp_path / "fsdp.json"),
+           "--run-dir", str(tmp_path / "run"), "--backend", "fsdp2", "--cpu-fsdp-gate", *args]
+    single = [sys.executable, SCRIPT, str(tmp_path / "single.json"), "--run-dir", str(tmp_path / "run1"),
+              "--backend", "single", "--batch", "4", *args]
+    env = _env(0, 1, "", str(tmp_path), None)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        env.pop(k)
+    run_command([cmd, single], [env, dict(env)], [tmp_path / "fsdp.log", tmp_path / "single.log"], timeout=240)
+    finals = []
+    for i, mode in enumerate(FOUR_MODES):
+        runs = []
+        for name in ("fsdp", "single"):
+            path = tmp_path / f"{name}.json.{i}"
+            res = json.loads(path.read_text())
+            res["factors"] = torch.load(str(path) + ".pt", weights_only=False)
+            runs.append(res)
+        sharded, one = runs
+        assert sharded["seen"]["sharded"] == "ShardedLoRAPair", mode
+        assert sharded["seen"]["placements"] == "(Shard(dim=0),)", mode  # lora_A split along r
+        assert sharded["seen"]["world"] == 2 and sharded["global_step"] == one["global_step"] == 4, mode
+        assert one["seen"]["sharded"] == "LoRAPair", mode
+        a, b = sharded["factors"], one["factors"]
+        assert a.keys() == b.keys() and len(a) == 28 and all(v.dtype == torch.float64 for v in a.values())
+        worst = max(float((a[k] - b[k]).norm() / b[k].norm()) for k in a)
+        assert worst < 1e-10, (mode, worst)
+        # (Trainer logs its running loss in float32)
+        assert max(abs(x - y) for x, y in zip(sharded["losses"], one["losses"])) < 1e-5, mode
+        finals.append(b)
+    # each mode trains differently (a RefLoRA that did nothing under FSDP2 could not match all four)
+    for i in range(len(finals)):
+        for j in range(i):
+            assert max(float((finals[i][k] - finals[j][k]).norm() / finals[j][k].norm()) for k in finals[i]) > 1e-4

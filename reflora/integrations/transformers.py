@@ -29,8 +29,10 @@ those values, add the callback with :func:`add_callback`, which puts it ahead of
 
 Under several processes the handle's state (``r x r``, the same on every rank) is written by the
 main process only and read by every rank. With FSDP2 (``fsdp_config`` version 2) accelerate shards
-``lora_A`` along its rank dimension, which the scalar variant takes as it is; for the full variant
-shard the model before building the Trainer (README, "Multi-GPU and multi-node").
+``lora_A`` along its rank dimension (FSDP2's default ``Shard(0)``): every mode works there, the
+scalar variant on the shards as they are, the full variant on copies gathered for each step
+(:mod:`reflora.reshard`; ``docs/fsdp2.md`` has the cost). Sharding the model before building the
+Trainer with :func:`reflora.distributed.lora_shard_placement` saves that traffic.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ class RefLoRACallback(TrainerCallback):
         try:
             self.handle = attach(optimizer, model if self.pairs is None else self.pairs, **self.attach_kwargs)
         except ShardingError as e:
-            # accelerate calls fully_shard itself, without a shard_placement_fn
+            # accelerate calls fully_shard itself, without a shard_placement_fn: what still raises
+            # (an expert stack sharded across its experts' slices) needs the model sharded beforehand
             raise ShardingError(
                 f"{e}. Under Trainer / accelerate (FSDP2), which shards the model itself: shard it before building "
                 "the Trainer (place = reflora.distributed.lora_shard_placement(model); fully_shard(layer, "
