@@ -55,6 +55,11 @@ Chunks = list[tuple[list[Tensor], Tensor]]
 # of every factor for nothing, so they run per pair in place; below it they are launch-bound and
 # one batched matmul over the stacked group is faster (benchmarks/overhead.py).
 STACK_MAX_NUMEL = 1 << 16
+# Stacked products of smaller tensors are done in chunks of at most this many elements (512 KB
+# of float32): the stacked copy, the product and the copy back of a chunk stay in cache, so a
+# factor crosses memory about once instead of three times (benchmarks/overhead.py), while a small
+# model's few tensors still take one product.
+APPLY_CHUNK_NUMEL = 1 << 17
 # The same for the scalar variant's norms, whose reduction is cheaper than a copy sooner
 # (docs/design.md, "Thresholds").
 NORM_STACK_MAX_NUMEL = 1 << 12
@@ -276,11 +281,16 @@ def apply_many(left: Chunks, right: Chunks = (), gate: Tensor | None = None) -> 
         # (no no-op calls here: on a small model every call counts, see benchmarks/overhead.py (c))
         xs = [x for chunk, _ in group for x in chunk]
         T = apply_dtype(torch.cat([T for _, T in group]) if len(group) > 1 else group[0][1], xs[0])
-        X = torch.stack(xs)
-        if dtype != T.dtype:
-            X = X.to(T.dtype)
-        out = T * X if scalar else (mm(T, X) if side == "left" else mm(X, T))
-        copy_gated(xs, out.unbind(0), None if gate is None else gate.to(device))
+        # stacks of at most APPLY_CHUNK_NUMEL elements: the stack, the product and the copy back
+        # stay in cache, so the factors are read and written once from memory, not three times
+        k = max(1, APPLY_CHUNK_NUMEL // xs[0].numel())
+        for i in range(0, len(xs), k):
+            sub, Ti = xs[i:i + k], T[i:i + k] if len(xs) > k else T
+            X = torch.stack(sub)
+            if dtype != Ti.dtype:
+                X = X.to(Ti.dtype)
+            out = Ti * X if scalar else (mm(Ti, X) if side == "left" else mm(X, Ti))
+            copy_gated(sub, out.unbind(0), None if gate is None else gate.to(device))
 
 
 # ------------------------------------------------------------------------------- gradient space

@@ -91,3 +91,16 @@ def test_golden_checkpoint_loads_and_resumes(case):
         got = gc.run_attach(case, checkpoint=want["checkpoint"])
     got.pop("checkpoint", None)
     _compare(case, got, want)
+
+
+ATTACH_CASES = [c for c in CASES if c["api"] == "attach" and not c["kw"]]
+
+
+@pytest.mark.parametrize("case", ATTACH_CASES, ids=[gc.case_id(c) for c in ATTACH_CASES])
+def test_golden_trajectory_with_every_stack_in_chunks_of_one(case, monkeypatch):
+    """``reflora.step.APPLY_CHUNK_NUMEL`` splits the stacked products into cache-sized chunks: with
+    chunks of one tensor (the most boundaries there can be) the trajectory is the recorded one."""
+    import reflora.step
+
+    monkeypatch.setattr(reflora.step, "APPLY_CHUNK_NUMEL", 1)
+    test_golden_trajectory(case)
