@@ -120,27 +120,29 @@ class LowBitTransport:
             rule: the ``second_moment`` rule.
             gate: a 0-d bool; where False every moment keeps its value (the compiled path).
         """
+        # pair by pair: the float32 copies of one pair's moments are the only scratch, however
+        # many same-shape pairs the group stacks (LLaMA-7B: 128 q/k/v/o pairs in one group)
         layA, layB = pairs[0].layout
         experts = pairs[0].experts
-        loadA = [self.load(optimizer.state[p.A], p.A) for p in pairs]
-        loadB = [self.load(optimizer.state[p.B], p.B) for p in pairs]
         cd = T.left.dtype
-        for name, kind in self.kinds.items():
-            if name not in loadA[0] or name not in loadB[0]:
-                continue
-            a = torch.stack([to_core(x[name], layA, experts) for x in loadA]).to(cd)
-            b = torch.stack([to_core(x[name], layB, experts) for x in loadB]).to(cd)
-            new = STATE_KINDS[kind].apply(T, a, b, rule)
-            if new is None:  # the "keep" rule: not re-quantized, so no rounding added
-                continue
-            for side, lay, loaded, values in (("A", layA, loadA, new[0]), ("B", layB, loadB, new[1])):
-                for pair, old, value in zip(pairs, loaded, values.unbind(0)):
+        for k, pair in enumerate(pairs):
+            Tk = Transform(T.left[k : k + 1], T.right[k : k + 1])
+            sA, sB = optimizer.state[pair.A], optimizer.state[pair.B]
+            oldA, oldB = self.load(sA, pair.A), self.load(sB, pair.B)
+            for name, kind in self.kinds.items():
+                if name not in oldA or name not in oldB:
+                    continue
+                a = to_core(oldA[name], layA, experts)[None].to(cd)
+                b = to_core(oldB[name], layB, experts)[None].to(cd)
+                new = STATE_KINDS[kind].apply(Tk, a, b, rule)
+                if new is None:  # the "keep" rule: not re-quantized, so no rounding added
+                    continue
+                for state, lay, old, value in ((sA, layA, oldA, new[0][0]), (sB, layB, oldB, new[1][0])):
                     buf = torch.empty_like(old[name])
                     to_core(buf, lay, experts).copy_(value)
                     if gate is not None:
                         buf = torch.where(gate, buf, old[name])
-                    param = pair.A if side == "A" else pair.B
-                    self.store(optimizer.state[param], name, buf)
+                    self.store(state, name, buf)
 
 
 def _distributed(value: Any) -> bool:

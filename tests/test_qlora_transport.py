@@ -44,40 +44,45 @@ def _rel(x, ref):
 @pytest.mark.parametrize("variant", ["full", "scalar"])
 @pytest.mark.parametrize("pkg, name", ALL, ids=IDS)
 def test_lowbit_transport_maps_like_the_32bit_transport(pkg, name, variant, rule) -> None:
-    A, B = _pair()
-    opt = make(pkg, name, [A, B])
-    fill_state(opt, pkg, [A, B])
+    pairs = [_pair(0), _pair(1)]  # one group of two same-shape pairs, moved pair by pair
+    params = [t for pair in pairs for t in pair]
+    opt = make(pkg, name, params)
+    fill_state(opt, pkg, params)
     transport = get_state_transport(opt)
     assert isinstance(transport, LowBitTransport)
-    sA, sB = opt.state[A], opt.state[B]
     key1 = "state1" if pkg == "bnb" else "exp_avg"
     low_bit = name != "PagedAdamW"  # bitsandbytes' paged 32-bit AdamW: float32 for both
-    assert (sB[key1].dtype != torch.float32 or type(sB[key1]) is not torch.Tensor) == low_bit  # B: low-bit
-    assert type(sA[key1]) is torch.Tensor and sA[key1].dtype == torch.float32  # A: under the threshold, 32-bit
-    before_a, before_b = transport.load(sA, A), transport.load(sB, B)
-    T = refactor_transform(A.detach()[None].double(), B.detach()[None].double(), variant=variant)
+    for A, B in pairs:
+        sA, sB = opt.state[A], opt.state[B]
+        assert (sB[key1].dtype != torch.float32 or type(sB[key1]) is not torch.Tensor) == low_bit  # B: low-bit
+        assert type(sA[key1]) is torch.Tensor and sA[key1].dtype == torch.float32  # A: under the threshold
+    before = [(transport.load(opt.state[A], A), transport.load(opt.state[B], B)) for A, B in pairs]
+    As = torch.stack([A.detach() for A, _ in pairs]).double()
+    Bs = torch.stack([B.detach() for _, B in pairs]).double()
+    T = refactor_transform(As, Bs, variant=variant)
     T = type(T)(T.left.float(), T.right.float())
-    pair = reflora.LoRAPair("p", A, B)
-    transport.move_state(opt, [pair], T, rule)
-    after_a, after_b = transport.load(sA, A), transport.load(sB, B)
-    assert set(before_a) == set(after_b) == set(transport.kinds) - {"max_exp_avg_sq"}  # (no amsgrad)
-    for key in before_a:
-        kind = transport.kinds[key]
-        ref = STATE_KINDS[kind].apply(T, before_a[key][None], before_b[key][None], rule)
-        if ref is None:  # "keep": left as it was, bit for bit (not re-quantized)
-            assert torch.equal(after_a[key], before_a[key]) and torch.equal(after_b[key], before_b[key])
-            continue
-        ref_a, ref_b = ref[0][0], ref[1][0]
-        if rule == "reset" and kind == "second":
-            # (torchao's unsigned 4-bit code book has no exact zero: its smallest code is ~6e-14)
-            assert after_a[key].abs().max() == 0 and after_b[key].abs().max() < 1e-12
-            continue
-        # the 32-bit side is the 32-bit transport exactly; the low-bit side within one rounding
-        assert _rel(after_a[key], ref_a) < 1e-5, key
-        err = _rel(after_b[key], ref_b)
-        assert err < (TOL.get(name, 0.02) if low_bit else 1e-5), (key, err)
-        # and far closer than leaving the moment unmoved would be
-        assert err < 0.25 * _rel(before_b[key], ref_b), (key, err, _rel(before_b[key], ref_b))
+    transport.move_state(opt, [reflora.LoRAPair(f"p{k}", A, B) for k, (A, B) in enumerate(pairs)], T, rule)
+    for k, (A, B) in enumerate(pairs):
+        (before_a, before_b), Tk = before[k], type(T)(T.left[k : k + 1], T.right[k : k + 1])
+        after_a, after_b = transport.load(opt.state[A], A), transport.load(opt.state[B], B)
+        assert set(before_a) == set(after_b) == set(transport.kinds) - {"max_exp_avg_sq"}  # (no amsgrad)
+        for key in before_a:
+            kind = transport.kinds[key]
+            ref = STATE_KINDS[kind].apply(Tk, before_a[key][None], before_b[key][None], rule)
+            if ref is None:  # "keep": left as it was, bit for bit (not re-quantized)
+                assert torch.equal(after_a[key], before_a[key]) and torch.equal(after_b[key], before_b[key])
+                continue
+            ref_a, ref_b = ref[0][0], ref[1][0]
+            if rule == "reset" and kind == "second":
+                # (torchao's unsigned 4-bit code book has no exact zero: its smallest code is ~6e-14)
+                assert after_a[key].abs().max() == 0 and after_b[key].abs().max() < 1e-12
+                continue
+            # the 32-bit side is the 32-bit transport exactly; the low-bit side within one rounding
+            assert _rel(after_a[key], ref_a) < 1e-5, key
+            err = _rel(after_b[key], ref_b)
+            assert err < (TOL.get(name, 0.02) if low_bit else 1e-5), (key, err)
+            # and far closer than leaving the moment unmoved would be
+            assert err < 0.25 * _rel(before_b[key], ref_b), (key, err, _rel(before_b[key], ref_b))
 
 
 @pytest.mark.parametrize("variant", ["full", "scalar"])
