@@ -216,9 +216,9 @@ def default_space(optimizer: Any) -> Literal["gradient", "parameter"]:
     ``"parameter"`` for optimizers with a registered transport that moves element-wise second
     moments (Adam, AdamW, NAdam, RAdam, RMSprop, Adagrad, Adafactor, and the 8-bit / 4-bit /
     paged ones of :mod:`reflora.lowbit`: Adam-like, whose second moments undo most of a
-    gradient-space preconditioner) or that declares it (a ``default_space`` attribute: Lion,
-    whose sign update undoes one the same way); ``"gradient"`` for the others (SGD,
-    optimizers without a registered transport) and under DeepSpeed ZeRO. Subclasses follow their
+    gradient-space preconditioner); ``"gradient"`` for the others (SGD, bitsandbytes' Lion:
+    first moments only, optimizers without a registered transport) and under DeepSpeed ZeRO.
+    Subclasses follow their
     nearest registered base class. :func:`reflora.attach` then falls back from ``"parameter"``
     to ``"gradient"`` where the pairs rule parameter space out (:func:`resolve_space`);
     ``handle.space`` reports what was used. The measurements behind the choice are in the
@@ -244,9 +244,6 @@ def default_space(optimizer: Any) -> Literal["gradient", "parameter"]:
         if zero_optimizer(optimizer) is not None:
             return "gradient"
         transport = get_state_transport(unwrap_optimizer(optimizer))
-    explicit = getattr(transport, "default_space", None)  # e.g. Lion (reflora.lowbit): sign updates
-    if explicit is not None:
-        return explicit
     return "parameter" if transport is not None and keeps_second_moments(transport) else "gradient"
 
 

@@ -63,17 +63,16 @@ class LowBitTransport:
 
     Attributes:
         display: the optimizer's qualified name (for messages and the registry listing).
-        kinds: ``{moment name: "first" | "second"}`` of the dequantized moments.
-        default_space: the space ``space="auto"`` picks (:func:`reflora.default_space`);
-            ``None``: by ``kinds`` (parameter space when there is a second moment).
+        kinds: ``{moment name: "first" | "second"}`` of the dequantized moments;
+            ``space="auto"`` gives parameter space when there is a ``"second"`` one
+            (:func:`reflora.default_space`).
     """
 
     spec = None  # no per-key products: the refactor calls move_state
 
-    def __init__(self, display: str, kinds: Mapping[str, StateKind], *, default_space: str | None = None) -> None:
+    def __init__(self, display: str, kinds: Mapping[str, StateKind]) -> None:
         self.display = display
         self.kinds = dict(kinds)
-        self.default_space = default_space
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.display!r}, kinds={self.kinds})"
@@ -167,12 +166,11 @@ class BitsAndBytesTransport(LowBitTransport):
 
     KNOWN = frozenset({"step", "state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2", "unorm_vec", "gnorm_vec"})
 
-    def __init__(self, display: str, kinds: Mapping[str, StateKind], *, double_state1: bool = False,
-                 default_space: str | None = None) -> None:
+    def __init__(self, display: str, kinds: Mapping[str, StateKind], *, double_state1: bool = False) -> None:
         if double_state1:
             kinds = {("state1.0" if k == "state1" else k): v for k, v in kinds.items()}
             kinds = {"state1.0": kinds["state1.0"], "state1.1": kinds["state1.0"], **kinds}
-        super().__init__(display, kinds, default_space=default_space)
+        super().__init__(display, kinds)
         self.double_state1 = double_state1
 
     def _raw(self) -> list[str]:
@@ -284,10 +282,10 @@ class TorchaoTransport(LowBitTransport):
 
 
 _ADAM2 = {"state1": "first", "state2": "second"}
-# Lion keeps one moment, an average of gradients ("first"), and steps by its sign. A sign is
-# invariant to any positive rescaling of its argument, so a gradient-space preconditioner is
-# undone by Lion's update just as Adam's normalisation undoes it (for the scalar variant exactly:
-# sign(g / s) = sign(g)); parameter space is the mode that changes what Lion does.
+# Lion keeps one moment, an average of gradients ("first"), and no second moment: space="auto"
+# gives it gradient space, as it does SGD. Measured (benchmarks/second_moment.py --optimizer
+# lion8bit, 15 seeds, docs/qlora.md): at the learning rates where plain LoRA does best, full
+# gradient space wins 15/15 seeds and full parameter space loses 15/15.
 _LION = {"state1": "first"}
 
 for _cls in ("Adam", "Adam8bit", "Adam32bit", "PagedAdam", "PagedAdam8bit", "PagedAdam32bit"):
@@ -297,7 +295,7 @@ for _cls in ("AdamW", "AdamW8bit", "AdamW32bit", "PagedAdamW", "PagedAdamW8bit",
 for _cls in ("Lion", "Lion8bit", "Lion32bit", "PagedLion", "PagedLion8bit", "PagedLion32bit"):
     register_lazy_state_transport(
         "bitsandbytes", _cls,
-        BitsAndBytesTransport(f"bitsandbytes.optim.lion.{_cls}", _LION, default_space="parameter"),
+        BitsAndBytesTransport(f"bitsandbytes.optim.lion.{_cls}", _LION),
     )
 for _cls in ("AdEMAMix", "AdEMAMix8bit", "AdEMAMix32bit", "PagedAdEMAMix", "PagedAdEMAMix8bit", "PagedAdEMAMix32bit"):
     register_lazy_state_transport(

@@ -92,8 +92,7 @@ def test_bitsandbytes_optimizer_refactors_in_attach(name, variant) -> None:
     branches moved (checked against the decay the step applies to the mapped moments)."""
     A, B = _pair(1)
     opt = make("bnb", name, [A, B], lr=1e-3, weight_decay=0.0)
-    handle = reflora.attach(opt, [(A, B)], variant=variant)  # space="auto"
-    assert handle.space == "parameter"
+    handle = reflora.attach(opt, [(A, B)], variant=variant, space="parameter")
     X, Y = torch.randn(32, M), torch.randn(32, N)
     for _ in range(3):
         opt.zero_grad()
@@ -136,7 +135,8 @@ def test_bitsandbytes_optimizer_refactors_in_attach(name, variant) -> None:
 
 
 @pytest.mark.parametrize("name, space", [("AdamW8bit", "parameter"), ("PagedAdamW8bit", "parameter"),
-                                         ("Lion8bit", "parameter"), ("AdEMAMix8bit", "parameter")])
+                                         ("PagedAdamW", "parameter"), ("AdEMAMix8bit", "parameter"),
+                                         ("Lion8bit", "gradient")])  # Lion: measured, docs/qlora.md
 def test_auto_space_for_bitsandbytes(name, space) -> None:
     A, B = _pair()
     assert reflora.default_space(make("bnb", name, [A, B])) == space
