@@ -255,7 +255,7 @@ def register_lazy_state_transport(package: str, class_qualname: str, transport: 
             ``display`` attribute, else ``package.class_qualname``).
     """
     if any(pkg == package and name == class_qualname for pkg, name, _, _ in _LAZY):
-        raise ValueError(f"a lazy state transport for {package}...{class_qualname} is already registered")
+        raise ValueError(f"a lazy state transport for {class_qualname!r} of package {package!r} is already registered")
     shown = display or getattr(transport, "display", None) or f"{package}.{class_qualname}"
     _LAZY.append((package, class_qualname, shown, transport))
 
