@@ -257,6 +257,12 @@ def resolve_space(
         return "gradient"
     transport = get_state_transport(opt)
     if getattr(transport, "spec", None) is None and any_sharded(pairs):
+        if hasattr(transport, "move_state"):  # low-bit state: a user of it expects parameter space
+            warnings.warn(
+                f"space='auto': {qualname(opt)} would use space='parameter', but its quantized state cannot be "
+                "moved shard by shard on sharded (DTensor / FSDP2) factors; using space='gradient'",
+                stacklevel=3,
+            )
         return "gradient"  # attach refuses function transports on sharded factors
     if cfg.solver == "newton_schulz" and cfg.variant == "full" and any(rank_above_size(p) for p in pairs):
         return "gradient"  # attach refuses this in parameter space (NaN measured)

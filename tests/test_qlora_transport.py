@@ -182,3 +182,28 @@ def test_lowbit_transports_are_listed_and_lazy() -> None:
         assert want in names
     with pytest.raises(TypeError, match="move_state"):
         get_state_transport(make("bnb", "AdamW8bit", list(_pair())))(None, {}, {}, None)
+
+
+def test_sharded_factors_with_a_low_bit_optimizer_are_refused_in_parameter_space(tmp_path) -> None:
+    """FSDP2 (DTensor) factors: quantized blocks of one shard cannot be remapped alone; the
+    error names the optimizer and the fix, and space='auto' picks gradient space."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_gloo_available()) or dist.is_initialized():
+        pytest.skip("needs torch.distributed with gloo and no process group yet")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        A0, B0 = _pair()
+        A = torch.nn.Parameter(distribute_tensor(A0.detach(), mesh, [Shard(0)]))
+        B = torch.nn.Parameter(distribute_tensor(B0.detach(), mesh, [Shard(0)]))
+        opt = make("bnb", "AdamW8bit", [A, B])
+        with pytest.raises(UnsupportedOptimizerError, match=r"bitsandbytes\.optim\.adamw\.AdamW8bit keeps its state "
+                           r"quantized.*space='gradient'"):
+            reflora.attach(opt, [(A, B)], variant="scalar", space="parameter")
+        with pytest.warns(UserWarning, match=r"space='auto'.*AdamW8bit.*quantized state.*using space='gradient'"):
+            assert reflora.attach(opt, [(A, B)], variant="scalar").space == "gradient"
+    finally:
+        dist.destroy_process_group()
