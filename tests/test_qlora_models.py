@@ -45,14 +45,14 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
-def _qlora(folder, quant: str):
+def _qlora(folder, quant: str, checkpointing: bool = True):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = transformers.AutoModelForCausalLM.from_pretrained(
             folder, quantization_config=transformers.BitsAndBytesConfig(**QUANT[quant]), device_map="cpu",
             dtype=torch.float32,
         )
-    base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+    base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing)
     torch.manual_seed(1)
     return peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
 
@@ -138,12 +138,13 @@ def _merge_error(model, ids) -> float:
 def test_qlora_merge_after_refactoring_is_as_good_as_without(checkpoint, quant) -> None:
     """merge_and_unload into the quantized base after RefLoRA (full, parameter space): the merged
     model's outputs differ from the adapter model's by at most 2x what merging the adapter
-    trained the same way without RefLoRA gives (merging re-quantizes W + B A)."""
+    trained the same way without RefLoRA gives (merging re-quantizes W + B A). Gradient
+    checkpointing (tested above) is off here: it changes nothing merged, and halves the time."""
     errors = {}
     for use in (False, True):
-        model = _qlora(checkpoint, quant)
+        model = _qlora(checkpoint, quant, checkpointing=False)
         frozen = _frozen_bits(model)
-        _, handle, losses, ids = _train(model, *(("full", "parameter") if use else (None, None)))
+        _, handle, losses, ids = _train(model, *(("full", "parameter") if use else (None, None)), steps=2)
         assert all(torch.isfinite(torch.tensor(losses)))
         for key, value in _frozen_bits(model).items():
             assert torch.equal(value, frozen[key]), key

@@ -20,14 +20,14 @@ from reflora.transport import get_state_transport  # noqa: E402
 WORDS = [f"w{i}" for i in range(60)]
 
 
-def _model(hidden=32):
+def _model(hidden=32, r=4):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=64, hidden_size=hidden, intermediate_size=48, num_hidden_layers=1,
         num_attention_heads=4, num_key_value_heads=4, attention_dropout=0.0,
     )
     base = transformers.LlamaForCausalLM(cfg)
-    return peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    return peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]))
 
 
 def _args(cls, out, optim, max_steps=6, **kw):
@@ -78,10 +78,10 @@ def _check_resume(make, tmp_path, want_transport_lowbit=True):
 
 @pytest.mark.slow
 def test_trainer_paged_adamw_8bit_trains_and_resumes_identically(tmp_path) -> None:
-    # hidden 1024, r = 4: every factor has 4096 elements, bitsandbytes' min_8bit_size: 8-bit state
+    # hidden 256, r = 16: every factor has 4096 elements, bitsandbytes' min_8bit_size: 8-bit state
     def make(out, cb):
         args = _args(transformers.TrainingArguments, out, "paged_adamw_8bit")
-        return transformers.Trainer(model=_model(hidden=1024), args=args, train_dataset=_tokens(), callbacks=[cb])
+        return transformers.Trainer(model=_model(hidden=256, r=16), args=args, train_dataset=_tokens(), callbacks=[cb])
 
     trainer = _check_resume(make, tmp_path)
     opt = trainer.optimizer.optimizer  # Trainer builds bitsandbytes' AdamW with optim_bits=8, is_paged=True
@@ -94,10 +94,10 @@ def test_trainer_paged_adamw_8bit_trains_and_resumes_identically(tmp_path) -> No
 def test_trainer_adamw_torch_8bit_trains_and_resumes_identically(tmp_path) -> None:
     pytest.importorskip("torchao", reason="needs torchao (pip install 'reflora[qlora]')")
 
-    # hidden 1024, r = 4: every factor has 4096 elements, so torchao quantizes its state
+    # hidden 256, r = 16: every factor has 4096 elements, so torchao quantizes its state
     def make(out, cb):
         args = _args(transformers.TrainingArguments, out, "adamw_torch_8bit", max_steps=6)
-        return transformers.Trainer(model=_model(hidden=1024), args=args, train_dataset=_tokens(), callbacks=[cb])
+        return transformers.Trainer(model=_model(hidden=256, r=16), args=args, train_dataset=_tokens(), callbacks=[cb])
 
     trainer = _check_resume(make, tmp_path)
     opt = trainer.optimizer.optimizer
