@@ -314,8 +314,11 @@ def keeps_second_moments(transport: Any) -> bool:
 
     A spec transport says so with a ``"second"`` kind (Adam, AdamW, NAdam, RAdam, RMSprop,
     Adagrad); a function transport is taken to (the built-in ones move Adafactor's factored
-    second moments). SGD's spec holds a ``"first"`` kind only."""
-    spec = getattr(transport, "spec", None) or getattr(transport, "kinds", None)
+    second moments). SGD's spec holds a ``"first"`` kind only. A low-bit transport
+    (:mod:`reflora.lowbit`) says so with its ``kinds`` (bitsandbytes' Lion: ``"first"`` only)."""
+    spec = getattr(transport, "spec", None)
+    if spec is None:  # a low-bit transport (reflora.lowbit) declares the kinds of its moments
+        spec = getattr(transport, "kinds", None)
     return spec is None or "second" in spec.values()
 
 
