@@ -18,6 +18,11 @@ to round-off: a sanity check.
 
 Run: ``python benchmarks/second_moment.py [--seeds 5 --steps 100 --lr 3e-3 1e-2 3e-2]``;
 ``python benchmarks/second_moment.py --optimizer sgd [--momentum 0.9] [--lr 0.01 0.03 0.1]``.
+
+``--optimizer adamw8bit`` / ``lion8bit`` (bitsandbytes, the ``qlora`` extra; every factor in
+8-bit state) and ``--optimizer adamw --modes`` (torch's 32-bit AdamW) compare the four modes
+with plain LoRA the same way: the evidence behind ``space="auto"`` for the low-bit optimizers
+(docs/qlora.md).
 """
 
 from __future__ import annotations
@@ -55,6 +60,12 @@ def run(method: str, seed: int, steps: int, lr: float, optimizer: str = "adamw",
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     elif optimizer == "rmsprop":
         opt = torch.optim.RMSprop(params, lr=lr, momentum=momentum)
+    elif optimizer in ("adamw8bit", "lion8bit"):
+        import bitsandbytes as bnb  # the qlora extra
+
+        # min_8bit_size=0: these factors (256 and 192 elements) would otherwise stay in 32-bit
+        cls = bnb.optim.AdamW8bit if optimizer == "adamw8bit" else bnb.optim.Lion8bit
+        opt = cls(params, lr=lr, weight_decay=0.0, min_8bit_size=0)
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if "/" in method:  # "variant/space"; parameter space in its default (paper) frame and "square" rule
@@ -82,14 +93,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", type=float, nargs="+", default=None,
                     help="learning rates (default: 3e-3 1e-2 3e-2 for adamw and rmsprop, 0.01 0.03 0.1 for sgd)")
-    ap.add_argument("--optimizer", choices=("adamw", "sgd", "rmsprop"), default="adamw")
+    ap.add_argument("--optimizer", choices=("adamw", "sgd", "rmsprop", "adamw8bit", "lion8bit"), default="adamw")
+    ap.add_argument("--modes", action="store_true", help="adamw: the four modes vs plain LoRA (not the rules)")
     ap.add_argument("--momentum", type=float, default=None,
                     help="momentum of SGD (default 0.9) or RMSprop (default 0); not for adamw")
     ap.add_argument("--interval", type=int, default=1,
                     help="RefLoRA acts every this many steps (attach's interval; default 1, the paper's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.optimizer != "adamw":
+    if args.optimizer != "adamw" or args.modes:
         modes_main(args)
         return
     args.lr = args.lr or [3e-3, 1e-2, 3e-2]
@@ -129,11 +141,14 @@ def modes_main(args: argparse.Namespace) -> None:
     methods = ["lora", "full/gradient", "full/parameter", "scalar/gradient", "scalar/parameter"]
     sgd = args.optimizer == "sgd"
     momentum = args.momentum if args.momentum is not None else (0.9 if sgd else 0.0)
-    name = "SGD" if sgd else "RMSprop"
-    for lr in args.lr or ([0.01, 0.03, 0.1] if sgd else [3e-3, 1e-2, 3e-2]):
+    name = {"sgd": "SGD", "rmsprop": "RMSprop", "adamw": "AdamW (32-bit)", "adamw8bit": "bitsandbytes AdamW8bit",
+            "lion8bit": "bitsandbytes Lion8bit"}[args.optimizer]
+    default_lr = {"sgd": [0.01, 0.03, 0.1], "lion8bit": [3e-4, 1e-3, 3e-3]}.get(args.optimizer, [3e-3, 1e-2, 3e-2])
+    for lr in args.lr or default_lr:
         res = {m: [run(m, s, args.steps, lr, args.optimizer, momentum, args.interval) for s in range(args.seeds)]
                for m in methods}
-        _table(f"{name} momentum={momentum:g} lr={lr:g}, {args.steps} steps, {args.seeds} seeds, interval {args.interval}", res,
+        mom = f" momentum={momentum:g}" if args.optimizer in ("sgd", "rmsprop") else ""
+        _table(f"{name}{mom} lr={lr:g}, {args.steps} steps, {args.seeds} seeds, interval {args.interval}", res,
                {m: "plain LoRA" if m == "lora" else m for m in methods})
 
 

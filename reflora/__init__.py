@@ -6,7 +6,7 @@ imported lazily by the parts that need them.
 
 from __future__ import annotations
 
-from reflora import diagnostics, distributed, func, functional, transport
+from reflora import diagnostics, distributed, func, functional, lowbit, transport
 from reflora._kernels import UnstableOptionWarning
 from reflora.config import RefLoRAConfig, default_space
 from reflora.handle import RefLoRAHandle
@@ -31,6 +31,7 @@ __all__ = [
     "distributed",
     "func",
     "functional",
+    "lowbit",
     "precondition",
     "preconditioner",
     "refactor",

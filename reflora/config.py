@@ -214,9 +214,11 @@ def default_space(optimizer: Any) -> Literal["gradient", "parameter"]:
     """The space ``attach(optimizer, pairs)`` uses (``space="auto"``), from the optimizer alone.
 
     ``"parameter"`` for optimizers with a registered transport that moves element-wise second
-    moments (Adam, AdamW, NAdam, RAdam, RMSprop, Adagrad, Adafactor: Adam-like, whose second
-    moments undo most of a gradient-space preconditioner); ``"gradient"`` for the others (SGD,
-    optimizers without a registered transport) and under DeepSpeed ZeRO. Subclasses follow their
+    moments (Adam, AdamW, NAdam, RAdam, RMSprop, Adagrad, Adafactor, and the 8-bit / 4-bit /
+    paged ones of :mod:`reflora.lowbit`: Adam-like, whose second moments undo most of a
+    gradient-space preconditioner); ``"gradient"`` for the others (SGD, bitsandbytes' Lion:
+    first moments only, optimizers without a registered transport) and under DeepSpeed ZeRO.
+    Subclasses follow their
     nearest registered base class. :func:`reflora.attach` then falls back from ``"parameter"``
     to ``"gradient"`` where the pairs rule parameter space out (:func:`resolve_space`);
     ``handle.space`` reports what was used. The measurements behind the choice are in the
@@ -255,6 +257,12 @@ def resolve_space(
         return "gradient"
     transport = get_state_transport(opt)
     if getattr(transport, "spec", None) is None and any_sharded(pairs):
+        if hasattr(transport, "move_state"):  # low-bit state: a user of it expects parameter space
+            warnings.warn(
+                f"space='auto': {qualname(opt)} would use space='parameter', but its quantized state cannot be "
+                "moved shard by shard on sharded (DTensor / FSDP2) factors; using space='gradient'",
+                stacklevel=3,
+            )
         return "gradient"  # attach refuses function transports on sharded factors
     if cfg.solver == "newton_schulz" and cfg.variant == "full" and any(rank_above_size(p) for p in pairs):
         return "gradient"  # attach refuses this in parameter space (NaN measured)

@@ -263,6 +263,13 @@ def _check_not_attached(opt: torch.optim.Optimizer, pair_list: list[LoRAPair], h
 def _check_transport(opt: torch.optim.Optimizer, pair_list: list[LoRAPair]) -> None:
     """Parameter space: raise unless ``opt`` has a transport that can move these pairs' state."""
     transport = get_state_transport(opt)
+    if transport is not None and hasattr(transport, "move_state") and any_sharded(pair_list):
+        raise UnsupportedOptimizerError(
+            f"space='parameter' on sharded (DTensor / FSDP2) factors moves optimizer state shard by shard; "
+            f"{qualname(opt)} keeps its state quantized in blocks (reflora.lowbit), and one shard's blocks "
+            "cannot be remapped without the other shards' rows. Use space='gradient', or a 32-bit optimizer "
+            "(torch.optim.AdamW) for parameter space"
+        )
     if transport is not None and getattr(transport, "spec", None) is None and any_sharded(pair_list):
         raise UnsupportedOptimizerError(
             f"space='parameter' on sharded (DTensor / FSDP2) factors moves optimizer state shard by shard, "

@@ -389,6 +389,10 @@ class StateMover:
             sel = torch.tensor(with_state, device=T.left.device)
             T_sel = Transform(T.left.index_select(0, sel), T.right.index_select(0, sel))
         chosen = [pairs[k] for k in with_state]
+        move_state = getattr(self.transport, "move_state", None)
+        if move_state is not None:  # quantized state (reflora.lowbit): the transport reads and writes it
+            move_state(opt, chosen, T_sel, rule, gate)
+            return
         # A spec transport gets exactly its "first" / "second" keys (check has made sure they are
         # parameter-shaped); a function transport gets every state tensor with at least one
         # dimension, factored ones included. Scalar state (0-d, numbers) stays as it is.

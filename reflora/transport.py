@@ -57,8 +57,9 @@ __all__ = [
     "get_state_transport",
     "keeps_second_moments",
     "qualname",
-    "state_kinds",
+    "register_lazy_state_transport",
     "register_state_transport",
+    "state_kinds",
     "registered_optimizers",
 ]
 
@@ -238,6 +239,27 @@ def _lookup(cls: type) -> TransportFn | None:
     return fn
 
 
+def register_lazy_state_transport(package: str, class_qualname: str, transport: TransportFn,
+                                  display: str | None = None) -> None:
+    """Register ``transport`` for a class of an optional package, matched by name on first lookup.
+
+    The class is not imported: an optimizer whose class has ``__qualname__ == class_qualname``
+    and whose module lies in the top-level ``package`` gets ``transport`` (this is how
+    :mod:`reflora.lowbit` covers bitsandbytes and torchao without importing them).
+
+    Args:
+        package: the top-level package, e.g. ``"bitsandbytes"``.
+        class_qualname: the class's ``__qualname__``, e.g. ``"AdamW8bit"``.
+        transport: a transport function or object (see ``TransportFn``).
+        display: the name :func:`registered_optimizers` lists (default: the transport's
+            ``display`` attribute, else ``package.class_qualname``).
+    """
+    if any(pkg == package and name == class_qualname for pkg, name, _, _ in _LAZY):
+        raise ValueError(f"a lazy state transport for {class_qualname!r} of package {package!r} is already registered")
+    shown = display or getattr(transport, "display", None) or f"{package}.{class_qualname}"
+    _LAZY.append((package, class_qualname, shown, transport))
+
+
 def register_state_transport(optimizer_cls: type, spec: Spec, *, overwrite: bool = False) -> TransportFn:
     """Declare how the state of ``optimizer_cls`` follows a parameter-space refactor.
 
@@ -292,8 +314,11 @@ def keeps_second_moments(transport: Any) -> bool:
 
     A spec transport says so with a ``"second"`` kind (Adam, AdamW, NAdam, RAdam, RMSprop,
     Adagrad); a function transport is taken to (the built-in ones move Adafactor's factored
-    second moments). SGD's spec holds a ``"first"`` kind only."""
+    second moments). SGD's spec holds a ``"first"`` kind only. A low-bit transport
+    (:mod:`reflora.lowbit`) says so with its ``kinds`` (bitsandbytes' Lion: ``"first"`` only)."""
     spec = getattr(transport, "spec", None)
+    if spec is None:  # a low-bit transport (reflora.lowbit) declares the kinds of its moments
+        spec = getattr(transport, "kinds", None)
     return spec is None or "second" in spec.values()
 
 

