@@ -55,11 +55,12 @@ Chunks = list[tuple[list[Tensor], Tensor]]
 # of every factor for nothing, so they run per pair in place; below it they are launch-bound and
 # one batched matmul over the stacked group is faster (benchmarks/overhead.py).
 STACK_MAX_NUMEL = 1 << 16
-# Stacked products of smaller tensors are done in chunks of at most this many elements (512 KB
-# of float32): the stacked copy, the product and the copy back of a chunk stay in cache, so a
-# factor crosses memory about once instead of three times (benchmarks/overhead.py), while a small
-# model's few tensors still take one product.
-APPLY_CHUNK_NUMEL = 1 << 17
+# Stacks of smaller tensors (the Grams' and the products') are made in chunks of at most this
+# many elements (512 KB of float32): a chunk's stacked copy, its product and the copy back stay in
+# cache and in memory the allocator keeps, so a factor crosses memory about once instead of three
+# times, and no multi-MB temporary is mapped afresh each step (benchmarks/overhead.py, sections a
+# and b); a small model's few tensors still take one product.
+CHUNK_NUMEL = 1 << 17
 # The same for the scalar variant's norms, whose reduction is cheaper than a copy sooner
 # (docs/design.md, "Thresholds").
 NORM_STACK_MAX_NUMEL = 1 << 12
@@ -86,19 +87,25 @@ def gram_stack(pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
     Sharded factors (FSDP2 ``DTensor`` s) give this rank's partial Grams, summed over the ranks
     by one collective (:func:`reflora.distributed.reduce_grams`).
     """
-    a0, b0 = pairs[0].a(), pairs[0].b()
     if pairs[0].A.numel() > STACK_MAX_NUMEL:
         Xs, Ys = zip(*(grams(p.a(), p.b()) for p in pairs))
         X, Y = torch.stack(Xs), torch.stack(Ys)
-    elif a0.shape == b0.mT.shape and a0.dtype == b0.dtype and b0.mT.is_contiguous():
+    else:
+        k = max(1, CHUNK_NUMEL // pairs[0].A.numel())  # cache-sized stacks (see CHUNK_NUMEL)
+        parts = [_stacked_grams(pairs[i:i + k]) for i in range(0, len(pairs), k)]
+        X, Y = parts[0] if len(parts) == 1 else (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]))
+    return reduce_grams(pairs, X, Y)  # distributed hook: a no-op for unsharded pairs
+
+
+def _stacked_grams(pairs: list[LoRAPair]) -> tuple[Tensor, Tensor]:
+    a0, b0 = pairs[0].a(), pairs[0].b()
+    if a0.shape == b0.mT.shape and a0.dtype == b0.dtype and b0.mT.is_contiguous():
         # square layer (m == n) whose B is stored transposed: A and B^T stack (plain copies) into
         # one (2G, r, m) product, Y = (B^T)(B^T)^T
         Z = torch.stack([p.a() for p in pairs] + [p.b().mT for p in pairs]).to(compute_dtype(a0.dtype))
         XY = mm(Z, Z.mT)
-        X, Y = XY[: len(pairs)], XY[len(pairs):]
-    else:
-        X, Y = grams(torch.stack([p.a() for p in pairs]), torch.stack([p.b() for p in pairs]))
-    return reduce_grams(pairs, X, Y)  # distributed hook: a no-op for unsharded pairs
+        return XY[: len(pairs)], XY[len(pairs):]
+    return grams(torch.stack([p.a() for p in pairs]), torch.stack([p.b() for p in pairs]))
 
 
 def sq_norms(tensors: list[Tensor]) -> Tensor:
@@ -281,9 +288,8 @@ def apply_many(left: Chunks, right: Chunks = (), gate: Tensor | None = None) -> 
         # (no no-op calls here: on a small model every call counts, see benchmarks/overhead.py (c))
         xs = [x for chunk, _ in group for x in chunk]
         T = apply_dtype(torch.cat([T for _, T in group]) if len(group) > 1 else group[0][1], xs[0])
-        # stacks of at most APPLY_CHUNK_NUMEL elements: the stack, the product and the copy back
-        # stay in cache, so the factors are read and written once from memory, not three times
-        k = max(1, APPLY_CHUNK_NUMEL // xs[0].numel())
+        # stacks of at most CHUNK_NUMEL elements (see there)
+        k = max(1, CHUNK_NUMEL // xs[0].numel())
         for i in range(0, len(xs), k):
             sub, Ti = xs[i:i + k], T[i:i + k] if len(xs) > k else T
             X = torch.stack(sub)

@@ -98,9 +98,9 @@ ATTACH_CASES = [c for c in CASES if c["api"] == "attach" and not c["kw"]]
 
 @pytest.mark.parametrize("case", ATTACH_CASES, ids=[gc.case_id(c) for c in ATTACH_CASES])
 def test_golden_trajectory_with_every_stack_in_chunks_of_one(case, monkeypatch):
-    """``reflora.step.APPLY_CHUNK_NUMEL`` splits the stacked products into cache-sized chunks: with
+    """``reflora.step.CHUNK_NUMEL`` splits the stacked products into cache-sized chunks: with
     chunks of one tensor (the most boundaries there can be) the trajectory is the recorded one."""
     import reflora.step
 
-    monkeypatch.setattr(reflora.step, "APPLY_CHUNK_NUMEL", 1)
+    monkeypatch.setattr(reflora.step, "CHUNK_NUMEL", 1)
     test_golden_trajectory(case)

@@ -283,7 +283,7 @@ def test_apply_many_matches_one_product_per_tensor(monkeypatch, chunk, gated) ->
     step's gate) writes exactly ``T x`` / ``x T`` into every tensor, whatever the chunk size."""
     import reflora.step as core
 
-    monkeypatch.setattr(core, "APPLY_CHUNK_NUMEL", chunk)
+    monkeypatch.setattr(core, "CHUNK_NUMEL", chunk)
     g = torch.Generator().manual_seed(0)
     r = 6
     left_x = [torch.randn(r, 10, generator=g, dtype=torch.float64) for _ in range(7)]
