@@ -7,7 +7,9 @@
 (b) A full training step (forward + backward + AdamW) of a ~100M-parameter Llama built from a
     config, with LoRA (r = 16) on the same five targets, without RefLoRA and with each mode.
     Modes are interleaved step by step, in a shuffled order each round, so drift hits all alike; besides the end-to-end
-    ratio (noisy on a shared CPU) the time spent inside RefLoRA's hook is measured directly.
+    ratio (noisy on a shared CPU) the time spent inside RefLoRA's hook is measured directly. Two
+    floor rows, not modes: the float64 Grams alone (:func:`grams_floor`) and one in-place pass over
+    every tensor a parameter-space step rewrites (:func:`touch_floor`).
 (c) The hook's fixed cost on a small model: a PEFT MLP (6 LoRA'd Linear(256, 256), r = 4) whose
     whole step takes a few ms, every mode against plain AdamW, interleaved; with the hook's own
     time inside the steps and back to back.
