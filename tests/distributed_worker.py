@@ -629,8 +629,77 @@ def scenario_conv(args):
     return out
 
 
+def build_qlora(seed: int = 0) -> nn.Module:
+    """Two bitsandbytes nf4 ``Linear4bit`` layers (float32 quant storage, float32 compute) with PEFT
+    LoRA (r = 4) on both: the QLoRA layer stack, small."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(seed)
+    dense = [nn.Linear(16, 32), nn.Linear(32, 8)]
+    layers_ = []
+    for lin in dense:
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, compute_dtype=torch.float32, quant_type="nf4",
+                              quant_storage=torch.float32)
+        q.load_state_dict(lin.state_dict())
+        layers_.append(q.to("cpu"))  # quantizes the weight
+    net = nn.Sequential(layers_[0], nn.Tanh(), layers_[1])
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False, lora_dropout=0.0)
+    return peft.get_peft_model(net, lcfg)
+
+
+def qlora_run(variant: str | None, space: str, opt_name: str, steps: int, sharded: bool) -> dict:
+    """Train the 4-bit stack ``steps`` steps under FSDP2's default placement (``lora_A`` split along
+    ``r``) on this rank's slice of the global batch, or in one process on the whole batch; every
+    pair's whole ``B A`` after each step, and the 4-bit weights' bytes before and after."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_qlora()
+    blocks = [model.base_model.model[0], model.base_model.model[2]]
+    base_before = [full(b.base_layer.weight.detach()).clone() for b in blocks]
+    kinds = {}
+    if sharded:
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+        kinds = {n: f"{type(p).__name__} {getattr(p, 'placements', '')}" for n, p in model.named_parameters()}
+    opt = make_optimizer(opt_name, [p for p in model.parameters() if p.requires_grad])
+    handle = reflora.attach(opt, model, variant=variant, space=space) if variant else None
+    products = []
+    for t in range(steps):
+        g = torch.Generator().manual_seed(3000 + t)
+        x, y = torch.randn(GLOBAL_BATCH, 16, generator=g), torch.randn(GLOBAL_BATCH, 8, generator=g)
+        if sharded:
+            x, y = my_rows(x), my_rows(y)
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        opt.step()
+        pairs = handle.pairs if handle else find_pairs(model)
+        products.append([full(p.B.detach()) @ full(p.A.detach()) for p in pairs])
+    base_after = [full(b.base_layer.weight.detach()) for b in blocks]
+    return {"products": products, "kinds": kinds, "pairs": len(products[0]),
+            "base_untouched": all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(base_before, base_after)),
+            "quantized": all(type(b.base_layer.weight).__name__ in ("Params4bit", "DTensor") for b in blocks)}
+
+
+def scenario_qlora(args):
+    """QLoRA (nf4 base) under FSDP2's default placement in every mode against one process."""
+    init()
+    out = []
+    for variant, space, opt_name in args["modes"]:
+        res = qlora_run(variant, space, opt_name, args["steps"], sharded=True)
+        if RANK == 0:
+            one = qlora_run(variant, space, opt_name, args["steps"], sharded=False)
+            bare = qlora_run(None, space, opt_name, args["steps"], sharded=False)
+            last = len(one["products"]) - 1
+            res["traj_error"] = max(rel(a, b) for k in range(last + 1) for a, b in zip(res["products"][k], one["products"][k]))
+            res["effect"] = max(rel(a, b) for a, b in zip(one["products"][last], bare["products"][last]))
+        res.pop("products")
+        out.append(res)
+    return out
+
+
 SCENARIOS = {"train": scenario_train, "dcp": scenario_dcp, "placements": scenario_placements, "deepspeed": scenario_deepspeed,
-             "conv": scenario_conv}
+             "conv": scenario_conv, "qlora": scenario_qlora}
 
 
 def main() -> None:
