@@ -96,13 +96,17 @@ def _deltas(model):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("quant", sorted(QUANT))
 @pytest.mark.parametrize("variant, space", MODES, ids=MODE_IDS)
-def test_qlora_nf4_bf16_trains_in_every_mode(checkpoint, variant, space) -> None:
-    model = _qlora(checkpoint, "nf4-bf16")
+def test_qlora_base_trains_in_every_mode(checkpoint, quant, variant, space) -> None:
+    """Every base (nf4 / fp4 with float32 or bfloat16 compute, int8) in every mode, with gradient
+    checkpointing: it trains, a refactor-only step keeps every ``B A``, the quantized base is
+    untouched bit for bit."""
+    model = _qlora(checkpoint, quant)
     pairs = find_pairs(model)
     assert len(pairs) == 7  # q, k, v, o, gate, up, down of the one layer
     frozen = _frozen_bits(model)
-    assert len(frozen) == 14  # 7 Linear4bit, each with its absmax
+    assert len(frozen) == 14  # 7 quantized layers, each with its 4-bit absmax or 8-bit row scales
     opt, handle, losses, ids = _train(model, variant, space)
     assert handle.space == space and handle.step_count == 3
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
