@@ -22,7 +22,6 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from reflora import step as core
-from reflora._linalg import compute_dtype
 from reflora.diagnostics import group_stats, pair_stats, rows_in_order
 from reflora.distributed import any_sharded
 from reflora.pairs import LoRAPair, canonical_name
@@ -191,7 +190,10 @@ class RefLoRAHandle:
             p = self.pairs[group[0]]
             r = 1 if self.variant == "scalar" else p.rank
             shape = (len(group), *((p.experts,) if p.experts > 1 else ()), r, r)
-            kw = dict(dtype=compute_dtype(p.A.dtype), device=p.A.device)
+            # the dtype the metrics are applied in (reflora.step.apply_dtype): float32, float64 for
+            # float64 factors; a cached S is what a fresh one is rounded to when applied, so
+            # this changes no step and halves the cache against float64 storage
+            kw = dict(dtype=torch.float64 if p.A.dtype == torch.float64 else torch.float32, device=p.A.device)
             bufs.append((torch.zeros(shape, **kw), torch.zeros(shape, **kw),
                          torch.zeros(len(group), dtype=torch.bool, device=p.A.device)))
         return bufs
