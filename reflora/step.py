@@ -256,8 +256,8 @@ def apply_many(left: Chunks, right: Chunks = (), gate: Tensor | None = None) -> 
     Small tensors (launch-bound) go through one stacked product per ``(side, dtype, device,
     shape)`` for everything at once (factors, gradients and optimizer state, every group; a right
     product ``x T`` of a transposed layout is done as ``(T^T x^T)^T`` on the contiguous ``x^T``,
-    so that every stack is a plain copy), large ones (bandwidth-bound) one at a time, in place of
-    a copy of the whole group.
+    so that every stack is a plain copy; stacks of at most ``CHUNK_NUMEL`` elements), large ones
+    (bandwidth-bound) one at a time, in place of a copy of the whole group.
     """
     chunks = [("left", xs, T) for xs, T in left if xs] + [("right", xs, T) for xs, T in right if xs]
     if not chunks:
@@ -271,14 +271,13 @@ def apply_many(left: Chunks, right: Chunks = (), gate: Tensor | None = None) -> 
         return
     buckets: dict[tuple, Chunks] = defaultdict(list)
     for side, xs, T in chunks:
+        scalar = T.shape[-1] == 1
         if xs[0].numel() > STACK_MAX_NUMEL:
-            scalar = T.shape[-1] == 1
             for t, x in zip(apply_dtype(T, xs[0]).unbind(0), xs):  # no second copy of the group
                 y = x.to(t.dtype)
                 new = t * y if scalar else (t @ y if side == "left" else y @ t)
                 copy_gated([x], [new], None if gate is None else gate.to(x.device))
             continue
-        scalar = T.shape[-1] == 1
         if side == "right" and not scalar and not xs[0].is_contiguous() and xs[0].mT.is_contiguous():
             # a transposed layout: x T = (T^T x^T)^T on the contiguous x^T (stacking strided views
             # would be a strided copy, several times slower than a plain one)
