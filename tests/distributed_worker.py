@@ -572,6 +572,24 @@ def deepspeed_mode(stage, ga, mode, steps):
 # ----------------------------------------------------------------------------- conv LoRA under FSDP2
 
 
+def _regression_steps(model, opt, handle, steps: int, seed: int, x_shape: tuple, y_shape: tuple, sharded: bool):
+    """``steps`` steps of a squared-error fit to random targets (batch ``seed + t`` of the global
+    batch; this rank's rows of it when ``sharded``); every pair's whole ``B A`` (factors flattened
+    past their first dimension) after each step."""
+    products = []
+    for t in range(steps):
+        g = torch.Generator().manual_seed(seed + t)
+        x, y = torch.randn(GLOBAL_BATCH, *x_shape, generator=g), torch.randn(GLOBAL_BATCH, *y_shape, generator=g)
+        if sharded:
+            x, y = my_rows(x), my_rows(y)
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        opt.step()
+        pairs = handle.pairs if handle else find_pairs(model)
+        products.append([full(p.B.detach()).flatten(1) @ full(p.A.detach()).flatten(1) for p in pairs])
+    return products
+
+
 def build_conv(seed: int = 0) -> nn.Module:
     """A small CNN with PEFT LoRA on its two 3x3 convolutions (A: (r, 8, 3, 3), B: (8, r, 1, 1))."""
     torch.manual_seed(seed)
@@ -597,17 +615,7 @@ def conv_run(variant: str | None, space: str, opt_name: str, steps: int, sharded
         placements = {n: str(p.placements) for n, p in model.named_parameters() if "lora_" in n}
     opt = make_optimizer(opt_name, [p for p in model.parameters() if p.requires_grad])
     handle = reflora.attach(opt, model, variant=variant, space=space) if variant else None
-    products = []
-    for t in range(steps):
-        g = torch.Generator().manual_seed(2000 + t)
-        x, y = torch.randn(GLOBAL_BATCH, 8, 6, 6, generator=g), torch.randn(GLOBAL_BATCH, 8, 6, 6, generator=g)
-        if sharded:
-            x, y = my_rows(x), my_rows(y)
-        opt.zero_grad()
-        (model(x) - y).square().mean().backward()
-        opt.step()
-        pairs = handle.pairs if handle else find_pairs(model)
-        products.append([full(p.B.detach()).flatten(1) @ full(p.A.detach()).flatten(1) for p in pairs])
+    products = _regression_steps(model, opt, handle, steps, 2000, (8, 6, 6), (8, 6, 6), sharded)
     return {"products": products, "placements": placements, "pairs": len(products[0]),
             "layouts": [p.layout for p in find_pairs(model)]}
 
@@ -672,17 +680,7 @@ def qlora_run(variant: str | None, space: str, opt_name: str, steps: int, sharde
         kinds = {n: f"{type(p).__name__} {getattr(p, 'placements', '')}" for n, p in model.named_parameters()}
     opt = make_optimizer(opt_name, [p for p in model.parameters() if p.requires_grad])
     handle = reflora.attach(opt, model, variant=variant, space=space) if variant else None
-    products = []
-    for t in range(steps):
-        g = torch.Generator().manual_seed(3000 + t)
-        x, y = torch.randn(GLOBAL_BATCH, 16, generator=g), torch.randn(GLOBAL_BATCH, 8, generator=g)
-        if sharded:
-            x, y = my_rows(x), my_rows(y)
-        opt.zero_grad()
-        (model(x) - y).square().mean().backward()
-        opt.step()
-        pairs = handle.pairs if handle else find_pairs(model)
-        products.append([full(p.B.detach()) @ full(p.A.detach()) for p in pairs])
+    products = _regression_steps(model, opt, handle, steps, 3000, (16,), (8,), sharded)
     base_after = [full(b.base_layer.weight.detach()) for b in blocks]
     return {"products": products, "kinds": kinds, "pairs": len(products[0]),
             "base_untouched": all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(base_before, base_after)),
