@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from reflora.bench.cli import DEFAULT_METHODS
 from reflora.bench.methods import METHODS
 from reflora.bench.runner import steps_to
 
@@ -30,15 +31,15 @@ def test_bench_cli_small_run(tmp_path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
     assert "== mf" in out and "== graph" in out and "== vision" in out
-    for m in METHODS:
+    for m in DEFAULT_METHODS:
         assert m in out
     # the PEFT Riemannian optimizer cannot see our PyG pairs: reported as n/a with the reason
     assert "riemannian       n/a: PEFT's Riemannian optimizer does not apply" in out
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["tasks"]) == {"graph", "vision"}
     runs = report["tasks"]["vision"]["runs"]
-    assert {r["method"] for r in runs} == set(METHODS)
-    assert len(runs) == len(METHODS) * 3  # the lr grid
+    assert {r["method"] for r in runs} == set(DEFAULT_METHODS)
+    assert len(runs) == len(DEFAULT_METHODS) * 3  # the lr grid
     # the imbalance curve of every run that trained (plain LoRA's too), recorded after steps 1..4
     for r in runs:
         if not r["error"]:
@@ -131,9 +132,11 @@ def test_bench_mf_methods_mapping() -> None:
     from reflora.bench import mf
     from reflora.bench.cli import MF_COUNTERPARTS, mf_methods
 
-    assert set(MF_COUNTERPARTS) | {"lora+"} == set(METHODS)
+    # LoRA+, LoRA-RITE and the rsLoRA / DoRA models have no plain-gradient-descent form on mf
+    no_mf = ["lora+", "lora-rite", "rslora", "rslora+reflora", "dora", "dora+reflora"]
+    assert set(MF_COUNTERPARTS) | set(no_mf) == set(METHODS)
     assert set(MF_COUNTERPARTS.values()) == set(mf.METHODS)
-    assert mf_methods(list(METHODS)) == (list(mf.METHODS), ["lora+"])
+    assert mf_methods(list(METHODS)) == (list(mf.METHODS), [m for m in METHODS if m in no_mf])
     assert mf_methods(["riemannian"]) == (["lora", "scaledgd"], [])
     assert mf_methods(["reflora", "reflora-param"]) == (["lora", "reflora"], [])
     assert mf_methods(["lora+"]) == ([], ["lora+"])
@@ -169,11 +172,18 @@ def test_full_runs_all_seeds_at_the_shared_rate_and_three_on_the_sweep(tmp_path)
     task = json.loads((tmp_path / "results.json").read_text())["tasks"]["graph"]
     grid = task["grid"]
     assert len(grid) == 5 and max(grid) / min(grid) == pytest.approx(30, rel=0.01) and task["shared_lr"] in grid
+    from reflora.bench.report import best_rates
+    from reflora.bench.runner import Run
+
+    fields = {f for f in Run.__dataclass_fields__}
+    best = best_rates([Run(**{k: v for k, v in r.items() if k in fields}) for r in task["runs"]])
+    assert set(best) == {"lora", "reflora"}
     for m in ("lora", "reflora"):
         for lr in grid:
             seeds = sorted(r["seed"] for r in task["runs"] if r["method"] == m and r["lr"] == lr)
-            assert seeds == ([0, 1, 2, 3] if lr == task["shared_lr"] else [0, 1, 2])
-    assert "[95% CI]" in res.stdout
+            # every seed at the shared rate and at the method's best rate (chosen on validation)
+            assert seeds == ([0, 1, 2, 3] if lr in (task["shared_lr"], best[m]) else [0, 1, 2])
+    assert "[95% CI]" in res.stdout and "best rate per method" in res.stdout
 
 
 def test_vmapped_sweep_equals_one_by_one_runs() -> None:
@@ -290,7 +300,7 @@ def test_bench_rank_option_sets_every_tasks_rank(tmp_path, capsys) -> None:
     assert main(["bench", "--tasks", "graph", "--methods", "lora", "reflora-param", "--rank", "8", "--steps", "2",
                  "--seeds", "1", "--shared-lr-only", "--no-plots", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "results.json").read_text())
-    entry = report["tasks"]["graph"]
+    entry = report["tasks"]["graph-r8"]  # another rank than the task's own is another entry
     assert entry["rank"] == 8 and "--rank 8" in report["command"] and "--shared-lr-only" in report["command"]
     assert entry["grid"] == [entry["shared_lr"]] and len(entry["runs"]) == 2  # 2 methods, one seed, one rate
     import dataclasses

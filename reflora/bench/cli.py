@@ -17,14 +17,19 @@ import torch
 
 from reflora.bench import mf
 from reflora.bench.methods import METHODS
-from reflora.bench.report import plot_mf, plot_task, task_table
+from reflora.bench.report import best_rate_table, best_rates, plot_mf, plot_task, task_table
 from reflora.bench.runner import Run, run_one
 from reflora.bench.tasks import TASKS
 from reflora.bench.vmapped import VMAP_METHODS, vmapped_sweep
 
-__all__ = ["MF_COUNTERPARTS", "add_arguments", "bench", "check_out", "mf_methods", "report_from", "vmap_summary"]
+__all__ = ["MF_COUNTERPARTS", "add_arguments", "bench", "check_out", "merge_results", "mf_methods", "report_from",
+           "vmap_summary"]
 
-ALL_TASKS = ("mf", "text", "vision", "graph")
+ALL_TASKS = ("mf", "text", "vision", "graph", "lm", "lm-qlora")
+DEFAULT_TASKS = ("mf", "text", "vision", "graph")  # the quick default (``make demo``)
+FULL_TASKS = ("mf", "text", "vision", "graph", "lm")  # --full's default
+# the quick default's methods; --full runs every method in METHODS
+DEFAULT_METHODS = ("lora", "lora+", "riemannian", "lora-rite", "reflora", "reflora-param", "reflora-s", "reflora-s-grad")
 
 # bench method -> the mf method that is the same update rule under plain gradient descent (mf has no
 # optimizer state, so RefLoRA's parameter- and gradient-space forms coincide there). LoRA+ has none.
@@ -39,10 +44,15 @@ MF_COUNTERPARTS = {
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=ALL_TASKS, help="tasks to run (default: all)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods (default: all)")
+    p.add_argument("--tasks", nargs="+", default=None, choices=ALL_TASKS,
+                   help=f"tasks to run (default: {' '.join(DEFAULT_TASKS)}; with --full also lm)")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help=f"methods (default: {' '.join(DEFAULT_METHODS)}; with --full all of them)")
     p.add_argument("--full", action="store_true",
-                   help="5 seeds at the shared lr, longer runs, and a stability sweep of 5 rates over 30x with 3 seeds each, on every task (~75 min on 2 CPU cores)")
+                   help="5 seeds at the shared lr, longer runs, a stability sweep of 5 rates over 30x with 3 seeds each, "
+                        "and each method at its own best rate (chosen on the validation split, then 5 seeds on the test "
+                        "split), on every task (several hours on 2 CPU cores: run tasks separately and merge them with "
+                        "--from-results)")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     p.add_argument("--steps", type=int, default=None, help="override the steps per run (text/vision/graph)")
     p.add_argument("--shared-lr-only", action="store_true",
@@ -52,8 +62,9 @@ def add_arguments(p) -> None:
                         "task's own, 8 / 4 / 4)")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for results.json and PNG plots")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--from-results", type=Path, default=None, metavar="RESULTS_JSON",
-                   help="print the tables of a saved run again (and its plots into --out unless --no-plots); runs nothing")
+    p.add_argument("--from-results", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="print the tables of saved runs again (and their plots into --out unless --no-plots); several "
+                        "files are merged (each task from the file that has it); runs nothing")
     p.add_argument("--no-vmap", action="store_true",
                    help="run every member of the lr sweep one by one (default: one torch.func.vmap'ed program per "
                         "method and seed on the vision and graph tasks)")
@@ -143,31 +154,94 @@ def _task_report(name: str, entry: dict, runs: list, out: Path | None) -> None:
           f"{entry['grid']} ({entry['grid_seeds']} seed(s) each); Δ = paired per-seed difference vs plain LoRA, mean "
           "[95% t-interval] (wins W / losses L; a lower loss wins); steps→LoRA = steps to reach plain LoRA's final "
           "training loss (EMA); overhead = ms/step vs plain LoRA; state MB = optimizer state")
-    print(task_table(runs, entry["shared_lr"], entry["metric"]))
+    lower = entry.get("lower_is_better", False)
+    print(task_table(runs, entry["shared_lr"], entry["metric"], lower))
+    if any(math.isfinite(r.val_metric) for r in runs) and len({r.lr for r in runs}) > 1:
+        print(f"\nbest rate per method: each method's rate chosen on the validation split (mean over the sweep's "
+              f"seeds), then {entry['seeds']} seeds at that rate reported on the test split; Δ = paired per-seed "
+              f"difference to plain LoRA at its own best rate{' (lower perplexity wins)' if lower else ''}")
+        print(best_rate_table(runs, entry["metric"], lower))
+    if entry.get("pretrain"):
+        pre = entry["pretrain"]
+        print(f"pretrained base: {pre['params'] / 1e6:.1f}M parameters, final loss {pre['final_loss']:.3f}, "
+              f"{pre['seconds']:.0f}s once ({'from the cache' if pre.get('cached') else 'trained in this run'}: "
+              f"{pre['key']})")
     if entry.get("vmap"):
         print(entry["vmap"]["text"])
     if out is not None:
         print(f"plot: {plot_task(runs, entry['shared_lr'], entry['description'], entry['metric'], out / f'{name}.png')}")
 
 
-def report_from(path: Path, out: Path | None) -> int:
-    """``reflora bench --from-results PATH``: print the tables of a saved run again (new plots into ``out``).
+_SAME = ("description", "rank", "steps", "seeds", "grid_seeds", "shared_lr", "grid", "metric")
+
+
+def _merge_entry(name: str, a: dict, b: dict, path) -> dict:
+    """Two runs of one task with other methods (``--methods`` split over processes): one entry."""
+    differ = [k for k in _SAME if a.get(k) != b.get(k)]
+    if differ:
+        raise ValueError(f"--from-results: task {name!r} is in two files whose settings differ ({', '.join(differ)}; "
+                         f"the second: {str(path)!r}); merge runs of the same settings only")
+    key = lambda r: (r["method"], r["lr"], r["seed"])  # noqa: E731
+    mine = {key(r) for r in a["runs"]}
+    dup = [k for k in map(key, b["runs"]) if k in mine]
+    if dup:
+        raise ValueError(f"--from-results: task {name!r} has run {dup[0]} in two files (the second: {str(path)!r}); "
+                         "merge runs of different methods only")
+    programs = [v for v in (a.get("vmap"), b.get("vmap")) if v]
+    return {**a, "runs": a["runs"] + b["runs"], "vmap": programs[0] if len(programs) == 1 else
+            ({**programs[0], "text": programs[0]["text"] + "\n" + programs[1]["text"]} if programs else None)}
+
+
+def merge_results(paths: list[Path]) -> dict:
+    """One report from several ``results.json`` files: the mf entry from the file that has it,
+    and each task's runs from every file that has the task. The same task in several files
+    (``--methods`` split over processes) must have the same settings and no run twice.
+
+    Raises:
+        ValueError: a file is not a bench results file, or two files disagree on a task.
+    """
+    merged: dict = {"commands": [], "seconds": 0.0, "tasks": {}}
+    for path in paths:
+        try:
+            report = json.loads(Path(path).read_text())
+            tasks = report["tasks"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"--from-results {str(path)!r} is not a results.json written by reflora bench "
+                             f"({type(exc).__name__}: {exc}); pass the results.json of a bench run") from exc
+        merged["commands"].append(f"{report.get('command', 'reflora bench')} ({report.get('seconds', float('nan')):.0f}s)")
+        merged["seconds"] += report.get("seconds", float("nan"))
+        if "mf" in report:
+            if "mf" in merged:
+                raise ValueError(f"--from-results: the mf task is in two files (the second: {str(path)!r}); "
+                                 "pass each task once")
+            merged["mf"] = report["mf"]
+        for name, entry in tasks.items():
+            if name in merged["tasks"]:
+                merged["tasks"][name] = _merge_entry(name, merged["tasks"][name], entry, path)
+            else:
+                merged["tasks"][name] = entry
+        merged.setdefault("machine", report.get("machine"))
+    return merged
+
+
+def report_from(paths: Path | list[Path], out: Path | None) -> int:
+    """``reflora bench --from-results PATH [PATH ...]``: print the tables of saved runs again
+    (new plots into ``out``); several files are merged (:func:`merge_results`).
 
     Args:
-        path: a ``results.json`` written by ``reflora bench``.
+        paths: ``results.json`` files written by ``reflora bench``.
         out: the folder for the plots, or ``None`` for none.
 
     Returns:
-        0, or 2 with a one-line message when the file is missing or not a bench results file.
+        0, or 2 with a one-line message when a file is missing or not a bench results file.
     """
     try:
-        report = json.loads(Path(path).read_text())
-        tasks = report["tasks"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return _error(f"--from-results {str(path)!r} is not a results.json written by reflora bench "
-                      f"({type(exc).__name__}: {exc}); pass the results.json of a bench run")
+        report = merge_results([paths] if isinstance(paths, (str, Path)) else list(paths))
+    except ValueError as exc:
+        return _error(str(exc))
+    tasks = report["tasks"]
     fields = {f.name for f in dataclasses.fields(Run)}
-    print(f"{report.get('command', 'reflora bench')} ({report.get('seconds', float('nan')):.0f}s)")
+    print("\n".join(report["commands"]))
     if "mf" in report:
         _mf_report(report["mf"], out)
     for name, entry in tasks.items():
@@ -248,6 +322,10 @@ def bench(args) -> int:
             if problem is not None:
                 return _error(problem)
         return report_from(args.from_results, None if args.no_plots else args.out)
+    if args.tasks is None:
+        args.tasks = list(FULL_TASKS if args.full else DEFAULT_TASKS)
+    if args.methods is None:
+        args.methods = list(METHODS if args.full else DEFAULT_METHODS)
     tasks = list(args.tasks)
     mf_note = None
     if "mf" in tasks:
@@ -260,7 +338,7 @@ def bench(args) -> int:
                               "with --tasks")
             tasks.remove("mf")
             mf_note = f"note: mf skipped: {msg}"
-        elif set(args.methods) != set(METHODS):
+        elif set(args.methods) != set(METHODS) and set(args.methods) != set(DEFAULT_METHODS):
             mf_note = (f"note: mf runs {', '.join(mf_names)}, the mf counterparts of --methods "
                        f"{' '.join(args.methods)} (lora always, as the baseline)"
                        + (f"; {', '.join(unmatched)} {'has' if len(unmatched) == 1 else 'have'} no mf counterpart"
@@ -276,7 +354,8 @@ def bench(args) -> int:
     report: dict = {
         "command": "reflora bench " + ("--full " if args.full else "") + ("--no-vmap " if args.no_vmap else "")
                    + (f"--rank {args.rank} " if args.rank is not None else "")
-                   + ("--shared-lr-only " if args.shared_lr_only else "") + "--tasks " + " ".join(args.tasks),
+                   + ("--shared-lr-only " if args.shared_lr_only else "") + "--tasks " + " ".join(args.tasks)
+                   + " --methods " + " ".join(args.methods),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
         "tasks": {},
@@ -285,8 +364,15 @@ def bench(args) -> int:
         _mf(args, out, report, mf_names)
     for name in [t for t in tasks if t != "mf"]:
         task = TASKS[name]()
-        if args.rank is not None:
+        key = name
+        if args.rank is not None and args.rank != task.rank:
             task = dataclasses.replace(task, rank=args.rank)
+            key = f"{name}-r{args.rank}"  # a task at another rank is another entry (merged with --from-results)
+        pretrain = None
+        if name.startswith("lm"):
+            from reflora.bench.tasks import lm_base
+
+            pretrain = lm_base()[1]
         seeds = args.seeds or (5 if args.full else 1)
         steps = args.steps or (task.full_steps if args.full else task.steps)
         # --full: the stability sweep (5 rates over 30x, 3 seeds each) on every task, and all
@@ -312,13 +398,22 @@ def bench(args) -> int:
             members, seconds, note = vmapped_sweep(task, m, list(grid), s, steps)
             programs.append((m, s, members, seconds, note))
             runs += [r for r in members if r.lr != task.shared_lr]
+        if args.full and len(grid) > 1:
+            # each method at its own best rate, chosen on the validation split over the sweep's
+            # seeds; the seeds that rate has not run yet are run now (one by one)
+            chosen = best_rates(runs, task.lower_is_better)
+            have = {(r.method, r.lr, r.seed) for r in runs}
+            extra = [(m, lr, s) for m, lr in chosen.items() for s in range(seeds) if (m, lr, s) not in have]
+            for m, lr, s in tqdm(extra, desc=f"{name} (best rates)", unit="run", leave=False, disable=None):
+                runs.append(run_one(task, m, lr, s, steps))
         runs.sort(key=lambda r: args.methods.index(r.method))  # stable: the table's rows in --methods order
         vm = vmap_summary(programs, runs, task.shared_lr) if programs else None
         entry = {"description": task.description, "rank": task.rank, "steps": steps, "seeds": seeds, "grid_seeds": grid_seeds,
                  "shared_lr": task.shared_lr, "grid": list(grid), "metric": task.metric,
+                 "lower_is_better": task.lower_is_better, "pretrain": pretrain,
                  "runs": [r.as_dict() for r in runs], "vmap": vm}
-        report["tasks"][name] = entry
-        _task_report(name, entry, runs, None if args.no_plots else out)
+        report["tasks"][key] = entry
+        _task_report(key, entry, runs, None if args.no_plots else out)
     report["seconds"] = time.perf_counter() - t_start
     path = out / "results.json"
     path.write_text(json.dumps(report, separators=(",", ":"), default=float))  # compact: every loss of every run

@@ -1,5 +1,8 @@
-"""The methods ``reflora bench`` compares: plain LoRA, its best-known neighbours (through PEFT, as
-they ship) and every RefLoRA mode. All use AdamW on the same trainable parameters."""
+"""The methods ``reflora bench`` compares: plain LoRA, its best-known neighbours (through PEFT and
+pytorch-optimizer, as they ship), LoRA variants with and without RefLoRA on top, and every
+RefLoRA mode. All train the same parameters from the same start, with the same batches, and none
+clips gradients: LoRA-RITE's own clipping (``clip_unmagnified_grad``) and update skipping
+(``update_skipping``) are switched off, since no other method gets them."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from torch import nn
 
 import reflora
 
-__all__ = ["METHODS", "MethodUnavailable", "make_optimizer"]
+__all__ = ["LORA_OPTIONS", "METHODS", "JointOptimizer", "MethodUnavailable", "lora_rite", "make_optimizer"]
 
 # name -> description shown in tables
 METHODS = {
@@ -19,6 +22,18 @@ METHODS = {
     "reflora-param": "RefLoRA: full, parameter space + state transport",
     "reflora-s": "RefLoRA-S: scalar, parameter space (exact state transport)",
     "reflora-s-grad": "RefLoRA-S: scalar, gradient space",
+    "lora-rite": "LoRA-RITE (pytorch-optimizer LoRARite on the pairs, AdamW on the rest; no clipping)",
+    "rslora": "rsLoRA (PEFT use_rslora: scaling alpha/sqrt(r)), AdamW",
+    "rslora+reflora": "rsLoRA + RefLoRA (attach's defaults)",
+    "dora": "DoRA (PEFT use_dora), AdamW",
+    "dora+reflora": "DoRA + RefLoRA (attach's defaults)",
+}
+# method -> the PEFT LoraConfig options its model is built with (Task.build(seed, **LORA_OPTIONS[m]))
+LORA_OPTIONS = {
+    "rslora": {"use_rslora": True},
+    "rslora+reflora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+    "dora+reflora": {"use_dora": True},
 }
 MODES = {
     "reflora": ("full", "gradient"),
@@ -32,16 +47,74 @@ class MethodUnavailable(RuntimeError):
     """The method cannot run on this task (reported as n/a, with the reason)."""
 
 
+class JointOptimizer:
+    """Several optimizers stepped as one (LoRA-RITE on the pairs, AdamW on heads and biases)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = [o for o in optimizers if o is not None]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    @property
+    def state(self) -> dict:
+        return {k: v for o in self.optimizers for k, v in o.state.items()}
+
+    @property
+    def param_groups(self) -> list:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+
+def lora_rite(model: nn.Module, lr: float, **kw) -> JointOptimizer:
+    """pytorch-optimizer's ``LoRARite`` on ``model``'s pairs, ``torch.optim.AdamW`` on the rest.
+
+    The pairs and their order come from reflora's discovery (:func:`reflora.adapters.find_pairs`),
+    passed as ``A_1, B_1, A_2, B_2, ...`` (``LoRARite`` pairs up consecutive parameters; ``A`` is
+    ``r x in``, rank dimension 0, ``B`` is ``out x r``, rank dimension -1). ``kw`` override the
+    bench's settings: no clipping, no update skipping, weight decay 0.
+    """
+    from pytorch_optimizer import LoRARite
+
+    from reflora.adapters import find_pairs
+
+    pairs = find_pairs(model)
+    odd = [p.name for p in pairs if p.layout != ("plain", "plain") or p.experts != 1]
+    if odd:
+        raise MethodUnavailable(f"LoRARite takes plain 2-D factors (A: r x in, B: out x r); {len(odd)} pair(s) are not, "
+                                f"e.g. {odd[0]!r}")
+    factors = [t for p in pairs for t in (p.A, p.B)]
+    ids = {id(t) for t in factors}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    opts = dict(clip_unmagnified_grad=0.0, update_skipping=0.0, weight_decay=0.0)
+    opts.update(kw)
+    rite = LoRARite(factors, lr=lr, **opts)
+    return JointOptimizer(rite, torch.optim.AdamW(rest, lr=lr, weight_decay=0.0) if rest else None)
+
+
 def make_optimizer(method: str, model: nn.Module, lr: float, **attach_kw):
     """``(optimizer, handle or None)`` for ``method`` on ``model``'s trainable parameters.
 
     ``attach_kw`` go to :func:`reflora.attach` (``interval=``, ``warmup_steps=``, ...): RefLoRA
     methods only."""
-    if attach_kw and method not in MODES:
+    if attach_kw and method not in MODES and not method.endswith("+reflora"):
         raise ValueError(f"attach options {sorted(attach_kw)} apply to the RefLoRA methods only; got method {method!r}")
     params = [p for p in model.parameters() if p.requires_grad]
-    if method == "lora":
+    if method in ("lora", "rslora", "dora"):
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), None
+    if method == "lora-rite":
+        try:
+            import pytorch_optimizer  # noqa: F401
+        except ImportError as exc:
+            raise MethodUnavailable("LoRA-RITE needs pytorch-optimizer>=4.1: pip install 'reflora[bench]'") from exc
+        return lora_rite(model, lr), None
+    if method in ("rslora+reflora", "dora+reflora"):
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        return opt, reflora.attach(opt, model, **attach_kw)
     if method == "lora+":
         from peft.optimizers import create_loraplus_optimizer
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from reflora.bench.runner import Run, steps_to
 
-__all__ = ["paired", "plot_mf", "plot_task", "task_table"]
+__all__ = ["best_rates", "best_rate_table", "paired", "plot_mf", "plot_task", "task_table"]
 
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -48,14 +48,82 @@ def mean_sd(xs: list[float]) -> str:
     return f"{mean:.{dec}f}" if sd == 0 else f"{mean:.{dec}f}±{sd:.{dec}f}"
 
 
-def task_table(runs: list[Run], shared_lr: float, metric_name: str) -> str:
+def _fmt_metric(v: float) -> str:
+    """An accuracy to 3 decimals; a perplexity (above 1) to 4 significant digits."""
+    return f"{v:.3f}" if abs(v) <= 1 else f"{v:.4g}"
+
+
+def best_rates(runs: list[Run], lower_is_better: bool = False) -> dict[str, float]:
+    """Each method's best learning rate, chosen on the validation split.
+
+    A rate qualifies when every one of its runs trained to the end (a diverged run disqualifies
+    it); among those, the best mean validation metric over seeds wins (ties: the smaller rate).
+    Only rates run with the same number of seeds as the sweep's smallest count compete, on those
+    seeds, so that every rate is judged on the same seeds.
+
+    Returns:
+        ``{method: lr}`` for the methods with at least one qualifying rate.
+    """
+    by = defaultdict(dict)
+    for r in runs:
+        by[(r.method, r.lr)][r.seed] = r
+    out = {}
+    for m in dict.fromkeys(r.method for r in runs):
+        rates = {lr: rs for (mm, lr), rs in by.items() if mm == m}
+        if not rates:
+            continue
+        seeds = set.intersection(*(set(rs) for rs in rates.values()))
+        scores = {}
+        for lr, rs in rates.items():
+            sel = [rs[s] for s in seeds]
+            if sel and all(not r.error and math.isfinite(r.val_metric) for r in sel):
+                scores[lr] = statistics.fmean(r.val_metric for r in sel)
+        if scores:
+            sign = 1 if lower_is_better else -1
+            out[m] = min(sorted(scores), key=lambda lr: sign * scores[lr])
+    return out
+
+
+def best_rate_table(runs: list[Run], metric_name: str, lower_is_better: bool = False) -> str:
+    """Every method at its own best rate (chosen on validation), reported on the test split.
+
+    Columns: the chosen rate, seeds, test metric (mean±sd), its paired per-seed difference to
+    plain LoRA *at plain LoRA's own best rate* (mean, 95% t-interval, wins W / losses L), final
+    training loss and its paired difference."""
+    best = best_rates(runs, lower_is_better)
+    by = defaultdict(dict)
+    for r in runs:
+        by[(r.method, r.lr)][r.seed] = r
+    base = by.get(("lora", best.get("lora")), {})
+    head = (f"{'method':<15}{'best lr':>9}{'seeds':>6}{'test ' + metric_name:>18}{'Δ vs LoRA@best [95% CI]':>36}"
+            f"{'final loss':>15}{'Δ loss [95% CI]':>36}")
+    lines = [head, "-" * len(head)]
+    for m in dict.fromkeys(r.method for r in runs):
+        if m not in best:
+            errs = [r.error for r in runs if r.method == m and r.error]
+            lines.append(f"{m:<15}  n/a: {(errs[0] if errs else 'no rate trained to the end')[:100]}")
+            continue
+        rs = by[(m, best[m])]
+        ok = [r for r in rs.values() if not r.error]
+        pairs = [(r, base[r.seed]) for r in ok if r.seed in base and not base[r.seed].error]
+        d_metric = "" if m == "lora" or not pairs else paired([r.metric - b.metric for r, b in pairs], lower_is_better)
+        d_loss = "" if m == "lora" or not pairs else paired([r.final_loss - b.final_loss for r, b in pairs], True)
+        div = len(rs) - len(ok)
+        lines.append(f"{m:<15}{best[m]:>9g}{len(rs):>6}{mean_sd([r.metric for r in ok]) + (f' ({div}div)' if div else ''):>18}"
+                     f"{d_metric:>36}{mean_sd([r.final_loss for r in ok]):>15}{d_loss:>36}")
+    return "\n".join(lines)
+
+
+def task_table(runs: list[Run], shared_lr: float, metric_name: str, lower_is_better: bool = False) -> str:
     """The shared-rate table (every seed), then the sweep table when several rates were run.
 
     Shared rate: final training loss and held-out metric (mean±sd over seeds), each with its
     paired per-seed difference to plain LoRA (mean, 95% t-interval, wins and losses; a loss wins
     when lower), steps to reach plain LoRA's final loss, ms per step, overhead, state memory.
-    Sweep: per rate, the metric and the final loss (means over seeds; ``div`` counts diverged runs),
-    each method's best rate and the range of its metric over the rates."""
+    Sweep: per rate, the test metric and the final loss (means over seeds; ``div`` counts diverged
+    runs), each method's best rate chosen on the validation split (:func:`best_rates`; "-" when no rate
+    qualifies or the file predates the split) and the range of its test metric over the rates. With
+    ``lower_is_better`` (perplexity) a lower metric wins."""
     by = defaultdict(list)
     for r in runs:
         by[(r.method, r.lr)].append(r)
@@ -72,7 +140,7 @@ def task_table(runs: list[Run], shared_lr: float, metric_name: str) -> str:
             continue
         pairs = [(r, base[r.seed]) for r in rs if r.seed in base]
         d_loss = "" if m == "lora" or not pairs else paired([r.final_loss - b.final_loss for r, b in pairs], True)
-        d_metric = "" if m == "lora" or not pairs else paired([r.metric - b.metric for r, b in pairs])
+        d_metric = "" if m == "lora" or not pairs else paired([r.metric - b.metric for r, b in pairs], lower_is_better)
         reach = [steps_to(r.losses, b.final_loss) for r, b in pairs]
         reach_s = "" if m == "lora" else ("-" if not reach or any(x is None for x in reach)
                                           else mean_sd([float(x) for x in reach]))
@@ -85,7 +153,8 @@ def task_table(runs: list[Run], shared_lr: float, metric_name: str) -> str:
         seeds = min(len(by[(m, lr)]) for m in methods for lr in lrs if by[(m, lr)]) if runs else 0
         lines += ["", f"stability sweep: {metric_name} / final training loss per learning rate, mean over seeds "
                       f"(at least {seeds} each; 'div': diverged runs)"]
-        head = f"{'method':<15}" + "".join(f"{'lr ' + format(lr, 'g'):>17}" for lr in lrs) + f"{'best lr':>9}{'range':>14}"
+        chosen = best_rates(runs, lower_is_better)
+        head = f"{'method':<15}" + "".join(f"{'lr ' + format(lr, 'g'):>17}" for lr in lrs) + f"{'best (val)':>11}{'range':>16}"
         lines += [head, "-" * len(head)]
         for m in methods:
             cells, means = [], {}
@@ -98,13 +167,13 @@ def task_table(runs: list[Run], shared_lr: float, metric_name: str) -> str:
                     continue
                 means[lr] = statistics.fmean(r.metric for r in ok)
                 loss = statistics.fmean(r.final_loss for r in ok)
-                cells.append(f"{means[lr]:.3f} / {loss:.3g}{f' ({div}div)' if div else ''}".rjust(17))
+                cells.append(f"{_fmt_metric(means[lr])} / {loss:.3g}{f' ({div}div)' if div else ''}".rjust(17))
             if not means:
                 lines.append(f"{m:<15}  n/a")
                 continue
-            best = max(means, key=means.get)
-            rng = f"{min(means.values()):.3f}-{max(means.values()):.3f}" + ("" if len(means) == len(lrs) else "*")
-            lines.append(f"{m:<15}" + "".join(cells) + f"{best:>9g}{rng:>14}")
+            best = format(chosen[m], "g") if m in chosen else "-"
+            rng = f"{_fmt_metric(min(means.values()))}-{_fmt_metric(max(means.values()))}" + ("" if len(means) == len(lrs) else "*")
+            lines.append(f"{m:<15}" + "".join(cells) + f"{best:>11}{rng:>16}")
     return "\n".join(lines)
 
 

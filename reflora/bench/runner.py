@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from reflora.bench.methods import MethodUnavailable, make_optimizer
+from reflora.bench.methods import LORA_OPTIONS, MethodUnavailable, make_optimizer
 from reflora.diagnostics import diagnose
 from reflora.bench.tasks import Task
 
@@ -23,7 +23,8 @@ class Run:
     lr: float
     seed: int
     losses: list[float] = field(default_factory=list)
-    metric: float = float("nan")
+    metric: float = float("nan")  # on the task's test split
+    val_metric: float = float("nan")  # on its validation split (where --full chooses each method's rate)
     ms_per_step: float = float("nan")
     state_mb: float = float("nan")
     error: str = ""
@@ -85,9 +86,9 @@ def run_one(task: Task, method: str, lr: float, seed: int, steps: int, attach_kw
     t_start = time.perf_counter()
     run = Run(task.name, method, lr, seed)
     torch.manual_seed(seed)
-    model = task.build(seed)
-    model.train()
     try:
+        model = task.build(seed, **LORA_OPTIONS.get(method, {}))
+        model.train()
         opt, handle = make_optimizer(method, model, lr, **(attach_kw or {}))
     except MethodUnavailable as exc:
         run.error = str(exc)
@@ -112,6 +113,8 @@ def run_one(task: Task, method: str, lr: float, seed: int, steps: int, attach_kw
             run.imbalance.append((step + 1, _mean_abs_imbalance(model)))
     run.ms_per_step = 1e3 * statistics.median(times[1:] or times)
     run.state_mb = _state_mb(opt, handle)
-    run.metric = task.evaluate(model, seed) if not run.error else float("nan")
+    if not run.error:
+        run.metric = task.evaluate(model, seed, "test")
+        run.val_metric = task.evaluate(model, seed, "val")
     run.seconds = time.perf_counter() - t_start
     return run

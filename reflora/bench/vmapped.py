@@ -136,6 +136,7 @@ def _program(task: Task, method: str, lrs: list[float], seed: int, steps: int) -
             with torch.no_grad():
                 for k, v in params.items():
                     wrap.get_parameter(k).copy_(v[i])
-            run.metric = task.evaluate(model, seed)
+            run.metric = task.evaluate(model, seed, "test")
+            run.val_metric = task.evaluate(model, seed, "val")
         runs.append(run)
     return runs
