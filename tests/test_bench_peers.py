@@ -195,13 +195,14 @@ def test_lm_task_fine_tunes_and_reports_perplexity(tmp_path, monkeypatch) -> Non
 
     monkeypatch.setenv("REFLORA_CACHE", str(tmp_path))
     monkeypatch.setattr(tasks, "LM_PRETRAIN", {**tasks.LM_PRETRAIN, "steps": 3, "batch": 2})
+    monkeypatch.setattr(tasks, "LM_EVAL_WINDOWS", 8)
     task = tasks.TASKS["lm"]()
     assert task.lower_is_better and task.metric == "held-out ppl"
     pairs = find_pairs(task.build(0))
     assert len(pairs) == 7 * tasks.LM_CONFIG["num_hidden_layers"] and {p.shape[0] for p in pairs} == {8}
     r64 = dataclasses.replace(task, rank=64)
     assert {p.shape[0] for p in find_pairs(r64.build(0))} == {64}  # below every layer size (256, 512)
-    for method in ("lora", "reflora-param", "lora-rite", "dora+reflora"):
+    for method in ("lora-rite", "dora+reflora"):
         run = run_one(task, method, 3e-3, 0, 3)
         assert not run.error and len(run.losses) == 3, (method, run.error)
         assert 1 < run.metric < 256 and 1 < run.val_metric < 256  # per-byte perplexity of a 256-symbol model
@@ -215,6 +216,7 @@ def test_lm_qlora_variant_has_a_4bit_base_and_trains(tmp_path, monkeypatch) -> N
 
     monkeypatch.setenv("REFLORA_CACHE", str(tmp_path))
     monkeypatch.setattr(tasks, "LM_PRETRAIN", {**tasks.LM_PRETRAIN, "steps": 3, "batch": 2})
+    monkeypatch.setattr(tasks, "LM_EVAL_WINDOWS", 8)
     task = tasks.TASKS["lm-qlora"]()
     model = task.build(0)
     kinds = {type(m.base_layer).__name__ for m in model.modules() if hasattr(m, "base_layer")}
@@ -278,10 +280,48 @@ def test_from_results_merges_one_task_run_in_parts(tmp_path, capsys) -> None:
     assert main(["bench", "--from-results", str(a), str(b), "--no-plots"]) == 0
     out = capsys.readouterr().out
     assert "--methods lora" in out and "--methods reflora" in out
-    row = next(line for line in out.splitlines() if line.startswith("reflora "))
+    row = next(line for line in out.splitlines() if line.startswith("reflora" + " " * 8))  # the table row
     assert "+0.100 (1W 0L)" in row  # paired with plain LoRA from the other file
     c = _results(tmp_path / "c.json", runs, ["reflora"], steps=20)
     assert main(["bench", "--from-results", str(a), str(c), "--no-plots"]) == 2
     assert "settings differ (steps" in capsys.readouterr().err
     assert main(["bench", "--from-results", str(a), str(a), "--no-plots"]) == 2
     assert "in two files" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- docs tables
+
+
+def _docs_tables():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "docs_tables.py"
+    spec = importlib.util.spec_from_file_location("docs_tables", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_results_tables_in_the_readme_and_docs_match_the_committed_results() -> None:
+    """Every ``<!-- results:TASK -->`` block is what ``reflora bench --from-results --markdown``
+    prints for the committed results (``python benchmarks/docs_tables.py`` rewrites them)."""
+    mod = _docs_tables()
+    blocks = [(d.name, m["task"]) for d in mod.documents() for m in mod.BLOCK.finditer(d.read_text())]
+    assert {"mf", "graph", "lm"} <= {t for _, t in blocks if _ == "results.md"}
+    assert mod.update(check=True) == []
+
+
+def test_a_table_edited_by_hand_is_caught(tmp_path, monkeypatch) -> None:
+    mod = _docs_tables()
+    doc = next(d for d in mod.documents() if mod.BLOCK.search(d.read_text()))
+    text = doc.read_text()
+    m = mod.BLOCK.search(text)
+    body = m["body"]
+    digit = next(i for i, c in enumerate(body) if c.isdigit() and i > body.index("|"))
+    forged = body[:digit] + str((int(body[digit]) + 1) % 10) + body[digit + 1:]
+    fake = tmp_path / "README.md"
+    fake.write_text(text[: m.start("body")] + forged + text[m.end("body"):])
+    assert mod.update(check=True, docs=[fake]) == ["README.md: " + m["task"]]
+    assert mod.update(check=False, docs=[fake]) == ["README.md: " + m["task"]]
+    assert mod.update(check=True, docs=[fake]) == [] and fake.read_text() == text

@@ -17,12 +17,12 @@ import torch
 
 from reflora.bench import mf
 from reflora.bench.methods import METHODS
-from reflora.bench.report import best_rate_table, best_rates, plot_mf, plot_task, task_table
+from reflora.bench.report import best_rate_table, best_rates, markdown_table, plot_mf, plot_task, task_table
 from reflora.bench.runner import Run, run_one
 from reflora.bench.tasks import TASKS
 from reflora.bench.vmapped import VMAP_METHODS, vmapped_sweep
 
-__all__ = ["MF_COUNTERPARTS", "add_arguments", "bench", "check_out", "merge_results", "mf_methods", "report_from",
+__all__ = ["MF_COUNTERPARTS", "add_arguments", "bench", "check_out", "markdown_from", "merge_results", "mf_methods", "report_from",
            "vmap_summary"]
 
 ALL_TASKS = ("mf", "text", "vision", "graph", "lm", "lm-qlora")
@@ -65,6 +65,9 @@ def add_arguments(p) -> None:
     p.add_argument("--from-results", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
                    help="print the tables of saved runs again (and their plots into --out unless --no-plots); several "
                         "files are merged (each task from the file that has it); runs nothing")
+    p.add_argument("--markdown", action="store_true",
+                   help="with --from-results: print one compact Markdown table per task (each method at its own best "
+                        "rate; --methods selects and orders the rows) instead of the full tables")
     p.add_argument("--no-vmap", action="store_true",
                    help="run every member of the lr sweep one by one (default: one torch.func.vmap'ed program per "
                         "method and seed on the vision and graph tasks)")
@@ -161,6 +164,9 @@ def _task_report(name: str, entry: dict, runs: list, out: Path | None) -> None:
               f"seeds), then {entry['seeds']} seeds at that rate reported on the test split; Δ = paired per-seed "
               f"difference to plain LoRA at its own best rate{' (lower perplexity wins)' if lower else ''}")
         print(best_rate_table(runs, entry["metric"], lower))
+    plateau = _plateau(runs)
+    if plateau:
+        print(plateau)
     if entry.get("pretrain"):
         pre = entry["pretrain"]
         print(f"pretrained base: {pre['params'] / 1e6:.1f}M parameters, final loss {pre['final_loss']:.3f}, "
@@ -222,6 +228,54 @@ def merge_results(paths: list[Path]) -> dict:
                 merged["tasks"][name] = entry
         merged.setdefault("machine", report.get("machine"))
     return merged
+
+
+def _mf_markdown(entry: dict) -> str:
+    """The mf task as a compact Markdown table: loss after 100 iterations (median over seeds) and
+    the iterations to reach 1e-3 (range over seeds), per step size and method."""
+    cfg, rows = entry["config"], entry["rows"]
+    seeds = len(rows[0]["losses"]) if rows else 0
+    lines = [f"**mf**: the paper's matrix factorization (rank-{cfg['r']} {cfg['n']}x{cfg['m']} target, plain gradient "
+             f"descent from an unbalanced start, float64), {seeds} seeds.", "",
+             "| step size | method | loss after 100 iterations (median) | iterations to 1e-3 |", "|---|---|---|---|"]
+    for row in rows:
+        runs, hits = row["losses"], row["iters_to_1e-3"]
+        at = statistics.median([r[100] if len(r) > 100 else math.inf for r in runs])
+        at_s = "diverged" if not math.isfinite(at) or at > 1e10 else f"{at:.3g}"
+        hit = (f"{min(hits)}-{max(hits)}" if all(h is not None for h in hits)
+               else f"not reached ({sum(h is not None for h in hits)}/{len(hits)} seeds)")
+        lines.append(f"| {row['lr']:g} | {row['method']} | {at_s} | {hit} |")
+    return "\n".join(lines)
+
+
+def markdown_from(paths: list[Path], methods: list[str] | None = None) -> str:
+    """The compact Markdown tables of saved runs (:func:`reflora.bench.report.markdown_table`),
+    one per task in file order, separated by blank lines."""
+    report = merge_results(list(paths))
+    fields = {f.name for f in dataclasses.fields(Run)}
+    blocks = [_mf_markdown(report["mf"])] if "mf" in report else []
+    for name, entry in report["tasks"].items():
+        runs = [Run(**{k: v for k, v in d.items() if k in fields}) for d in entry["runs"]]
+        blocks.append(markdown_table(name, entry, runs, methods))
+    return "\n\n".join(blocks)
+
+
+def _plateau(runs: list) -> str:
+    """How flat plain LoRA's training loss is at the end: its mean over the last tenth of the
+    steps against the tenth at 60-70% of the run, per rate (mean over seeds)."""
+    by = {}
+    for r in runs:
+        if r.method == "lora" and not r.error and len(r.losses) >= 20:
+            by.setdefault(r.lr, []).append(r.losses)
+    if not by:
+        return ""
+    cells = []
+    for lr, curves in sorted(by.items()):
+        n = min(len(c) for c in curves)
+        late = statistics.fmean(x for c in curves for x in c[n - n // 10 : n])
+        mid = statistics.fmean(x for c in curves for x in c[6 * n // 10 : 7 * n // 10])
+        cells.append(f"{late / mid - 1:+.1%} at lr {lr:g}")
+    return "plateau: plain LoRA's training loss over the last tenth of the run vs the tenth at 60-70%: " + ", ".join(cells)
 
 
 def report_from(paths: Path | list[Path], out: Path | None) -> int:
@@ -316,6 +370,14 @@ def bench(args) -> int:
     """
     from tqdm.auto import tqdm
 
+    if args.markdown and args.from_results is None:
+        return _error("--markdown prints the tables of saved runs: pass --from-results RESULTS_JSON [...]")
+    if args.from_results is not None and args.markdown:
+        try:
+            print(markdown_from(args.from_results, args.methods))
+        except ValueError as exc:
+            return _error(str(exc))
+        return 0
     if args.from_results is not None:
         if not args.no_plots:
             problem = check_out(args.out)

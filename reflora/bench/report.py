@@ -9,7 +9,7 @@ from pathlib import Path
 
 from reflora.bench.runner import Run, steps_to
 
-__all__ = ["best_rates", "best_rate_table", "paired", "plot_mf", "plot_task", "task_table"]
+__all__ = ["best_rates", "best_rate_table", "markdown_table", "paired", "plot_mf", "plot_task", "task_table"]
 
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -111,6 +111,58 @@ def best_rate_table(runs: list[Run], metric_name: str, lower_is_better: bool = F
         div = len(rs) - len(ok)
         lines.append(f"{m:<15}{best[m]:>9g}{len(rs):>6}{mean_sd([r.metric for r in ok]) + (f' ({div}div)' if div else ''):>18}"
                      f"{d_metric:>36}{mean_sd([r.final_loss for r in ok]):>15}{d_loss:>36}")
+    return "\n".join(lines)
+
+
+def _paired_cells(diffs: list[float], lower_is_better: bool) -> tuple[str, str]:
+    """``("mean [lo, hi]", "wW lL")`` for a Markdown table (see :func:`paired`)."""
+    text = paired(diffs, lower_is_better)
+    if text == "n/a":
+        return "n/a", ""
+    head, _, wl = text.rpartition(" (")
+    return head, wl.rstrip(")").replace(" ", " / ")
+
+
+def markdown_table(name: str, entry: dict, runs: list[Run], methods: list[str] | None = None) -> str:
+    """A compact Markdown table of one task: each method at its own best rate (chosen on the
+    validation split) when the entry has a sweep, else at the shared rate; the test metric and the
+    final training loss with their paired differences to plain LoRA (at its own best rate), 95%
+    t-intervals and wins / losses. ``methods`` selects and orders the rows (default: all).
+
+    This is what the README and ``docs/results.md`` show; a test checks them against it."""
+    lower = entry.get("lower_is_better", False)
+    sweep = len(entry["grid"]) > 1 and any(math.isfinite(r.val_metric) for r in runs)
+    rates = best_rates(runs, lower) if sweep else {}
+    by = defaultdict(dict)
+    for r in runs:
+        by[(r.method, r.lr)][r.seed] = r
+    rate = lambda m: rates.get(m) if sweep else entry["shared_lr"]  # noqa: E731
+    base = by.get(("lora", rate("lora")), {})
+    order = [m for m in (methods or dict.fromkeys(r.method for r in runs)) if any(r.method == m for r in runs)]
+    metric = entry["metric"].replace("held-out ", "test ")
+    where = "own best rate (validation)" if sweep else f"shared rate {entry['shared_lr']:g}"
+    seeds = max((len(by[(m, rate(m))]) for m in order if rate(m) is not None), default=0)
+    lines = [f"**{name}**: {entry['description']}; {entry['steps']} steps, each method at its {where}, "
+             f"{seeds} seeds{'; lower perplexity is better' if lower else ''}.", "",
+             f"| method | lr | {metric} | Δ vs LoRA [95% CI] | W / L | final loss | Δ loss [95% CI] | W / L |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in order:
+        lr = rate(m)
+        rs = by.get((m, lr), {})
+        ok = [r for r in rs.values() if not r.error]
+        if lr is None or not ok:
+            errs = [r.error for r in runs if r.method == m and r.error]
+            lines.append(f"| {m} | n/a: {(errs[0] if errs else 'no rate trained to the end')[:70]} | | | | | | |")
+            continue
+        pairs = [(r, base[r.seed]) for r in ok if r.seed in base and not base[r.seed].error]
+        if m == "lora" or not pairs:
+            dm, wm, dl, wl = "", "", "", ""
+        else:
+            dm, wm = _paired_cells([r.metric - b.metric for r, b in pairs], lower)
+            dl, wl = _paired_cells([r.final_loss - b.final_loss for r, b in pairs], True)
+        div = len(rs) - len(ok)
+        lines.append(f"| {m} | {lr:g} | {mean_sd([r.metric for r in ok])}{f' ({div} div)' if div else ''} | {dm} | {wm} "
+                     f"| {mean_sd([r.final_loss for r in ok])} | {dl} | {wl} |")
     return "\n".join(lines)
 
 
