@@ -104,7 +104,12 @@ def test_readme_stays_short() -> None:
 
 
 def _package_modules():
-    for info in pkgutil.walk_packages(reflora.__path__, "reflora."):
+    import reflora.adapters  # installed from the top-level adapters/ folder: walked on its own
+
+    infos = [*pkgutil.walk_packages(reflora.__path__, "reflora."),
+             *pkgutil.walk_packages(reflora.adapters.__path__, "reflora.adapters.")]
+    yield reflora.adapters
+    for info in infos:
         try:
             yield importlib.import_module(info.name)
         except ImportError as err:  # an optional dependency is missing: that module's classes are not checked
