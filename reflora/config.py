@@ -222,7 +222,7 @@ def default_space(optimizer: Any) -> Literal["gradient", "parameter"]:
     nearest registered base class. :func:`reflora.attach` then falls back from ``"parameter"``
     to ``"gradient"`` where the pairs rule parameter space out (:func:`resolve_space`);
     ``handle.space`` reports what was used. The measurements behind the choice are in the
-    README, "Defaults (measured)".
+    docs/options.md, "Defaults (measured)".
 
     Args:
         optimizer: the optimizer ``attach`` would get (accelerate / DeepSpeed wrappers

@@ -38,7 +38,7 @@ input and no Python branch on a tensor value (warmup and interval select results
 ``torch.where``), so ``update`` runs under ``torch.func.vmap`` over stacked model states and
 under ``torch.compile(fullgraph=True)`` without recompiling from step to step.
 
-Where this deviates from ``attach`` and from ``torch.optim`` (also in the README):
+Where this deviates from ``attach`` and from ``torch.optim`` (also in docs/func.md):
 
 * **torch.optim's functional kernels are not reused.** On torch 2.14 ``torch.optim.adam.adam``
   takes the step with ``.item()`` (which ``vmap`` refuses) unless ``capturable=True`` (which
