@@ -3,7 +3,8 @@ line budget, every error and warning class is in the troubleshooting page, local
 and the version is the same everywhere it is written.
 
 A Python block (a fence opened with ``python`` or ``py``) runs unless the line just above it is
-``<!-- skip: REASON -->``, and REASON has to say why, starting with one of ``SKIP_REASONS``. The
+``<!-- skip: REASON -->``, and REASON has to say why, starting with one of ``SKIP_REASONS``;
+``needs MODULE ...`` skips only where MODULE is not installed. The
 blocks of one page run in order in one namespace (a page is a tutorial: later blocks build on
 earlier ones), in a temporary working directory, with the finder and transport registries
 restored afterwards.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import os
 import pkgutil
@@ -68,8 +70,17 @@ def _isolated(tmp_path: Path):
         transport._REGISTRY.update(transports)
 
 
+def _skipped(skip: str | None) -> bool:
+    if skip is None:
+        return False
+    m = re.match(r"needs ([A-Za-z_][\w.]*)", skip)
+    if m and importlib.util.find_spec(m.group(1).split(".")[0]) is not None:
+        return False  # the module is installed: run the block
+    return True
+
+
 def _runnable(path: Path) -> bool:
-    return any(skip is None for _, _, skip in python_blocks(path))
+    return any(not _skipped(skip) for _, _, skip in python_blocks(path))
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if _runnable(p)], ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -78,7 +89,7 @@ def test_python_blocks_run(page: Path, tmp_path: Path) -> None:
     with _isolated(tmp_path), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # third-party noise; the blocks' own warnings are shown as text
         for line, code, skip in python_blocks(page):
-            if skip is None:
+            if not _skipped(skip):
                 exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
 
 
@@ -86,7 +97,7 @@ def test_every_python_block_runs_or_names_why_not() -> None:
     counts = {"run": 0, "skipped": 0}
     for page in PAGES:
         for line, _, skip in python_blocks(page):
-            if skip is None:
+            if not _skipped(skip):
                 counts["run"] += 1
             else:
                 where = f"{page.relative_to(ROOT)}:{line}"
