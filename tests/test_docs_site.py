@@ -140,6 +140,25 @@ def test_every_error_and_warning_class_is_in_troubleshooting() -> None:
     assert not missing, f"docs/troubleshooting.md does not mention {missing}"
 
 
+def _source_strings() -> str:
+    """The package's source with implicitly concatenated string literals joined, so that a
+    message split over several lines reads as one."""
+    text = "\n".join(p.read_text() for folder in ("reflora", "adapters") for p in (ROOT / folder).rglob("*.py"))
+    return re.sub(r"""(["'])\s*\n\s*(?:rf|fr|f|r)?\1""", "", text)
+
+
+def test_troubleshooting_quotes_the_messages_as_raised() -> None:
+    """Every message quoted in the first column of the troubleshooting tables is in the source:
+    the literal parts between ``...`` (12 characters or longer) appear as written."""
+    source = _source_strings()
+    stale = []
+    for row in re.findall(r"^\| (.*?) \|", (DOCS / "troubleshooting.md").read_text(), re.M):
+        for span in re.findall(r"`([^`]+)`", row):
+            message = re.sub(r"^\w+(Error|Warning): ", "", span)
+            stale += [f"{span!r}: {part!r}" for part in (s.strip() for s in message.split("...")) if len(part) >= 12 and part not in source]
+    assert not stale, stale
+
+
 _LINK = re.compile(r"\]\(([^)\s#]+)(#[^)\s]*)?\)")
 
 
