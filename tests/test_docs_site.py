@@ -175,6 +175,17 @@ def test_local_links_resolve() -> None:
     assert not broken, broken
 
 
+def test_project_files() -> None:
+    """LICENSE is the license the package metadata names; CITATION.cff is valid YAML that cites
+    the software and prefers the paper."""
+    assert re.search(r'^license = \{ text = "MIT" \}$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    yaml = pytest.importorskip("yaml")
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["type"] == "software" and cff["license"] == "MIT"
+    assert "2505.18877" in cff["preferred-citation"]["url"]
+
+
 def test_version_is_the_same_everywhere() -> None:
     version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     assert reflora.__version__ == version
