@@ -1,6 +1,7 @@
-# Quick start: `make demo` (the `reflora bench` default suite, results/ gets the JSON and PNGs)
-# and `make test`. Both create .venv with the system python3 if it is
-# missing and (re)install the project with all extras whenever pyproject.toml changes.
+# Quick start: `make demo` (the `reflora bench` default suite, results/ gets the JSON and PNGs),
+# `make test` and `make docs`. Each creates .venv with the system python3 (needs python3-venv) if
+# it is missing and (re)installs the project with every extra (`.[dev]`: all, test, docs)
+# whenever pyproject.toml changes. Extra pytest arguments: `make test PYTEST_ARGS="-k func -x"`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +14,7 @@ PYTEST_ARGS ?=
 FAST_TESTS ?= tests/test_golden.py tests/test_config.py tests/test_layout.py tests/test_attach.py \
 	tests/test_func.py tests/test_functional_errors.py tests/test_diagnostics.py
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast docs install clean
 
 demo: $(STAMP)
 	$(PY) -m reflora bench --out results
@@ -24,6 +25,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -m "not slow and not compile and not distributed" $(FAST_TESTS) $(PYTEST_ARGS)
 
+# The documentation site (Sphinx + MyST); -W -n: every warning and every broken reference fails.
+docs: $(STAMP)
+	$(PY) -m sphinx -W -n --keep-going -q -b html docs docs/_build/html
+
 install: $(STAMP)
 
 $(PY):
@@ -31,8 +36,8 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --upgrade pip setuptools wheel
-	$(PY) -m pip install -e ".[all,test]"
+	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis docs/_build

@@ -1,7 +1,7 @@
 """Traced discovery: find LoRA pairs from what the forward pass computes, and prove each one.
 
 :func:`trace_pairs` runs the model once on example inputs, proposes every pair of trainable
-parameters that meet as the two factors of a product (:mod:`reflora.adapters._proposals`), and
+parameters that meet as the two factors of a product (``reflora.adapters._proposals``), and
 keeps a proposal only if refactoring it leaves the model's outputs unchanged:
 
 .. math::

@@ -3,8 +3,10 @@
 Element-wise second moments (Adam's ``exp_avg_sq``) have no exact map under a non-diagonal
 refactoring ``P``. This script measures the three rules of
 :func:`reflora.functional.map_second_moments` ("square", "keep", "reset") against plain LoRA
-and the gradient-space form, and the symmetric frame (``P = S^{1/2}``, default) against the
-paper's eigenbasis frame, on a LoRA regression problem (three adapted linear maps,
+and the gradient-space form, in ``attach``'s default frame, the paper's eigenbasis frame
+(``frame="paper"``; the rows marked "paper frame" pass it explicitly and, since the default
+changed from the symmetric frame ``P = S^{1/2}``, repeat the rule rows above them; the table in
+docs/options.md was recorded with the symmetric default), on a LoRA regression problem (three adapted linear maps,
 PEFT init with B = 0, a rank-r target plus noise), several seeds, AdamW, same budget.
 Prints final loss mean +- std over seeds and the paired per-seed difference to plain LoRA.
 

@@ -16,7 +16,7 @@ from reflora.functional import precondition, preconditioner, refactor, refactor_
 from reflora.pairs import LoRAPair
 from reflora.transport import register_state_transport
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "LoRAPair",

@@ -84,7 +84,7 @@ def live_basis(X: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor
 
 def resolved_gate(sig2: Tensor, resolved: float) -> Tensor:
     r"""Per pair: whether RefLoRA acts, i.e. ``sigma_min >= resolved * sigma_max`` for the singular
-    values ``sigma`` of ``B A`` (``sig2``: their squares, ascending, as :func:`_live_basis` returns).
+    values ``sigma`` of ``B A`` (``sig2``: their squares, ascending, as ``_live_basis`` returns).
 
     ``resolved = 0`` always acts (the paper). A pair that fails the test is left as it is (the
     identity transform, ``S = I``: a plain LoRA step). Why: balancing a pair whose product has
@@ -184,7 +184,7 @@ def balanced_metric(
       diag(sigma)`` as in the paper's closed form, in descending order of ``sigma``. Made
       canonical: each column of ``right`` has its largest entry positive; where the basis is
       not well determined (a dead direction, or singular values closer than
-      ``max(1e-4, 1e-6 c)`` of their mean, ``c`` bounding ``cond(S)``: see :func:`_separated`) a
+      ``max(1e-4, 1e-6 c)`` of their mean, ``c`` bounding ``cond(S)``: see ``_separated``) a
       tiny fixed tie-breaker orders the (near-)repeated eigenspaces by coordinate, so eager,
       compiled, other devices and ranks agree to round-off. Elsewhere the basis is the exact
       one, which :func:`live_metric` computes with two eigendecompositions instead of four.
@@ -278,7 +278,7 @@ def _coupled_sign(P: Tensor, Q: Tensor, fast_steps: int) -> tuple[Tensor, Tensor
 
     with ``g(M) = a + b M + c M^2`` (``fast_steps`` times) then ``g(M) = (3 - M) / 2``. The
     eigenvalues of ``QP`` must lie in ``(0, 1]`` and be at least ``z_min^2`` (``fast_steps`` from
-    :func:`_ns_fast_steps`). ``P``, ``Q`` symmetric stay symmetric (``P g(QP)`` is a polynomial
+    ``_ns_fast_steps``). ``P``, ``Q`` symmetric stay symmetric (``P g(QP)`` is a polynomial
     in ``P Q P ...``); they are re-symmetrised each step so round-off cannot drift.
     """
     a, b, c = _NS_FAST
@@ -320,7 +320,7 @@ def newton_schulz_geomean(X: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Ten
         sign([[0, Y^], [X^, 0]] / c) = [[0, S^], [S^^{-1}, 0]]   (S^ = Y^ (X^ Y^)^{-1/2} = X^^{-1} # Y^)
         S = sqrt(tr Y / tr X) S^,   S^{-1} = sqrt(tr X / tr Y) S^^{-1}
 
-    ``sign(Z) = Z (Z^2)^{-1/2}`` with ``Z^2 = diag(Y^ X^, X^ Y^)``; :func:`_coupled_sign` iterates
+    ``sign(Z) = Z (Z^2)^{-1/2}`` with ``Z^2 = diag(Y^ X^, X^ Y^)``; ``_coupled_sign`` iterates
     its two blocks (``P -> S^``, ``Q -> S^^{-1}``). Dividing both by the same ``c`` keeps the
     limit (``sign(Z / c) = sign(Z)``); normalising by the traces first uses the homogeneity
     ``(a X)^{-1} # (b Y) = sqrt(b / a) X^{-1} # Y`` so that the iteration sees unit-trace Grams

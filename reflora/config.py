@@ -3,7 +3,7 @@
 Every entry point (:func:`reflora.attach`, :mod:`reflora.func`, the DeepSpeed ZeRO path) builds
 one :class:`RefLoRAConfig` from its keyword arguments; a rule about an option lives here and
 nowhere else. ``space="auto"`` is resolved here too, from the optimizer
-(:func:`default_space`) and then from the pairs (:func:`resolve_space`).
+(:func:`reflora.default_space`) and then from the pairs (:func:`reflora.config.resolve_space`).
 """
 
 from __future__ import annotations
@@ -220,9 +220,9 @@ def default_space(optimizer: Any) -> Literal["gradient", "parameter"]:
     first moments only, optimizers without a registered transport) and under DeepSpeed ZeRO.
     Subclasses follow their
     nearest registered base class. :func:`reflora.attach` then falls back from ``"parameter"``
-    to ``"gradient"`` where the pairs rule parameter space out (:func:`resolve_space`);
+    to ``"gradient"`` where the pairs rule parameter space out (:func:`reflora.config.resolve_space`);
     ``handle.space`` reports what was used. The measurements behind the choice are in the
-    README, "Defaults (measured)".
+    docs/options.md, "Defaults (measured)".
 
     Args:
         optimizer: the optimizer ``attach`` would get (accelerate / DeepSpeed wrappers
@@ -250,7 +250,7 @@ def default_space(optimizer: Any) -> Literal["gradient", "parameter"]:
 def resolve_space(
     opt: torch.optim.Optimizer, zero: Any, pairs: list[LoRAPair], cfg: RefLoRAConfig
 ) -> Literal["gradient", "parameter"]:
-    """``space="auto"``: :func:`default_space`, then the fallbacks the pairs force: FSDP2
+    """``space="auto"``: :func:`reflora.default_space`, then the fallbacks the pairs force: FSDP2
     (``DTensor``) factors with a function transport, ``solver="newton_schulz"`` with a full-variant
     pair of rank above its layer's size, and (with a warning) state the transport cannot move."""
     if zero is not None or default_space(opt) == "gradient":

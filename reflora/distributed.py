@@ -106,7 +106,7 @@ def local(t: Tensor) -> Tensor:
 
 @dataclass
 class CommStats:
-    """What the hooks sent through collectives (all ranks count the same). Reset with :meth:`reset`."""
+    """What the hooks sent through collectives (all ranks count the same). Reset with ``reset()``."""
 
     calls: int = 0
     bytes: int = 0  # the payload handed to the collectives: the all-reduced tensor, a redistributed shard

@@ -38,7 +38,7 @@ input and no Python branch on a tensor value (warmup and interval select results
 ``torch.where``), so ``update`` runs under ``torch.func.vmap`` over stacked model states and
 under ``torch.compile(fullgraph=True)`` without recompiling from step to step.
 
-Where this deviates from ``attach`` and from ``torch.optim`` (also in the README):
+Where this deviates from ``attach`` and from ``torch.optim`` (also in docs/func.md):
 
 * **torch.optim's functional kernels are not reused.** On torch 2.14 ``torch.optim.adam.adam``
   takes the step with ``.item()`` (which ``vmap`` refuses) unless ``capturable=True`` (which
@@ -648,8 +648,8 @@ def adamw(
             AdamW (a baseline: the RefLoRA options are then unused).
         lr, betas, eps, weight_decay, amsgrad: as ``torch.optim.AdamW`` (same defaults). ``eps``
             is Adam's; RefLoRA's dead-direction threshold is ``reflora_eps``.
-        variant, space, warmup_steps, interval, second_moment, frame, solver, rank_above_size,
-            resolved: as :func:`reflora.attach` (same defaults; ``space="auto"`` is ``"parameter"`` here,
+        variant, space, warmup_steps, interval, second_moment, frame, solver, rank_above_size, resolved: as
+            :func:`reflora.attach` (same defaults; ``space="auto"`` is ``"parameter"`` here,
             what ``attach`` picks for ``torch.optim.AdamW``). ``second_moment`` rules
             ``exp_avg_sq`` (and ``max_exp_avg_sq``) in parameter space.
         reflora_eps: ``attach``'s ``eps`` (``None``: 1.4e-14).
@@ -701,9 +701,9 @@ def sgd(
         pairs: as :func:`adamw` (``None``: plain SGD).
         lr, momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD`` (same defaults,
             same checks: Nesterov needs ``momentum > 0`` and ``dampening == 0``).
-        variant, space, warmup_steps, interval, second_moment, frame, solver, reflora_eps,
-            rank_above_size, resolved: as :func:`adamw` (SGD has no second moment; ``space="auto"`` is
-            ``"gradient"`` here, what ``attach`` picks for ``torch.optim.SGD``).
+        variant, space, warmup_steps, interval, second_moment, frame, solver, reflora_eps, rank_above_size, resolved:
+            as :func:`adamw` (SGD has no second moment; ``space="auto"`` is ``"gradient"`` here,
+            what ``attach`` picks for ``torch.optim.SGD``).
 
     Returns:
         A :class:`FunctionalOptimizer`.

@@ -17,14 +17,14 @@ construction and its extension to rank-deficient products are in
 :func:`reflora._linalg.balanced_metric`).
 
 Numerics, and where this implementation deviates from the paper's formulas (stated once here,
-repeated in the README):
+explained in docs/theory.md):
 
 * **Compute dtype.** The Grams and every r x r operation run in float64 whatever the factors'
   dtype, and results are cast back to the input dtype. A float32 Gram of a factor with
   condition number 1e3 has already lost its small eigenvalues (``S`` off by 1-2% even with a
   float64 eigensolver); from float64 Grams ``S``, the preconditioned gradients and the balance of
   float32 and bfloat16 factors with ``cond(A), cond(B) <= 1e3`` are within 1% of the float64
-  answer (tested; the README's "Numerics and limits" table has the measured errors).
+  answer (tested; docs/theory.md's "Numerics and limits" table has the measured errors).
 * **Dead directions (the paper's S does not exist).** ``S X S = Y`` has an SPD solution only
   when ``B A`` has full rank ``r``. A direction whose squared singular value is at most
   ``eps * ||A||_2^2 * ||B||_F^2`` (default ``eps`` = 1.4e-14: zero to float64 round-off) is
@@ -53,7 +53,7 @@ repeated in the README):
   a single factor (``r > min(m, n)``) a metric up to 1e6 times that (finite, product kept, but
   steps along it damped), and a pair with ``||B A||_F^2 <= eps ||A||_F^2 ||B||_F^2`` (``B = 0``)
   exactly the identity, as with eigh. Full-rank pairs agree with eigh to about
-  ``1e-12 (cond(A)^2 + cond(B)^2)`` (README: "Eigh-free solver (measured)").
+  ``1e-12 (cond(A)^2 + cond(B)^2)`` (docs/theory.md: "Eigh-free solver (measured)").
 * **Non-finite input.** A pair holding NaN/Inf gets NaN outputs; the other pairs of the batch
   are computed as usual (bad matrices are replaced before ``eigh``, which could otherwise raise).
 

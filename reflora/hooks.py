@@ -22,7 +22,7 @@ results are written back with ``copy_`` under ``no_grad``. A pair stacking ``E``
 (:attr:`reflora.LoRAPair.experts`) is ``E`` independent pairs: a group of them stacks to
 ``(G, E, r, m)`` and every expert gets its own ``S``.
 
-Distributed training (README, "Multi-GPU and multi-node"): under DDP the factors are replicated
+Distributed training (docs/distributed.md): under DDP the factors are replicated
 and nothing changes. FSDP2 factors are ``DTensor`` shards: each rank forms partial Grams (or
 squared norms) from its own shard, one all-reduce per same-shape group sums them, and every
 transform stays on the rank's shard (:mod:`reflora.distributed`); a factor sharded along its rank
@@ -31,7 +31,7 @@ step (:mod:`reflora.reshard`). Under DeepSpeed ZeRO-1/2 the
 gradient-space modes precondition the gradients before DeepSpeed reduces them
 (:mod:`reflora.integrations.deepspeed`, a strategy of the handle).
 
-Semantics (documented in the README too):
+Semantics (docs/semantics.md has them with the reasons):
 
 * ``warmup_steps`` and ``interval`` count *optimizer steps* (so gradient accumulation does not
   inflate them). A step that ``GradScaler`` skips (inf/NaN gradients) neither acts nor counts:
@@ -106,7 +106,7 @@ def attach(
             iterable of ``(A, B)`` parameter tuples (``A`` ``(r, m)``, ``B`` ``(n, r)``) or
             :class:`~reflora.LoRAPair` objects. Every factor must be in the optimizer.
         variant: ``"full"`` (RefLoRA, default) or ``"scalar"`` (RefLoRA-S: one scalar per pair,
-            cheaper). How the two compare, measured: README, "Defaults (measured)".
+            cheaper). How the two compare, measured: docs/options.md, "Defaults (measured)".
         space: ``"auto"`` (default: :func:`default_space`, i.e. ``"parameter"`` for Adam-like
             optimizers, whose element-wise second moments undo most of a gradient-space
             preconditioner, and ``"gradient"`` for SGD-like and unregistered optimizers, under
@@ -125,19 +125,19 @@ def attach(
             padded to powers of two (any number of distinct ranks, member sets that vary from
             step to step); a key needing more than 6 graphs runs eagerly, with one warning.
             Independent of this flag, the hooks work inside a compiled ``opt.step()`` or train
-            step: no recompile after warm-up, no graph break in reflora (see the README,
+            step: no recompile after warm-up, no graph break in reflora (see docs/semantics.md,
             "Compiled steps"); there the kernel runs every step, warmup included.
         frame: parameter space only: which refactor ``P`` with ``P P^T = S`` is applied:
             ``"paper"`` (the paper's closed form, balanced Grams ``diag(sigma)``, with a
             canonical sign and tie rule so that factors are reproducible across devices,
             compilation and ranks) or ``"symmetric"`` (``S^{1/2}``, closest to the identity;
-            see the README for how the two compare). ``None`` (default): ``"paper"`` with
+            see docs/options.md for how the two compare). ``None`` (default): ``"paper"`` with
             ``solver="eigh"``, ``"symmetric"`` with ``solver="newton_schulz"`` (``"paper"`` with
             it raises). Gradient space depends on ``S`` only.
         rank_above_size: pairs whose rank exceeds the layer's size (``r > min(m, n)``: a 3-label
             head, an MoE router) have at least ``r - min(m, n)`` directions that ``B A`` can never
             use. ``"skip"`` (default) leaves them to the bare optimizer, with one warning naming
-            them; ``"act"`` applies RefLoRA to their live directions (see the README for how
+            them; ``"act"`` applies RefLoRA to their live directions (see docs/options.md for how
             that trains).
         solver: full variant: how the ``r x r`` kernel is computed. ``"eigh"`` (default:
             eigendecompositions, exact dead directions) or ``"newton_schulz"`` (matrix products

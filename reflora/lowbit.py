@@ -96,7 +96,7 @@ class LowBitTransport:
 
     # --- shared
     def check(self, state: Mapping[str, Any], param: Tensor, ctx: TransportContext, where: str) -> None:
-        """Raise :class:`UnsupportedOptimizerError` (naming the optimizer and the way out) if
+        """Raise :class:`reflora.UnsupportedOptimizerError` (naming the optimizer and the way out) if
         this parameter's state cannot be moved; called before anything is modified."""
         reason = self.problem(state, param)
         if reason is not None:

@@ -8,7 +8,7 @@ Layouts are normalised here and only here. A factor is stored in one of these la
   ``B`` ``(out, r, 1, ...)`` folded to ``(out, r)``.
 
 A pair may also hold ``experts = E > 1`` independent pairs stacked in one parameter each (PEFT's
-MoE ``ParamWrapper``); :meth:`LoRAPair.a` / :meth:`LoRAPair.b` are then ``(E, r, m)`` /
+MoE ``ParamWrapper``); ``LoRAPair.a`` / ``LoRAPair.b`` are then ``(E, r, m)`` /
 ``(E, n, r)`` and each expert ``e`` contributes ``B[e] @ A[e]``. Two layouts split the stack:
 
 * ``"expert_rows"``: expert-major rows, ``(E * p, q)`` viewed as ``(E, p, q)`` (PEFT's
@@ -40,7 +40,9 @@ from torch import Tensor, nn
 __all__ = ["EXPERT_LAYOUTS", "LAYOUTS", "LoRAPair", "canonical_name", "from_core", "to_core"]
 
 Layout = Literal["plain", "transposed", "flatten", "expert_rows", "expert_cols"]
+#: Layouts of a stack of MoE experts' factors stored in one tensor (``experts > 1``).
 EXPERT_LAYOUTS = ("expert_rows", "expert_cols")
+#: Every layout a stored factor may have (see the module docstring).
 LAYOUTS = ("plain", "transposed", "flatten", *EXPERT_LAYOUTS)
 
 
@@ -74,7 +76,7 @@ def to_core(t: Tensor, layout: str, experts: int = 1) -> Tensor:
 
     Args:
         t: the stored tensor.
-        layout: one of :data:`LAYOUTS`.
+        layout: one of :data:`reflora.pairs.LAYOUTS`.
         experts: how many expert pairs ``t`` stacks (only the expert layouts use it).
 
     Returns:
@@ -103,7 +105,7 @@ class LoRAPair:
         name: qualified name of the pair (unique within a model), e.g. ``"...q_proj.default"``.
         A: the parameter holding the down-projection.
         B: the parameter holding the up-projection.
-        layout: ``(layout_of_A, layout_of_B)``, each one of :data:`LAYOUTS` (see the module
+        layout: ``(layout_of_A, layout_of_B)``, each one of :data:`reflora.pairs.LAYOUTS` (see the module
             docstring); :meth:`a` / :meth:`b` return the views.
         module: the module that owns the pair, when there is one.
         experts: how many independent expert pairs ``A`` and ``B`` stack (``1``: an ordinary
@@ -185,7 +187,7 @@ class LoRAPair:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """``(r, m, n)``, per expert (see :attr:`experts` for how many)."""
+        """``(r, m, n)``, per expert (see ``experts`` for how many)."""
         r, m = self.a().shape[-2:]
         return r, m, self.b().shape[-2]
 
@@ -206,7 +208,7 @@ def from_core(t: Tensor, layout: str, shape: torch.Size | tuple[int, ...], exper
 
     Args:
         t: the tensor in the core's layout (what :func:`to_core` returns for the stored tensor).
-        layout: one of :data:`LAYOUTS`.
+        layout: one of :data:`reflora.pairs.LAYOUTS`.
         shape: the stored tensor's shape.
         experts: how many expert pairs the stored tensor stacks.
 

@@ -123,7 +123,7 @@ def _second_product(left: Tensor, right: Tensor, rule: str) -> Any:
     return NotImplemented
 
 
-#: The one table of state kinds: what a ``"first"`` / ``"second"`` / ``"keep"`` entry of a
+#: The one table of state kinds. What a ``"first"`` / ``"second"`` / ``"keep"`` entry of a
 #: registration (:func:`register_state_transport`) does to the state under a refactor. Used by
 #: the spec transports, the hook's folded products and :mod:`reflora.func`.
 STATE_KINDS: dict[str, StateKindMap] = {

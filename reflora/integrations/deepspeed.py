@@ -142,7 +142,7 @@ class ZeroGradientStrategy:
 
 
 class ZeroGradientHandle(RefLoRAHandle):
-    """RefLoRA in gradient space under DeepSpeed ZeRO-1/2: a :class:`RefLoRAHandle` whose
+    """RefLoRA in gradient space under DeepSpeed ZeRO-1/2: a :class:`reflora.RefLoRAHandle` whose
     strategy (:class:`reflora.integrations.deepspeed.ZeroGradientStrategy`) preconditions the
     gradients in tensor hooks during backward instead of in the optimizer's step pre-hook.
 
