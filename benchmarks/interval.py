@@ -1,6 +1,6 @@
 """Does RefLoRA keep its gain when it acts only every ``interval`` steps?
 
-On small models the hook's fixed cost is the price of RefLoRA (README, "Overhead (measured)",
+On small models the hook's fixed cost is the price of RefLoRA (docs/cost.md, "Acting every `interval` steps",
 section c: the full variant costs 1.12-1.21x of a 4 ms step at ``interval=1``, 1.06-1.07x at
 ``interval=4``; measure cost there, not here, where runs are made one after another). This script trains ``reflora bench``'s tasks with plain LoRA and with RefLoRA
 (default: full variant, parameter space, AdamW, the paper frame) at several intervals, over

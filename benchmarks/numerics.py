@@ -1,4 +1,4 @@
-"""Accuracy of RefLoRA's kernel by factor dtype, conditioning and rank (the README's table).
+"""Accuracy of RefLoRA's kernel by factor dtype, conditioning and rank (docs/theory.md, "Numerics and limits (measured)").
 
 For each (dtype, cond, r): factors with singular values log-spaced over ``cond`` (A and B
 independently, random singular vectors, ||A|| / ||B|| = 100), stored in ``dtype``. The answer is

@@ -1,4 +1,4 @@
-"""Accuracy and per-group kernel time of the two solvers (the README's "Eigh-free solver" table).
+"""Accuracy and per-group kernel time of the two solvers (docs/theory.md, "Eigh-free solver (measured)").
 
 Factors as in ``benchmarks/numerics.py`` (singular values log-spaced over ``cond`` for A and B
 alike, random singular vectors, ``||A|| / ||B|| = 100``, m = 256, n = 192) but stored in float64,

@@ -100,7 +100,7 @@ def ref_transform(A, B, variant: str, frame: str):
     ``S = X^{-1/2} (X^{1/2} Y X^{1/2})^{1/2} X^{-1/2}`` (the geometric mean ``X^{-1} # Y``),
     ``left = P^T``, ``right = P^{-T}`` with ``P = S^{1/2}`` (symmetric frame) or ``S^{1/2} V``
     (paper frame: ``V`` the eigenvectors of ``S^{-1/2} Y S^{-1/2}`` in descending order, with the
-    README's tie-breaker, each column's largest entry positive). Scalar variant: ``p = sqrt(||B|| / ||A||)``."""
+    documented tie-breaker (docs/theory.md), each column's largest entry positive). Scalar variant: ``p = sqrt(||B|| / ||A||)``."""
     A, B = A.double(), B.double()
     if variant == "scalar":
         p = (B.norm() / A.norm()).sqrt()
@@ -112,7 +112,7 @@ def ref_transform(A, B, variant: str, frame: str):
     left, right = Sh, Sih
     if frame == "paper":
         G = Sih @ Y @ Sih
-        # the documented rule (README, "Frame"): the exact eigenbasis of G where its eigenvalues
+        # the documented rule (docs/theory.md): the exact eigenbasis of G where its eigenvalues
         # (the singular values sigma of B A) are apart by max(1e-4, 1e-6 c) of their mean,
         # c = cond(X) sigma_max / sigma_min; else the tie-breaker delta * diag(r-1, ..., 0) with
         # delta = max(1e-7, 1e-8 cond(S)) * mean(diag G); then each column of right = P^{-T} has

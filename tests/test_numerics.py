@@ -18,8 +18,8 @@ from reflora._linalg import _live_basis, _separated
 from reflora.functional import RankAboveSizeWarning, precondition, preconditioner, refactor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import rank_above_size  # noqa: E402  (benchmarks/rank_above_size.py prints the README's table)
-from numerics import errors  # noqa: E402  (benchmarks/numerics.py prints the README's table)
+import rank_above_size  # noqa: E402  (benchmarks/rank_above_size.py prints a table in docs/theory.md)
+from numerics import errors  # noqa: E402  (benchmarks/numerics.py prints a table in docs/theory.md)
 
 from conftest import DEVICES  # noqa: E402
 
@@ -37,7 +37,7 @@ MODES = [("full", "gradient"), ("full", "parameter"), ("scalar", "gradient"), ("
 )
 def test_low_precision_factors_within_one_percent_of_float64(dtype, log_cond, r, seed) -> None:
     """cond(A), cond(B) up to 1e3: S, the preconditioned gradients and the balance within 1% of
-    the answer for the same stored values in float64 (README: "Numerics and limits")."""
+    the answer for the same stored values in float64 (docs/theory.md: "Numerics and limits (measured)")."""
     err = errors(r, 10.0**log_cond, dtype, seed, m=96, n=80)
     assert max(err.values()) < 1e-2, err
 
