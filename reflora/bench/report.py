@@ -245,7 +245,8 @@ def plot_task(runs: list[Run], shared_lr: float, title: str, metric_name: str, p
 
     methods = list(dict.fromkeys(r.method for r in runs))
     lrs = sorted({r.lr for r in runs})
-    color = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
+    # one colour per method in every panel (tab20 past the default cycle's 10 colours)
+    color = {m: f"C{i}" if len(methods) <= 10 else plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
     panels = 2 + (len(lrs) > 1)
     fig, axes = plt.subplots(1, panels, figsize=(5.8 * panels, 4.2), squeeze=False)
     ax = axes[0][0]
@@ -260,7 +261,9 @@ def plot_task(runs: list[Run], shared_lr: float, title: str, metric_name: str, p
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (EMA 0.8, mean over seeds)")
-    ax.set_title(f"{title}\nlr = {shared_lr:g}", fontsize=9)
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title, 70)) + f"\nlr = {shared_lr:g}", fontsize=8)
     ax.legend(fontsize=8)
     ax1 = axes[0][1]
     for m in methods:
