@@ -61,14 +61,3 @@ suppress_warnings = ["ref.python"]
 html_theme = "furo"
 html_title = f"reflora {release}"
 html_static_path: list[str] = []
-
-
-def _results_page_if_present(app, docname, source) -> None:
-    """The results page (docs/results.md, written from the committed benchmark run) comes from
-    another branch; until it exists the index's toctree leaves it out instead of failing."""
-    if docname == "index" and not (DOCS / "results.md").exists():
-        source[0] = source[0].replace("\nresults\n", "\n")
-
-
-def setup(app) -> None:
-    app.connect("source-read", _results_page_if_present)

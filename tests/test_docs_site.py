@@ -35,7 +35,7 @@ README_MAX_LINES = 250
 SKIP_REASONS = ("torchrun", "CUDA", "fragment of", "needs", "placeholder")
 
 # Pages of other branches that the README / docs link to before they land (remove on merge).
-PENDING = {"docs/results.md"}
+PENDING: set[str] = set()
 
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
 _SKIP = re.compile(r"<!--\s*skip:\s*(.*?)\s*-->\s*$")

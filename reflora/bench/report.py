@@ -139,7 +139,8 @@ def markdown_table(name: str, entry: dict, runs: list[Run], methods: list[str] |
     rate = lambda m: rates.get(m) if sweep else entry["shared_lr"]  # noqa: E731
     base = by.get(("lora", rate("lora")), {})
     order = [m for m in (methods or dict.fromkeys(r.method for r in runs)) if any(r.method == m for r in runs)]
-    metric = entry["metric"].replace("held-out ", "test ")
+    has_val = any(math.isfinite(r.val_metric) for r in runs)  # results from before 0.3 have one held-out split
+    metric = entry["metric"].replace("held-out ", "test ") if has_val else entry["metric"]
     where = "own best rate (validation)" if sweep else f"shared rate {entry['shared_lr']:g}"
     seeds = max((len(by[(m, rate(m))]) for m in order if rate(m) is not None), default=0)
     lines = [f"**{name}**: {entry['description']}; {entry['steps']} steps, each method at its {where}, "
