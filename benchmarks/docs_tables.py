@@ -7,8 +7,9 @@ A table in Markdown sits between two markers::
     <!-- /results:TASK -->
 
 ``TASK`` is a task of the results (``mf``, ``graph``, ``lm``, ``lm-r64``, ...); ``methods`` (optional)
-selects and orders the rows; ``source`` (optional, comma-separated) names the results files, by
-default every ``benchmarks/full/*.json``. The text between the markers is exactly what
+selects and orders the rows; ``baseline`` (optional, default ``lora``) is the method the others are
+paired with; ``source`` (optional, comma-separated) names the results files, by default every
+``benchmarks/full/*.json``. The text between the markers is exactly what
 ``reflora bench --from-results SOURCES --markdown --methods METHODS`` prints for that task.
 
     python benchmarks/docs_tables.py            # rewrite every block from the results
@@ -42,12 +43,12 @@ def render(task: str, opts: str) -> str:
     from reflora.bench.cli import markdown_from
 
     kv = dict(item.split("=", 1) for item in opts.split())
-    unknown = set(kv) - {"methods", "source"}
+    unknown = set(kv) - {"methods", "source", "baseline"}
     if unknown:
-        raise ValueError(f"results block {task!r}: unknown option(s) {sorted(unknown)}; use methods= and source=")
+        raise ValueError(f"results block {task!r}: unknown option(s) {sorted(unknown)}; use methods=, source=, baseline=")
     sources = [ROOT / s for s in kv["source"].split(",")] if "source" in kv else default_sources()
     methods = kv["methods"].split(",") if "methods" in kv else None
-    blocks = markdown_from(sources, methods).split("\n\n**")
+    blocks = markdown_from(sources, methods, kv.get("baseline", "lora")).split("\n\n**")
     for i, b in enumerate(blocks):
         text = b if i == 0 else "**" + b
         if text.startswith(f"**{task}**:"):

@@ -68,6 +68,8 @@ def add_arguments(p) -> None:
     p.add_argument("--markdown", action="store_true",
                    help="with --from-results: print one compact Markdown table per task (each method at its own best "
                         "rate; --methods selects and orders the rows) instead of the full tables")
+    p.add_argument("--baseline", default="lora", choices=list(METHODS), metavar="METHOD",
+                   help="with --markdown: the method every other is paired with (default: lora, plain LoRA)")
     p.add_argument("--no-vmap", action="store_true",
                    help="run every member of the lr sweep one by one (default: one torch.func.vmap'ed program per "
                         "method and seed on the vision and graph tasks)")
@@ -248,7 +250,7 @@ def _mf_markdown(entry: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown_from(paths: list[Path], methods: list[str] | None = None) -> str:
+def markdown_from(paths: list[Path], methods: list[str] | None = None, baseline: str = "lora") -> str:
     """The compact Markdown tables of saved runs (:func:`reflora.bench.report.markdown_table`),
     one per task in file order, separated by blank lines."""
     report = merge_results(list(paths))
@@ -256,7 +258,7 @@ def markdown_from(paths: list[Path], methods: list[str] | None = None) -> str:
     blocks = [_mf_markdown(report["mf"])] if "mf" in report else []
     for name, entry in report["tasks"].items():
         runs = [Run(**{k: v for k, v in d.items() if k in fields}) for d in entry["runs"]]
-        blocks.append(markdown_table(name, entry, runs, methods))
+        blocks.append(markdown_table(name, entry, runs, methods, baseline))
     return "\n\n".join(blocks)
 
 
@@ -374,7 +376,7 @@ def bench(args) -> int:
         return _error("--markdown prints the tables of saved runs: pass --from-results RESULTS_JSON [...]")
     if args.from_results is not None and args.markdown:
         try:
-            print(markdown_from(args.from_results, args.methods))
+            print(markdown_from(args.from_results, args.methods, args.baseline))
         except ValueError as exc:
             return _error(str(exc))
         return 0

@@ -123,11 +123,13 @@ def _paired_cells(diffs: list[float], lower_is_better: bool) -> tuple[str, str]:
     return head, wl.rstrip(")").replace(" ", " / ")
 
 
-def markdown_table(name: str, entry: dict, runs: list[Run], methods: list[str] | None = None) -> str:
+def markdown_table(name: str, entry: dict, runs: list[Run], methods: list[str] | None = None,
+                   baseline: str = "lora") -> str:
     """A compact Markdown table of one task: each method at its own best rate (chosen on the
     validation split) when the entry has a sweep, else at the shared rate; the test metric and the
     final training loss with their paired differences to plain LoRA (at its own best rate), 95%
-    t-intervals and wins / losses. ``methods`` selects and orders the rows (default: all).
+    t-intervals and wins / losses. ``methods`` selects and orders the rows (default: all);
+    ``baseline`` is the method every other is paired with (default: plain LoRA).
 
     This is what the README and ``docs/results.md`` show; a test checks them against it."""
     lower = entry.get("lower_is_better", False)
@@ -137,7 +139,7 @@ def markdown_table(name: str, entry: dict, runs: list[Run], methods: list[str] |
     for r in runs:
         by[(r.method, r.lr)][r.seed] = r
     rate = lambda m: rates.get(m) if sweep else entry["shared_lr"]  # noqa: E731
-    base = by.get(("lora", rate("lora")), {})
+    base = by.get((baseline, rate(baseline)), {})
     order = [m for m in (methods or dict.fromkeys(r.method for r in runs)) if any(r.method == m for r in runs)]
     has_val = any(math.isfinite(r.val_metric) for r in runs)  # results from before 0.3 have one held-out split
     metric = entry["metric"].replace("held-out ", "test ") if has_val else entry["metric"]
@@ -145,7 +147,8 @@ def markdown_table(name: str, entry: dict, runs: list[Run], methods: list[str] |
     seeds = max((len(by[(m, rate(m))]) for m in order if rate(m) is not None), default=0)
     lines = [f"**{name}**: {entry['description']}; {entry['steps']} steps, each method at its {where}, "
              f"{seeds} seeds{'; lower perplexity is better' if lower else ''}.", "",
-             f"| method | lr | {metric} | Δ vs LoRA [95% CI] | W / L | final loss | Δ loss [95% CI] | W / L |",
+             f"| method | lr | {metric} | Δ vs {'LoRA' if baseline == 'lora' else baseline} [95% CI] | W / L "
+             "| final loss | Δ loss [95% CI] | W / L |",
              "|---|---|---|---|---|---|---|---|"]
     for m in order:
         lr = rate(m)
@@ -156,7 +159,7 @@ def markdown_table(name: str, entry: dict, runs: list[Run], methods: list[str] |
             lines.append(f"| {m} | n/a: {(errs[0] if errs else 'no rate trained to the end')[:70]} | | | | | | |")
             continue
         pairs = [(r, base[r.seed]) for r in ok if r.seed in base and not base[r.seed].error]
-        if m == "lora" or not pairs:
+        if m == baseline or not pairs:
             dm, wm, dl, wl = "", "", "", ""
         else:
             dm, wm = _paired_cells([r.metric - b.metric for r, b in pairs], lower)
