@@ -325,3 +325,18 @@ def test_a_table_edited_by_hand_is_caught(tmp_path, monkeypatch) -> None:
     assert mod.update(check=True, docs=[fake]) == ["README.md: " + m["task"]]
     assert mod.update(check=False, docs=[fake]) == ["README.md: " + m["task"]]
     assert mod.update(check=True, docs=[fake]) == [] and fake.read_text() == text
+
+
+def test_markdown_table_pairs_with_the_chosen_baseline_and_marks_what_cannot_run() -> None:
+    from reflora.bench.report import markdown_table
+
+    runs = [_run("lora", lr, s, v, v) for lr, v in ((1e-3, 0.6), (1e-2, 0.7)) for s in range(3)]
+    runs += [_run("lora-rite", lr, s, v, v + 0.01 * s) for lr, v in ((1e-3, 0.8), (1e-2, 0.5)) for s in range(3)]
+    runs += [Run("t", "dora", 1e-3, 0, error="use_dora: PEFT options; not this task")]
+    entry = {"description": "d", "steps": 10, "shared_lr": 1e-2, "grid": [1e-3, 1e-2], "metric": "held-out acc"}
+    table = markdown_table("t", entry, runs, ["lora-rite", "lora", "dora"], baseline="lora-rite")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "Δ vs lora-rite [95% CI]" in table and "test acc" in table
+    assert rows["lora-rite"].startswith("| lora-rite | 0.001 | 0.810±0.010 |  |")  # lora-rite's best rate: 1e-3
+    assert "| 0.01 | 0.700 | -0.110 [-0.135, -0.085] | 0W / 3L |" in rows["lora"]
+    assert "n/a: use_dora: PEFT options" in rows["dora"]
