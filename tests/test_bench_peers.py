@@ -340,3 +340,18 @@ def test_markdown_table_pairs_with_the_chosen_baseline_and_marks_what_cannot_run
     assert rows["lora-rite"].startswith("| lora-rite | 0.001 | 0.810±0.010 |  |")  # lora-rite's best rate: 1e-3
     assert "| 0.01 | 0.700 | -0.110 [-0.135, -0.085] | 0W / 3L |" in rows["lora"]
     assert "n/a: use_dora: PEFT options" in rows["dora"]
+
+
+def test_the_gate_table_on_the_results_page_is_what_gate_lm_prints() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("gate_lm", root / "benchmarks" / "gate_lm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = json.loads((root / "benchmarks" / "rank" / "lm-r64-gate.json").read_text())
+    page = (root / "docs" / "results.md").read_text()
+    shown = page.split("<!-- gate:begin -->\n", 1)[1].split("\n<!-- gate:end -->", 1)[0]
+    assert shown == mod.table(runs)
+    assert {r["resolved"] for r in runs} == {0.0, 0.01} and len(runs) == 10
