@@ -250,15 +250,23 @@ def _mf_markdown(entry: dict) -> str:
     return "\n".join(lines)
 
 
+def _saved_runs(entry: dict) -> list[Run]:
+    """A results entry's runs as :class:`Run` objects (fields a newer or older file lacks keep
+    their defaults; unknown ones are dropped)."""
+    fields = {f.name for f in dataclasses.fields(Run)}
+    runs = [Run(**{k: v for k, v in d.items() if k in fields}) for d in entry["runs"]]
+    for r in runs:
+        r.imbalance = [tuple(x) for x in r.imbalance]
+    return runs
+
+
 def markdown_from(paths: list[Path], methods: list[str] | None = None, baseline: str = "lora") -> str:
     """The compact Markdown tables of saved runs (:func:`reflora.bench.report.markdown_table`),
     one per task in file order, separated by blank lines."""
     report = merge_results(list(paths))
-    fields = {f.name for f in dataclasses.fields(Run)}
     blocks = [_mf_markdown(report["mf"])] if "mf" in report else []
     for name, entry in report["tasks"].items():
-        runs = [Run(**{k: v for k, v in d.items() if k in fields}) for d in entry["runs"]]
-        blocks.append(markdown_table(name, entry, runs, methods, baseline))
+        blocks.append(markdown_table(name, entry, _saved_runs(entry), methods, baseline))
     return "\n\n".join(blocks)
 
 
@@ -295,16 +303,11 @@ def report_from(paths: Path | list[Path], out: Path | None) -> int:
         report = merge_results([paths] if isinstance(paths, (str, Path)) else list(paths))
     except ValueError as exc:
         return _error(str(exc))
-    tasks = report["tasks"]
-    fields = {f.name for f in dataclasses.fields(Run)}
     print("\n".join(report["commands"]))
     if "mf" in report:
         _mf_report(report["mf"], out)
-    for name, entry in tasks.items():
-        runs = [Run(**{k: v for k, v in d.items() if k in fields}) for d in entry["runs"]]
-        for r in runs:
-            r.imbalance = [tuple(x) for x in r.imbalance]
-        _task_report(name, entry, runs, out)
+    for name, entry in report["tasks"].items():
+        _task_report(name, entry, _saved_runs(entry), out)
     return 0
 
 
