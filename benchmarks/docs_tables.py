@@ -10,7 +10,8 @@ A table in Markdown sits between two markers::
 selects and orders the rows; ``baseline`` (optional, default ``lora``) is the method the others are
 paired with; ``source`` (optional, comma-separated) names the results files, by default every
 ``benchmarks/full/*.json``. The text between the markers is exactly what
-``reflora bench --from-results SOURCES --markdown --methods METHODS`` prints for that task.
+``reflora bench --from-results SOURCES --markdown --methods METHODS --baseline BASELINE`` prints
+for that task.
 
     python benchmarks/docs_tables.py            # rewrite every block from the results
     python benchmarks/docs_tables.py --check    # exit 1 and name each block that differs

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,13 +23,13 @@ COMMITTED = [ROOT / "benchmarks" / "full" / "lm-r64-part1.json", ROOT / "benchma
 
 
 def _lora_runs() -> dict[int, dict]:
-    for path in COMMITTED:
-        entry = json.loads(path.read_text())["tasks"].get("lm-r64")
-        if entry:
-            runs = {r["seed"]: r for r in entry["runs"] if r["method"] == "lora"}
-            if runs:
-                return runs
-    raise SystemExit("no plain-LoRA runs of lm-r64 in " + ", ".join(map(str, COMMITTED)))
+    from reflora.bench.cli import merge_results
+
+    entry = merge_results(COMMITTED)["tasks"].get("lm-r64", {"runs": []})
+    runs = {r["seed"]: r for r in entry["runs"] if r["method"] == "lora"}
+    if not runs:
+        raise SystemExit("no plain-LoRA runs of lm-r64 in " + ", ".join(map(str, COMMITTED)))
+    return runs
 
 
 def run(resolved: list[float], seeds: int, steps: int) -> list[dict]:
