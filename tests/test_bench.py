@@ -162,14 +162,29 @@ def test_paired_difference_interval_matches_students_t() -> None:
     assert paired([0.1]) == "+0.100 (1W 0L)" and paired([float("nan")]) == "n/a"
 
 
-def test_full_runs_all_seeds_at_the_shared_rate_and_three_on_the_sweep(tmp_path) -> None:
+FULL_METHODS = ("lora", "lora+", "reflora-param")
+
+
+def _bench_full(out, *extra):
     res = subprocess.run(
-        [sys.executable, "-m", "reflora", "bench", "--full", "--tasks", "graph", "--methods", "lora", "reflora",
-         "--steps", "2", "--seeds", "4", "--no-plots", "--out", str(tmp_path)],
+        [sys.executable, "-m", "reflora", "bench", "--full", "--tasks", "graph", "--methods", *FULL_METHODS,
+         "--steps", "3", "--seeds", "4", "--no-plots", "--out", str(out), *extra],
         capture_output=True, text=True, timeout=900,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    task = json.loads((tmp_path / "results.json").read_text())["tasks"]["graph"]
+    return res.stdout, json.loads((out / "results.json").read_text())["tasks"]["graph"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One small ``--full`` run (graph, three methods, 3 steps, 4 seeds) that several tests read."""
+    out = tmp_path_factory.mktemp("full")
+    stdout, task = _bench_full(out)
+    return out, stdout, task
+
+
+def test_full_runs_all_seeds_at_the_shared_rate_and_three_on_the_sweep(full_run) -> None:
+    _, stdout, task = full_run
     grid = task["grid"]
     assert len(grid) == 5 and max(grid) / min(grid) == pytest.approx(30, rel=0.01) and task["shared_lr"] in grid
     from reflora.bench.report import best_rates
@@ -177,13 +192,13 @@ def test_full_runs_all_seeds_at_the_shared_rate_and_three_on_the_sweep(tmp_path)
 
     fields = {f for f in Run.__dataclass_fields__}
     best = best_rates([Run(**{k: v for k, v in r.items() if k in fields}) for r in task["runs"]])
-    assert set(best) == {"lora", "reflora"}
-    for m in ("lora", "reflora"):
+    assert set(best) == set(FULL_METHODS)
+    for m in FULL_METHODS:
         for lr in grid:
             seeds = sorted(r["seed"] for r in task["runs"] if r["method"] == m and r["lr"] == lr)
             # every seed at the shared rate and at the method's best rate (chosen on validation)
             assert seeds == ([0, 1, 2, 3] if lr in (task["shared_lr"], best[m]) else [0, 1, 2])
-    assert "[95% CI]" in res.stdout and "best rate per method" in res.stdout
+    assert "[95% CI]" in stdout and "best rate per method" in stdout
 
 
 def test_vmapped_sweep_equals_one_by_one_runs() -> None:
@@ -227,22 +242,12 @@ def test_vmapped_program_that_fails_runs_one_by_one(monkeypatch) -> None:
         vmapped.vmapped_sweep(TASKS["graph"](), "lora+", [1e-2], 0, 2)
 
 
-def test_full_sweep_is_vmapped_and_no_vmap_runs_it_one_by_one(tmp_path) -> None:
-    def bench(*extra):
-        res = subprocess.run(
-            [sys.executable, "-m", "reflora", "bench", "--full", "--tasks", "graph", "--methods", "lora", "lora+",
-             "reflora-param", "--steps", "3", "--seeds", "3", "--no-plots", "--out", str(tmp_path), *extra],
-            capture_output=True, text=True, timeout=900,
-        )
-        assert res.returncode == 0, res.stderr[-3000:]
-        return res.stdout, json.loads((tmp_path / "results.json").read_text())["tasks"]["graph"]
-
-    out, task = bench()
+def test_full_sweep_is_vmapped_and_no_vmap_runs_it_one_by_one(full_run, tmp_path) -> None:
+    out_dir, out, task = full_run
     shared = task["shared_lr"]
-    for r in task["runs"]:  # LoRA+ has no functional form; the shared rate is always run one by one
-        assert r["path"] == ("vmap" if r["method"] != "lora+" and r["lr"] != shared else "eager"), r
-    assert [r["method"] for r in task["runs"]] == sorted((r["method"] for r in task["runs"]),
-                                                         key=["lora", "lora+", "reflora-param"].index)
+    for r in task["runs"]:  # LoRA+ has no functional form; the shared and best rates always run one by one
+        assert r["path"] == ("vmap" if r["method"] != "lora+" and r["seed"] < 3 and r["lr"] != shared else "eager"), r
+    assert [r["method"] for r in task["runs"]] == sorted((r["method"] for r in task["runs"]), key=FULL_METHODS.index)
     vm = task["vmap"]
     assert vm["programs"] == 2 * 3 and vm["members"] == 2 * 3 * 5 and vm["speedup"] > 0
     assert vm["loss_rel_diff"] < 1e-3 and vm["metric_diff"] < 0.01  # the shared-rate member vs its own run
@@ -250,12 +255,12 @@ def test_full_sweep_is_vmapped_and_no_vmap_runs_it_one_by_one(tmp_path) -> None:
     assert "vmapped sweep: 6 programs (lora, reflora-param; 5 rates each)" in out
     assert "stability sweep: held-out acc / final training loss per learning rate" in out
     # the saved results print the same tables again, without running anything
-    again = subprocess.run([sys.executable, "-m", "reflora", "bench", "--from-results", str(tmp_path / "results.json"),
+    again = subprocess.run([sys.executable, "-m", "reflora", "bench", "--from-results", str(out_dir / "results.json"),
                             "--no-plots"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     section = out[out.index("== graph"):out.index("\nresults:")]
     assert section.strip() in again.stdout
-    out, task = bench("--no-vmap")
+    out, task = _bench_full(tmp_path, "--no-vmap", "--methods", "reflora-param", "--seeds", "1")
     assert {r["path"] for r in task["runs"]} == {"eager"} and task["vmap"] is None
     assert "vmapped sweep" not in out
 
@@ -303,6 +308,12 @@ def test_bench_rank_option_sets_every_tasks_rank(tmp_path, capsys) -> None:
     entry = report["tasks"]["graph-r8"]  # another rank than the task's own is another entry
     assert entry["rank"] == 8 and "--rank 8" in report["command"] and "--shared-lr-only" in report["command"]
     assert entry["grid"] == [entry["shared_lr"]] and len(entry["runs"]) == 2  # 2 methods, one seed, one rate
+    # the description names the rank that ran (and so do tables of results saved before it did)
+    assert "LoRA r=8 to the" in entry["description"] and "r=4" not in entry["description"]
+    assert "== graph-r8: PyG GCN" in capsys.readouterr().out
+    from reflora.bench.report import describe_rank
+
+    assert describe_rank("LoRA all-linear r=8 on the help topics", 64) == "LoRA all-linear r=64 on the help topics"
     import dataclasses
 
     from reflora.bench.tasks import TASKS

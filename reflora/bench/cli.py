@@ -17,7 +17,7 @@ import torch
 
 from reflora.bench import mf
 from reflora.bench.methods import METHODS
-from reflora.bench.report import best_rate_table, best_rates, markdown_table, plot_mf, plot_task, task_table
+from reflora.bench.report import best_rate_table, best_rates, describe_rank, markdown_table, plot_mf, plot_task, task_table
 from reflora.bench.runner import Run, run_one
 from reflora.bench.tasks import TASKS
 from reflora.bench.vmapped import VMAP_METHODS, vmapped_sweep
@@ -154,7 +154,7 @@ def _mf_report(entry: dict, out: Path | None) -> None:
 
 def _task_report(name: str, entry: dict, runs: list, out: Path | None) -> None:
     """Print a task's tables (and write its plot into ``out``) from its results entry and runs."""
-    print(f"\n== {name}: {entry['description']}")
+    print(f"\n== {name}: {describe_rank(entry['description'], entry.get('rank'))}")
     print(f"   AdamW, {entry['steps']} steps, {entry['seeds']} seed(s) at the shared lr {entry['shared_lr']:g}, grid "
           f"{entry['grid']} ({entry['grid_seeds']} seed(s) each); Δ = paired per-seed difference vs plain LoRA, mean "
           "[95% t-interval] (wins W / losses L; a lower loss wins); steps→LoRA = steps to reach plain LoRA's final "
@@ -177,7 +177,7 @@ def _task_report(name: str, entry: dict, runs: list, out: Path | None) -> None:
     if entry.get("vmap"):
         print(entry["vmap"]["text"])
     if out is not None:
-        print(f"plot: {plot_task(runs, entry['shared_lr'], entry['description'], entry['metric'], out / f'{name}.png')}")
+        print(f"plot: {plot_task(runs, entry['shared_lr'], describe_rank(entry['description'], entry.get('rank')), entry['metric'], out / f'{name}.png')}")
 
 
 _SAME = ("description", "rank", "steps", "seeds", "grid_seeds", "shared_lr", "grid", "metric")
@@ -433,7 +433,7 @@ def bench(args) -> int:
         task = TASKS[name]()
         key = name
         if args.rank is not None and args.rank != task.rank:
-            task = dataclasses.replace(task, rank=args.rank)
+            task = dataclasses.replace(task, rank=args.rank, description=describe_rank(task.description, args.rank))
             key = f"{name}-r{args.rank}"  # a task at another rank is another entry (merged with --from-results)
         pretrain = None
         if name.startswith("lm"):

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from reflora.bench.runner import Run, steps_to
 
-__all__ = ["best_rates", "best_rate_table", "markdown_table", "paired", "plot_mf", "plot_task", "task_table"]
+__all__ = ["best_rates", "best_rate_table", "describe_rank", "markdown_table", "paired", "plot_mf", "plot_task", "task_table"]
 
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def describe_rank(description: str, rank: int | None) -> str:
+    """A task's description with its LoRA rank as run (``--rank`` changes ``r=...``; results saved
+    before the description followed the rank still print the rank they ran at)."""
+    return description if rank is None else re.sub(r"\br=\d+", f"r={rank}", description)
 
 
 def paired(diffs: list[float], lower_is_better: bool = False) -> str:
@@ -145,7 +152,7 @@ def markdown_table(name: str, entry: dict, runs: list[Run], methods: list[str] |
     metric = entry["metric"].replace("held-out ", "test ") if has_val else entry["metric"]
     where = "own best rate (validation)" if sweep else f"shared rate {entry['shared_lr']:g}"
     seeds = max((len(by[(m, rate(m))]) for m in order if rate(m) is not None), default=0)
-    lines = [f"**{name}**: {entry['description']}; {entry['steps']} steps, each method at its {where}, "
+    lines = [f"**{name}**: {describe_rank(entry['description'], entry.get('rank'))}; {entry['steps']} steps, each method at its {where}, "
              f"{seeds} seeds{'; lower perplexity is better' if lower else ''}.", "",
              f"| method | lr | {metric} | Δ vs {'LoRA' if baseline == 'lora' else baseline} [95% CI] | W / L "
              "| final loss | Δ loss [95% CI] | W / L |",
