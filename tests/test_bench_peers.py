@@ -342,16 +342,17 @@ def test_markdown_table_pairs_with_the_chosen_baseline_and_marks_what_cannot_run
     assert "n/a: use_dora: PEFT options" in rows["dora"]
 
 
-def test_the_gate_table_on_the_results_page_is_what_gate_lm_prints() -> None:
+def test_the_gate_tables_in_the_docs_are_what_gate_rates_prints() -> None:
     import importlib.util
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("gate_lm", root / "benchmarks" / "gate_lm.py")
+    spec = importlib.util.spec_from_file_location("gate_rates", root / "benchmarks" / "gate_rates.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    runs = json.loads((root / "benchmarks" / "rank" / "lm-r64-gate.json").read_text())
-    page = (root / "docs" / "results.md").read_text()
-    shown = page.split("<!-- gate:begin -->\n", 1)[1].split("\n<!-- gate:end -->", 1)[0]
-    assert shown == mod.table(runs)
-    assert {r["resolved"] for r in runs} == {0.0, 0.01} and len(runs) == 10
+    data = json.loads((root / "benchmarks" / "rank" / "lm-r64-rates.json").read_text())
+    assert (data["task"], data["rank"]) == ("lm", 64) and len(data["runs"]) == 3 * 3 * 5  # methods x rates x seeds
+    for page in ("results.md", "rank-deficient.md"):
+        text = (root / "docs" / page).read_text()
+        shown = text.split("<!-- gate-rates:begin -->\n", 1)[1].split("\n<!-- gate-rates:end -->", 1)[0]
+        assert shown == mod.table(data), page

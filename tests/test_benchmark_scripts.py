@@ -189,3 +189,29 @@ def test_rank_deficient_candidates_script_agrees_with_the_library() -> None:
     for name in ("balanced", "resolved=0"):
         assert cand.run(name, 0, 8, 1, 3e-3, steps=150)[150] > 10 * plain, name
     assert cand.run("default", 0, 8, 1, 3e-3, steps=150)[150] == pytest.approx(plain, rel=1e-6)
+
+
+def test_gate_rates_runs_small_and_pairs_each_rate_and_each_best_rate(tmp_path, capsys, monkeypatch) -> None:
+    """gate_rates.py: every method at every rate on the same seeds, paired with plain LoRA at that
+    rate; parts written by processes merge; each method's best rate is chosen on validation."""
+    import json
+
+    import gate_rates
+
+    for lr in ("1e-2", "3e-2"):
+        monkeypatch.setattr(sys, "argv", ["gate_rates.py", "--task", "graph", "--rank", "8", "--lrs", lr, "--seeds", "2",
+                                          "--steps", "2", "--json", str(tmp_path / f"{lr}.json")])
+        gate_rates.main()
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["gate_rates.py", "--from-json", str(tmp_path / "1e-2.json"),
+                                      str(tmp_path / "3e-2.json"), "--json", str(tmp_path / "all.json")])
+    gate_rates.main()
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "all.json").read_text())
+    assert (data["task"], data["rank"], data["steps"]) == ("graph", 8, 2) and len(data["runs"]) == 3 * 2 * 2
+    assert out.strip() == gate_rates.table(data).strip()
+    assert "**graph, r = 8, 2 steps**" in out and out.count("| plain LoRA |") == 3  # two rates, then the best
+    assert out.count("| default (resolved=0.1) |") == 3 and out.count("| resolved=0 (the paper) |") == 3
+    assert "Each method at its own best rate (chosen on the validation split)" in out
+    with pytest.raises(SystemExit, match="different tasks"):
+        gate_rates.merge([data, dict(data, rank=4)])

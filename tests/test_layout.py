@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
+from pathlib import Path
 
 import reflora
 
@@ -109,3 +111,15 @@ def test_the_attach_function_does_not_shadow_a_module():
 
     assert callable(reflora.attach) and reflora.attach.__module__ == "reflora.hooks"
     assert importlib.util.find_spec("reflora.attach") is None
+
+
+def test_every_benchmark_script_and_folder_is_in_the_benchmarks_readme():
+    """benchmarks/README.md says what each script measures and how to run it: a new script or
+    results folder without a row there fails."""
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    readme = (bench / "README.md").read_text()
+    listed = set(re.findall(r"^\| `([^`]+)` \|", readme, flags=re.M))
+    present = {p.name for p in bench.glob("*.py")} | {p.name for p in bench.glob("*.sh")}
+    present |= {p.name + "/" for p in bench.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
+    assert present - listed == set(), f"add a row to benchmarks/README.md for {sorted(present - listed)}"
+    assert listed - present == set(), f"benchmarks/README.md lists what is not there: {sorted(listed - present)}"
