@@ -15,6 +15,13 @@ rate, chosen on the validation split (paired with plain LoRA at *its* best rate)
 
 ``--lrs`` may be split over processes (one JSON each); ``--from-json`` merges them (and ``--json``
 with it writes the merged file).
+
+``--pairs`` answers *where* the gate acts: it trains the default once (the first rate, seed 0) and
+prints, per pair, the fraction of steps at which the gate passed, how often it switched, and the
+median of ``sigma_min / sigma_max`` of ``B A``, read with :func:`reflora.diagnostics.diagnose`
+before each step (what the step's gate tests)::
+
+    python benchmarks/gate_rates.py --task vision --lrs 3e-3 --pairs
 """
 
 from __future__ import annotations
@@ -53,6 +60,42 @@ def run(task_name: str, rank: int | None, lrs: list[float], seeds: int, steps: i
                 print(f"{name} lr={lr:g} seed {seed}: final loss {r.final_loss:.4f}, {task.metric} {r.metric}", flush=True)
     return {"task": task_name, "rank": task.rank, "steps": steps, "metric": task.metric,
             "lower_is_better": task.lower_is_better, "runs": runs}
+
+
+def pairs(task_name: str, rank: int | None, lr: float, steps: int | None, seed: int = 0) -> list[dict]:
+    """Per pair of the default's run: the fraction of steps the gate passed, its switches, the
+    median ``sigma_min / sigma_max`` (``B = 0`` at the start is left out: nothing to gate)."""
+    import statistics
+
+    import torch
+
+    from reflora.bench.methods import make_optimizer
+    from reflora.bench.tasks import TASKS
+    from reflora.diagnostics import diagnose
+
+    task = TASKS[task_name]()
+    if rank is not None:
+        task = dataclasses.replace(task, rank=rank)
+    torch.manual_seed(seed)
+    model = task.build(seed)
+    model.train()
+    opt, handle = make_optimizer("reflora-param", model, lr)
+    resolved = handle.config.resolved  # the default gate
+    batches = task.batches(seed)
+    ratios: dict[str, list[float]] = {}
+    for _ in range(steps or task.full_steps):
+        for name, row in diagnose(model).items():
+            if row["sigma_max"] > 0:
+                ratios.setdefault(name, []).append(row["sigma_min"] / row["sigma_max"])
+        opt.zero_grad(set_to_none=True)
+        task.loss(model, next(batches)).backward()
+        opt.step()
+    out = []
+    for name, rs in ratios.items():
+        passed = [x >= resolved for x in rs]
+        out.append({"pair": name, "passed": sum(passed) / len(passed), "switches": sum(a != b for a, b in zip(passed, passed[1:])),
+                    "median_ratio": statistics.median(rs)})
+    return out
 
 
 def merge(parts: list[dict]) -> dict:
@@ -117,8 +160,17 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--steps", type=int, default=None, help="default: the task's full budget")
     p.add_argument("--json", type=Path, default=None, help="write the runs (with --from-json: the merged parts) here")
+    p.add_argument("--pairs", action="store_true", help="where the default's gate acts, pair by pair (one run); no table")
     p.add_argument("--from-json", type=Path, nargs="+", default=None, help="print the table of saved runs; runs nothing")
     args = p.parse_args()
+    if args.pairs:
+        rows = pairs(args.task, args.rank, args.lrs[0], args.steps)
+        print("| pair | steps the gate passed | switches | median sigma_min / sigma_max |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['pair']} | {r['passed']:.0%} | {r['switches']} | {r['median_ratio']:.3f} |")
+        acting = sum(r["passed"] for r in rows) / len(rows)
+        print(f"\n{len(rows)} pairs; the gate passed at {acting:.0%} of pair-steps")
+        return
     if args.from_json:
         data = merge([json.loads(f.read_text()) for f in args.from_json])
         if args.json:  # the parts merged into one file

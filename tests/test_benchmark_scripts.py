@@ -215,3 +215,7 @@ def test_gate_rates_runs_small_and_pairs_each_rate_and_each_best_rate(tmp_path, 
     assert "Each method at its own best rate (chosen on the validation split)" in out
     with pytest.raises(SystemExit, match="different tasks"):
         gate_rates.merge([data, dict(data, rank=4)])
+    # --pairs: where the default's gate acts, pair by pair
+    rows = gate_rates.pairs("graph", 8, 1e-2, 3)
+    assert [r["pair"] for r in rows] == ["conv1.lin", "conv2.lin"]
+    assert all(0 <= r["passed"] <= 1 and 0 <= r["median_ratio"] <= 1 and r["switches"] <= 1 for r in rows)
