@@ -343,16 +343,28 @@ def test_markdown_table_pairs_with_the_chosen_baseline_and_marks_what_cannot_run
 
 
 def test_the_gate_tables_in_the_docs_are_what_gate_rates_prints() -> None:
+    """Every ``<!-- gate-rates:begin NAME -->`` block is ``gate_rates.table`` of
+    ``benchmarks/rank/NAME.json``, and every such file is shown on the rank-deficient page."""
     import importlib.util
+    import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     spec = importlib.util.spec_from_file_location("gate_rates", root / "benchmarks" / "gate_rates.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    data = json.loads((root / "benchmarks" / "rank" / "lm-r64-rates.json").read_text())
-    assert (data["task"], data["rank"]) == ("lm", 64) and len(data["runs"]) == 3 * 3 * 5  # methods x rates x seeds
+    block = re.compile(r"<!-- gate-rates:begin (?P<name>[\w.-]+) -->\n(?P<body>.*?)\n<!-- gate-rates:end (?P=name) -->", re.S)
+    expected = {"lm-r64-rates": ("lm", 64), "vision-r4-rates": ("vision", 4)}
+    files = {p.stem for p in (root / "benchmarks" / "rank").glob("*-rates.json")}
+    assert files == set(expected)
+    shown_on = {}
     for page in ("results.md", "rank-deficient.md"):
         text = (root / "docs" / page).read_text()
-        shown = text.split("<!-- gate-rates:begin -->\n", 1)[1].split("\n<!-- gate-rates:end -->", 1)[0]
-        assert shown == mod.table(data), page
+        assert text.count("gate-rates:begin") == len(block.findall(text)), f"{page}: a malformed gate-rates block"
+        for m in block.finditer(text):
+            data = json.loads((root / "benchmarks" / "rank" / f"{m['name']}.json").read_text())
+            assert (data["task"], data["rank"]) == expected[m["name"]]
+            assert len(data["runs"]) == 3 * 3 * 5  # methods x rates x seeds
+            assert m["body"] == mod.table(data), f"{page}: {m['name']}"
+            shown_on.setdefault(m["name"], set()).add(page)
+    assert all("rank-deficient.md" in shown_on.get(name, ()) for name in files), shown_on
