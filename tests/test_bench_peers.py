@@ -368,3 +368,4 @@ def test_the_gate_tables_in_the_docs_are_what_gate_rates_prints() -> None:
             assert m["body"] == mod.table(data), f"{page}: {m['name']}"
             shown_on.setdefault(m["name"], set()).add(page)
     assert all("rank-deficient.md" in shown_on.get(name, ()) for name in files), shown_on
+    assert shown_on["lm-r64-rates"] == {"results.md", "rank-deficient.md"}, shown_on  # as before the vision table
