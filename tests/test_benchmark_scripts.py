@@ -219,3 +219,35 @@ def test_gate_rates_runs_small_and_pairs_each_rate_and_each_best_rate(tmp_path, 
     rows = gate_rates.pairs("graph", 8, 1e-2, 3)
     assert [r["pair"] for r in rows] == ["conv1.lin", "conv2.lin"]
     assert all(0 <= r["passed"] <= 1 and 0 <= r["median_ratio"] <= 1 and r["switches"] <= 1 for r in rows)
+
+
+def test_overhead_floor_rows_do_the_defaults_unavoidable_work_and_change_nothing() -> None:
+    """Section (b)'s floor rows: ``default_floor`` runs the default's Grams and kernel (the same
+    transform the default computes) and one pass that leaves every tensor as it was."""
+    import torch
+
+    import reflora
+    import reflora.step
+
+    torch.manual_seed(0)
+    raw = [(torch.nn.Parameter(torch.randn(4, 12)), torch.nn.Parameter(torch.randn(10, 4))) for _ in range(3)]
+    params = [p for pair in raw for p in pair]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [t.clone() for p in params for t in (p.data, p.grad, *opt.state[p].values()) if t.dim() > 0]
+    h = reflora.attach(opt, raw, warmup_steps=10**9)
+    seen = []
+    real = reflora.step.metrics
+    try:
+        reflora.step.metrics = lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
+        overhead.default_floor(h, opt, raw)
+        overhead.grams_floor(h)
+    finally:
+        reflora.step.metrics = real
+    after = [t for p in params for t in (p.data, p.grad, *opt.state[p].values()) if t.dim() > 0]
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
+    (left, right), = seen[0]
+    assert left.shape == (3, 4, 4) and torch.allclose(right @ left, torch.eye(4, dtype=left.dtype).expand(3, 4, 4))
+    h.remove()
