@@ -162,6 +162,10 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="write the runs (with --from-json: the merged parts) here")
     p.add_argument("--pairs", action="store_true", help="where the default's gate acts, pair by pair (one run); no table")
     p.add_argument("--from-json", type=Path, nargs="+", default=None, help="print the table of saved runs; runs nothing")
+    p.add_argument("--warmup-only", type=int, default=None, metavar="W",
+                   help="run only the default with warmup_steps=W (to merge with --from-json into a saved run's table)")
+    p.add_argument("--warmup", type=int, default=None, metavar="W",
+                   help="plain LoRA, the default and the default with warmup_steps=W (in place of resolved=0)")
     args = p.parse_args()
     if args.pairs:
         rows = pairs(args.task, args.rank, args.lrs[0], args.steps)
@@ -176,6 +180,13 @@ def main() -> None:
         if args.json:  # the parts merged into one file
             args.json.write_text(json.dumps(data, separators=(",", ":"), default=float))
     else:
+        if args.warmup_only is not None or args.warmup is not None:
+            if args.warmup_only is not None:
+                METHODS.clear()
+            else:
+                del METHODS["resolved=0 (the paper)"]
+            w = args.warmup if args.warmup_only is None else args.warmup_only
+            METHODS[f"default, warmup_steps={w}"] = ("reflora-param", {"warmup_steps": w})
         t0 = time.perf_counter()
         data = run(args.task, args.rank, args.lrs, args.seeds, args.steps)
         data["seconds"] = time.perf_counter() - t0

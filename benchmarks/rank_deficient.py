@@ -37,6 +37,7 @@ import json
 import math
 import statistics
 from concurrent.futures import ProcessPoolExecutor
+from unittest import mock
 
 import torch
 from torch import nn
@@ -95,7 +96,13 @@ def run(method: str, opt_name: str, lr: float, r: int, k: int, seed: int, batch:
     cfg = METHODS[method]
     if cfg is not None:
         reflora.attach(opt, [(A, B)], **cfg)
+    if method in GAPS:
+        with gap_gate(GAPS[method]):
+            return _train(X, Y, A, B, g, opt, batch, steps, curve)
+    return _train(X, Y, A, B, g, opt, batch, steps, curve)
 
+
+def _train(X, Y, A, B, g, opt, batch: int, steps: int, curve: bool) -> dict:
     def full_loss() -> float:
         with torch.no_grad():
             return float(((X @ A.T @ B.T - Y) ** 2).mean())
@@ -163,6 +170,31 @@ def trace(method: str, opt_name: str, lr: float, r: int, k: int, seed: int = 0,
     return rows
 
 
+def gate_steps(method: str, opt_name: str, lr: float, r: int, k: int, seed: int, batch: int = ROWS) -> list[int]:
+    """The steps (from 1) before which ``B A`` passes the default gate's test, ``sigma_min >= 0.1
+    sigma_max`` over its ``r`` singular values (``--gate-steps``): where the default acts in that
+    run (with ``warmup_steps`` it acts there only after the warmup)."""
+    X, Y, A, B, g = problem(seed, r, k)
+    if opt_name == "sgd-m":
+        opt = torch.optim.SGD([A, B], lr=lr, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW([A, B], lr=lr, weight_decay=0.01 if opt_name == "adamw-wd" else 0.0)
+    cfg = METHODS[method]
+    if cfg is not None:
+        reflora.attach(opt, [(A, B)], **cfg)
+    passed = []
+    for t in range(1, STEPS[-1] + 1):
+        with torch.no_grad():
+            s = torch.linalg.svdvals((B @ A).double())[:r]
+        if s[0] > 0 and s[-1] >= 0.1 * s[0]:
+            passed.append(t)
+        idx = torch.randint(0, ROWS, (batch,), generator=g) if batch < ROWS else slice(None)
+        opt.zero_grad()
+        ((X[idx] @ A.T @ B.T - Y[idx]) ** 2).mean().backward()
+        opt.step()
+    return passed
+
+
 def print_trace(methods: list[str], cells: list[tuple[str, float, int, int]]) -> None:
     for o, lr, r, k in cells:
         print(f"\n--trace: {o} lr={lr:g}, r={r}, k={k}, seed 0, full batch")
@@ -187,13 +219,41 @@ def diverged(res: dict) -> bool:
     return not math.isfinite(last) or last > res["l0"]
 
 
+#: ``gap=X`` methods: the default whose gate also needs every ``sigma_j >= X sigma_{j+1}`` (no gap
+#: in the spectrum of ``B A``); a candidate measured here, not a library option (see ``gap_gate``).
+GAPS: dict[str, float] = {}
+
+
 def _parse_method(m: str) -> None:
     """``resolved=X``: the default with another gate; ``eps=X``: release 0.2's default with a larger
-    dead-direction threshold (balance only the directions above it)."""
+    dead-direction threshold (balance only the directions above it); ``gap=X``: the default with a
+    spectral-gap test added to its gate (:func:`gap_gate`)."""
     if m.startswith("resolved="):
         METHODS[m] = {"resolved": float(m.split("=", 1)[1])}
     elif m.startswith("eps="):
         METHODS[m] = {"space": "parameter", "resolved": 0.0, "eps": float(m.split("=", 1)[1])}
+    elif m.startswith("gap="):
+        METHODS[m], GAPS[m] = {}, float(m.split("=", 1)[1])
+    elif m.startswith("warmup="):
+        METHODS[m] = {"warmup_steps": int(m.split("=", 1)[1])}
+
+
+def gap_gate(ratio: float):
+    """A candidate gate, not shipped (docs/rank-deficient.md, "Stricter gates"): the default's test
+    ``sigma_min >= resolved * sigma_max`` and, besides, no gap in the spectrum (``sigma_j >= ratio *
+    sigma_{j+1}`` for every pair of neighbours), meant to keep the gate shut where ``r - k`` noise
+    directions have grown to a tenth of the task's. Installed for one run over
+    ``reflora._linalg.resolved_gate``, which every form of the kernel calls."""
+    import reflora._linalg as linalg
+
+    base = linalg.resolved_gate
+
+    def gate(sig2: torch.Tensor, resolved: float) -> torch.Tensor:
+        sig = sig2.clamp_min(0.0).sqrt()  # ascending
+        no_gap = (sig[..., :-1] >= ratio * sig[..., 1:]).all(-1)
+        return base(sig2, resolved) & (no_gap | ~torch.isfinite(sig).all(-1))
+
+    return mock.patch.object(linalg, "resolved_gate", gate)
 
 
 def _job(args):
@@ -206,8 +266,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--methods", nargs="+", default=["default"],
                     help=f"methods compared with plain LoRA, or 'all' (choices: {', '.join(m for m in METHODS if m != 'lora')}; "
-                         "also resolved=X, the default with another gate, and eps=X, release 0.2's default with a "
-                         "larger dead-direction threshold)")
+                         "also resolved=X, the default with another gate, eps=X, release 0.2's default with a "
+                         "larger dead-direction threshold, and gap=X, the default with a spectral-gap test added "
+                         "to its gate)")
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     ap.add_argument("--batch", nargs="+", type=int, default=[ROWS, 32], help="rows per step (256: full batch)")
     ap.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16, 32])
@@ -215,6 +276,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=None, help="write every run's losses here")
     ap.add_argument("--plot", default=None, help="directory for loss-curve plots of a few cells")
+    ap.add_argument("--gate-steps", action="store_true",
+                    help="print the steps at which B A passes the default gate's test in the cells where it lost late")
     ap.add_argument("--trace", action="store_true",
                     help="print per-step diagnostics (spectrum, per-direction factor norms, spread, Adam's update) "
                          "of plain LoRA and --methods on two cells (k < r and k = r), then stop")
@@ -227,6 +290,16 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.trace:
         print_trace(methods, [("adamw", 3e-3, 8, 1), ("adamw", 1e-2, 8, 8)])
+        return
+    if args.gate_steps:
+        # the cells where the default lost late (docs/rank-deficient.md): where does its gate pass?
+        for o, lr, r, k, b in [("adamw", 1e-2, 8, 4, ROWS), ("adamw", 1e-2, 8, 4, 32), ("adamw", 1e-2, 4, 2, 32)]:
+            for m in ["lora", *methods]:
+                for seed in range(args.seeds):
+                    steps = gate_steps(m, o, lr, r, k, seed, b)
+                    shown = steps if len(steps) <= 8 else [*steps[:4], "...", *steps[-3:]]
+                    print(f"{o} lr={lr:g} r={r} k={k} batch {b} {m:<14} seed {seed}: passes before "
+                          f"{len(steps)} of {STEPS[-1]} steps: {shown}")
         return
     cells = [(o, lr, r, k, b) for o in args.optimizers for b in args.batch for (r, k) in grid() if r in args.ranks
              for lr in OPTIMIZERS[o]]

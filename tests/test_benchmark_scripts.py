@@ -180,6 +180,23 @@ def test_rank_deficient_benchmark_runs_small(capsys, monkeypatch) -> None:
     assert old[0]["a_rest"] < 0.01 * lora[0]["a_rest"]  # the unneeded directions collapsed
 
 
+def test_rank_deficient_gap_candidate_spans_the_default_and_plain_lora() -> None:
+    """``gap=X`` adds a spectral-gap test to the default's gate: at X = 0 it never shuts (the default,
+    exactly), at X = 1 it always does where the spectrum is not flat (plain LoRA, exactly), and in
+    between it is a third trajectory; the library's gate is restored after each run."""
+    import rank_deficient
+    import reflora._linalg
+
+    before = reflora._linalg.resolved_gate
+    for m in ("gap=0", "gap=1", "gap=0.5"):
+        rank_deficient._parse_method(m)
+    cell = ("adamw", 1e-2, 4, 4, 0, 256, 60)
+    at = {m: rank_deficient.run(m, *cell)["at"][50] for m in ("lora", "default", "gap=0", "gap=1", "gap=0.5")}
+    assert reflora._linalg.resolved_gate is before
+    assert at["gap=0"] == at["default"] and at["gap=1"] == at["lora"] and at["default"] != at["lora"]
+    assert at["gap=0.5"] not in (at["lora"], at["default"])
+
+
 def test_rank_deficient_candidates_script_agrees_with_the_library() -> None:
     import rank_deficient_candidates as cand
 
