@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -37,6 +38,11 @@ METHODS = {
     "plain LoRA": ("lora", None),
     "default (resolved=0.1)": ("reflora-param", None),
     "resolved=0 (the paper)": ("reflora-param", {"resolved": 0.0}),
+}
+#: names written by a session that had made the warmup the default (runs of benchmarks/rank/lm-r8-rates.json)
+RENAMED = {
+    "default (resolved=0.1, warmup 3)": "default, warmup_steps=3",
+    "gate without warmup (warmup_steps=0)": "default (resolved=0.1)",
 }
 
 
@@ -117,9 +123,10 @@ def table(data: dict) -> str:
     low = data["lower_is_better"]
     by = {}
     for r in data["runs"]:
-        by.setdefault((r["name"], r["lr"]), {})[r["seed"]] = r
+        by.setdefault((RENAMED.get(r["name"], r["name"]), r["lr"]), {})[r["seed"]] = r
     lrs = sorted({lr for _, lr in by})
-    names = list(dict.fromkeys(n for n, _ in by))
+    order = [*METHODS, "default, warmup_steps=3"]
+    names = sorted(dict.fromkeys(n for n, _ in by), key=lambda n: order.index(n) if n in order else len(order))
     metric = data["metric"]
 
     def row(name: str, lr: float, base_lr: float) -> str:
@@ -152,6 +159,27 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+BLOCK = re.compile(r"<!-- gate-rates:begin (?P<name>[\w.-]+) -->\n(?P<body>.*?)\n<!-- gate-rates:end (?P=name) -->", re.S)
+
+
+def rewrite_docs(root: Path = Path(__file__).resolve().parent.parent) -> list[str]:
+    """Rewrite every ``<!-- gate-rates:begin NAME -->`` block of ``docs/*.md`` with :func:`table` of
+    ``benchmarks/rank/NAME.json`` (``--docs``); returns the pages changed."""
+    changed = []
+    for page in sorted((root / "docs").glob("*.md")):
+        text = page.read_text()
+
+        def body(m: re.Match) -> str:
+            data = json.loads((root / "benchmarks" / "rank" / f"{m['name']}.json").read_text())
+            return f"<!-- gate-rates:begin {m['name']} -->\n{table(data)}\n<!-- gate-rates:end {m['name']} -->"
+
+        new = BLOCK.sub(body, text)
+        if new != text:
+            page.write_text(new)
+            changed.append(page.name)
+    return changed
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="lm")
@@ -166,7 +194,11 @@ def main() -> None:
                    help="run only the default with warmup_steps=W (to merge with --from-json into a saved run's table)")
     p.add_argument("--warmup", type=int, default=None, metavar="W",
                    help="plain LoRA, the default and the default with warmup_steps=W (in place of resolved=0)")
+    p.add_argument("--docs", action="store_true", help="rewrite the gate-rates tables of docs/*.md from their JSON")
     args = p.parse_args()
+    if args.docs:
+        print("rewrote:", ", ".join(rewrite_docs()) or "nothing (the tables are current)")
+        return
     if args.pairs:
         rows = pairs(args.task, args.rank, args.lrs[0], args.steps)
         print("| pair | steps the gate passed | switches | median sigma_min / sigma_max |\n|---|---|---|---|")

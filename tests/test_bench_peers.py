@@ -353,8 +353,9 @@ def test_the_gate_tables_in_the_docs_are_what_gate_rates_prints() -> None:
     spec = importlib.util.spec_from_file_location("gate_rates", root / "benchmarks" / "gate_rates.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    block = re.compile(r"<!-- gate-rates:begin (?P<name>[\w.-]+) -->\n(?P<body>.*?)\n<!-- gate-rates:end (?P=name) -->", re.S)
-    expected = {"lm-r64-rates": ("lm", 64), "vision-r4-rates": ("vision", 4)}
+    block = mod.BLOCK
+    expected = {"lm-r64-rates": ("lm", 64), "vision-r4-rates": ("vision", 4), "graph-r4-rates": ("graph", 4),
+                "text-r8-rates": ("text", 8), "lm-r8-rates": ("lm", 8)}
     files = {p.stem for p in (root / "benchmarks" / "rank").glob("*-rates.json")}
     assert files == set(expected)
     shown_on = {}
@@ -364,7 +365,10 @@ def test_the_gate_tables_in_the_docs_are_what_gate_rates_prints() -> None:
         for m in block.finditer(text):
             data = json.loads((root / "benchmarks" / "rank" / f"{m['name']}.json").read_text())
             assert (data["task"], data["rank"]) == expected[m["name"]]
-            assert len(data["runs"]) == 3 * 3 * 5  # methods x rates x seeds
+            seeds: dict = {}
+            for r in data["runs"]:  # every method at every rate it ran: seeds 0-4, once each
+                seeds.setdefault((r["name"], r["lr"]), []).append(r["seed"])
+            assert all(sorted(v) == [0, 1, 2, 3, 4] for v in seeds.values()), m["name"]
             assert m["body"] == mod.table(data), f"{page}: {m['name']}"
             shown_on.setdefault(m["name"], set()).add(page)
     assert all("rank-deficient.md" in shown_on.get(name, ()) for name in files), shown_on
