@@ -84,11 +84,8 @@ def problem(seed: int, r: int, k: int):
     return X, X @ W, A, B, g
 
 
-def run(method: str, opt_name: str, lr: float, r: int, k: int, seed: int, batch: int, steps: int | None = None,
-        curve: bool = False) -> dict:
-    """Losses (full data) at ``STEPS`` (and every step with ``curve``) of one run."""
-    steps = steps or STEPS[-1]
-    X, Y, A, B, g = problem(seed, r, k)
+def make_optimizer(method: str, opt_name: str, lr: float, A: nn.Parameter, B: nn.Parameter) -> torch.optim.Optimizer:
+    """The grid's optimizer ``opt_name`` over ``(A, B)``, with RefLoRA attached as ``method`` says."""
     if opt_name == "sgd-m":
         opt = torch.optim.SGD([A, B], lr=lr, momentum=0.9)
     else:
@@ -96,6 +93,15 @@ def run(method: str, opt_name: str, lr: float, r: int, k: int, seed: int, batch:
     cfg = METHODS[method]
     if cfg is not None:
         reflora.attach(opt, [(A, B)], **cfg)
+    return opt
+
+
+def run(method: str, opt_name: str, lr: float, r: int, k: int, seed: int, batch: int, steps: int | None = None,
+        curve: bool = False) -> dict:
+    """Losses (full data) at ``STEPS`` (and every step with ``curve``) of one run."""
+    steps = steps or STEPS[-1]
+    X, Y, A, B, g = problem(seed, r, k)
+    opt = make_optimizer(method, opt_name, lr, A, B)
     if method in GAPS:
         with gap_gate(GAPS[method]):
             return _train(X, Y, A, B, g, opt, batch, steps, curve)
@@ -175,13 +181,7 @@ def gate_steps(method: str, opt_name: str, lr: float, r: int, k: int, seed: int,
     sigma_max`` over its ``r`` singular values (``--gate-steps``): where the default acts in that
     run (with ``warmup_steps`` it acts there only after the warmup)."""
     X, Y, A, B, g = problem(seed, r, k)
-    if opt_name == "sgd-m":
-        opt = torch.optim.SGD([A, B], lr=lr, momentum=0.9)
-    else:
-        opt = torch.optim.AdamW([A, B], lr=lr, weight_decay=0.01 if opt_name == "adamw-wd" else 0.0)
-    cfg = METHODS[method]
-    if cfg is not None:
-        reflora.attach(opt, [(A, B)], **cfg)
+    opt = make_optimizer(method, opt_name, lr, A, B)
     passed = []
     for t in range(1, STEPS[-1] + 1):
         with torch.no_grad():
