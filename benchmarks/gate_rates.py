@@ -46,7 +46,8 @@ RENAMED = {
 }
 
 
-def run(task_name: str, rank: int | None, lrs: list[float], seeds: int, steps: int | None) -> dict:
+def run(task_name: str, rank: int | None, lrs: list[float], seeds: int, steps: int | None,
+        methods: dict[str, tuple[str, dict | None]] = METHODS) -> dict:
     from reflora.bench.runner import run_one
     from reflora.bench.tasks import TASKS
 
@@ -56,7 +57,7 @@ def run(task_name: str, rank: int | None, lrs: list[float], seeds: int, steps: i
     steps = steps or task.full_steps
     runs = []
     for lr in lrs:
-        for name, (method, kw) in METHODS.items():
+        for name, (method, kw) in methods.items():
             for seed in range(seeds):
                 r = run_one(task, method, lr, seed, steps, attach_kw=kw)
                 d = r.as_dict()
@@ -212,15 +213,14 @@ def main() -> None:
         if args.json:  # the parts merged into one file
             args.json.write_text(json.dumps(data, separators=(",", ":"), default=float))
     else:
-        if args.warmup_only is not None or args.warmup is not None:
-            if args.warmup_only is not None:
-                METHODS.clear()
-            else:
-                del METHODS["resolved=0 (the paper)"]
-            w = args.warmup if args.warmup_only is None else args.warmup_only
-            METHODS[f"default, warmup_steps={w}"] = ("reflora-param", {"warmup_steps": w})
+        methods = dict(METHODS)
+        if args.warmup_only is not None:  # the warmup alone, to merge into a saved run
+            methods = {f"default, warmup_steps={args.warmup_only}": ("reflora-param", {"warmup_steps": args.warmup_only})}
+        elif args.warmup is not None:  # the warmup in place of resolved=0
+            del methods["resolved=0 (the paper)"]
+            methods[f"default, warmup_steps={args.warmup}"] = ("reflora-param", {"warmup_steps": args.warmup})
         t0 = time.perf_counter()
-        data = run(args.task, args.rank, args.lrs, args.seeds, args.steps)
+        data = run(args.task, args.rank, args.lrs, args.seeds, args.steps, methods)
         data["seconds"] = time.perf_counter() - t0
         if args.json:
             args.json.write_text(json.dumps(data, separators=(",", ":"), default=float))

@@ -346,7 +346,6 @@ def test_the_gate_tables_in_the_docs_are_what_gate_rates_prints() -> None:
     """Every ``<!-- gate-rates:begin NAME -->`` block is ``gate_rates.table`` of
     ``benchmarks/rank/NAME.json``, and every such file is shown on the rank-deficient page."""
     import importlib.util
-    import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
