@@ -134,7 +134,7 @@ def _worker(a) -> None:
             handle = None
             if mode != "bare":
                 variant, space = mode.split("/")
-                handle = reflora.attach(opt, m, variant=variant, space=space)
+                handle = reflora.attach(opt, m, variant=variant, space=space, warmup_steps=0)  # every step acts
             opt.register_step_pre_hook(lambda *_: marks.__setitem__("t1", time.perf_counter()))
             steps, hooks, comm, ours, waits, moved = [], [], [], [], [], []
             g = torch.Generator().manual_seed(rank)

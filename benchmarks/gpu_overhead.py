@@ -64,6 +64,7 @@ def hook_time(pairs, repeats: int, device: str, per_layer: bool = False, **kw) -
     """Median time of RefLoRA's pre-step hook over ``pairs`` (grouped, or one handle per pair)."""
     params = [p for ab in pairs for p in ab]
     groups = [[ab] for ab in pairs] if per_layer else [pairs]
+    kw.setdefault("warmup_steps", 0)  # every timed call acts (not the default's warmup)
     handles = [reflora.attach(torch.optim.SGD([p for ab in grp for p in ab], lr=0.0), grp, **kw) for grp in groups]
     grads = [p.grad.clone() for p in params]
 

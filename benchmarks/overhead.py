@@ -274,7 +274,8 @@ def training_step(rank: int, repeats: int, layers: int, seq: int, batch: int) ->
                              "default": lambda o, a, k: default_floor(h, opt, raw)}[mode[1]]
                     _hook_timer(h, hook_time[mode], inner)
                 else:
-                    h = reflora.attach(opt, pairs, variant=mode[0], space=mode[1], compile=len(mode) == 3)
+                    # a fresh handle every step: warmup_steps=0, or the default's warmup would time a no-op
+                    h = reflora.attach(opt, pairs, variant=mode[0], space=mode[1], compile=len(mode) == 3, warmup_steps=0)
                     _hook_timer(h, hook_time[mode])
             t0 = time.perf_counter()
             step()
@@ -360,7 +361,7 @@ def small_model(repeats: int, width: int = 256, batch: int = 256, r: int = 4, co
             minimal_hook(model, opt, mode[1])
         elif mode is not None:
             handles[mode] = reflora.attach(opt, model, variant=mode[0], space=mode[1], compile=compile == "kernel",
-                                           interval=interval)
+                                           interval=interval, warmup_steps=0)  # every step timed acts
             if compile != "step":
                 in_step[mode] = _hook_timer(handles[mode])
         opt_step = torch.compile(opt.step) if compile == "step" else opt.step

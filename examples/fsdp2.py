@@ -1,13 +1,14 @@
 """RefLoRA with FSDP2 (``torch.distributed.fsdp.fully_shard``) and a distributed checkpoint.
 
     torchrun --nproc-per-node 2 examples/fsdp2.py --steps 20          # CPU (gloo) or GPUs (nccl)
-    python examples/fsdp2.py --steps 3                                 # one process
+    python examples/fsdp2.py --steps 5                                 # one process
 
 A PEFT Llama built from a small config (nothing is downloaded), LoRA on every linear layer,
 each decoder layer sharded with ``reflora.distributed.lora_shard_placement`` (``lora_A`` along
 its input dimension, so that the full variant stays shard-local), bf16 compute with fp32
 gradient reduction, RefLoRA attached to AdamW. Prints the loss and the bytes RefLoRA
-communicated per step; ``--checkpoint DIR`` saves model, optimizer and RefLoRA's state with
+communicated per step (nothing in the first three: the default waits three steps where its
+resolution gate is on, docs/rank-deficient.md); ``--checkpoint DIR`` saves model, optimizer and RefLoRA's state with
 ``torch.distributed.checkpoint`` at the end and loads them back.
 """
 

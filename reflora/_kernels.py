@@ -39,6 +39,7 @@ from reflora._linalg import (
 )
 
 __all__ = [
+    "DEFAULT_GATE_WARMUP",
     "DEFAULT_RESOLVED",
     "FRAMES",
     "SECOND_MOMENT_RULES",
@@ -154,6 +155,13 @@ def check_resolved(resolved: object, variant: str = "full", solver: str = "eigh"
 
 #: The default resolution gate of the full variant with ``solver="eigh"`` (``attach(resolved=None)``).
 DEFAULT_RESOLVED = 0.1
+
+#: The default warmup where the resolution gate is on (``attach(warmup_steps=None)``): RefLoRA
+#: first acts at the fourth optimizer step. After Adam's first step from ``B = 0`` every entry of
+#: ``B`` has moved by about ``lr``, so ``B A`` has a flat spectrum that passes the gate for a
+#: step or two before the task's own spectrum forms; acting there is what made the gated default
+#: lose late in the rank-deficient grid (docs/rank-deficient.md, "The warmup").
+DEFAULT_GATE_WARMUP = 3
 
 
 def resolve_resolved(resolved: object, variant: str, solver: str) -> float:

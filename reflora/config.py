@@ -17,6 +17,7 @@ from typing import Any, Iterable, Literal
 import torch
 
 from reflora._kernels import (
+    DEFAULT_GATE_WARMUP,
     SECOND_MOMENT_RULES,
     UnstableOptionWarning,
     check_eps,
@@ -57,21 +58,23 @@ class RefLoRAConfig:
     The fields are the keyword arguments of :func:`reflora.attach` (see there for what each one
     means). ``__post_init__`` checks every option, in a fixed order, and resolves the defaults
     that depend on others: ``frame=None`` (``"paper"`` with ``solver="eigh"``, ``"symmetric"``
-    with ``"newton_schulz"``) and ``resolved=None`` (0.1 for the full variant with ``"eigh"``,
-    else 0). ``space`` may stay ``"auto"`` until the optimizer is known
+    with ``"newton_schulz"``), ``resolved=None`` (0.1 for the full variant with ``"eigh"``,
+    else 0) and ``warmup_steps=None`` (3 where that gate is on, else 0). ``space`` may stay ``"auto"`` until the optimizer is known
     (:meth:`with_space`). ``eps=None`` stays ``None``: it depends on the factors' dtype
     (:meth:`eps_for`).
 
     Example:
         >>> from reflora.config import RefLoRAConfig
         >>> cfg = RefLoRAConfig(variant="full", solver="newton_schulz")
-        >>> cfg.frame, cfg.resolved
-        ('symmetric', 0.0)
+        >>> cfg.frame, cfg.resolved, cfg.warmup_steps
+        ('symmetric', 0.0, 0)
+        >>> RefLoRAConfig().warmup_steps
+        3
     """
 
     variant: Literal["full", "scalar"] = "full"
     space: Space = "auto"
-    warmup_steps: int = 0
+    warmup_steps: int | None = None
     interval: int = 1
     eps: float | None = None
     second_moment: Literal["square", "keep", "reset"] = "square"
@@ -87,7 +90,8 @@ class RefLoRAConfig:
         set_("variant", check_variant(self.variant))
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}; got {self.space!r}")
-        check_int("warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps is not None:
+            check_int("warmup_steps", self.warmup_steps, 0)
         check_int("interval", self.interval, 1)
         check_int("diagnostics_interval", self.diagnostics_interval, 0)
         if not isinstance(self.compile, bool):
@@ -100,6 +104,8 @@ class RefLoRAConfig:
         if self.eps is not None:
             set_("eps", check_eps(self.eps, torch.float64))
         set_("resolved", resolve_resolved(self.resolved, self.variant, solver))
+        if self.warmup_steps is None:  # the gate's warmup where the gate is on (DEFAULT_GATE_WARMUP)
+            set_("warmup_steps", DEFAULT_GATE_WARMUP if self.resolved > 0 else 0)
         if self.rank_above_size not in RANK_ABOVE_SIZE:
             raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {self.rank_above_size!r}")
 

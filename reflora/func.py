@@ -53,7 +53,8 @@ Where this deviates from ``attach`` and from ``torch.optim`` (also in docs/func.
 * **Cost of warmup and interval.** Gating with ``torch.where`` means the ``r x r`` kernel runs
   every step, also during warmup and between refreshes, and its result is discarded there (as in
   ``attach``'s compiled steps): ``interval > 1`` changes what is applied, not what is computed.
-  With ``warmup_steps=0`` and ``interval=1`` nothing is gated.
+  With ``warmup_steps=0`` and ``interval=1`` nothing is gated (the default warmup is 3 steps
+  where the resolution gate is on, see :func:`reflora.attach`).
 * **Kernel.** Always the general kernel; ``attach``'s eager CPU shortcut (two ``eigh`` for
   all-live pairs) needs a host sync to decide. Same answer to round-off.
 * **Every parameter has a gradient.** ``grads`` must hold every key of ``params`` (what
@@ -599,7 +600,7 @@ class FunctionalOptimizer:
 
 
 def _make(
-    pairs: Any, base: str, lr: float, hyper: dict[str, Any], *, variant: str, space: str, warmup_steps: int,
+    pairs: Any, base: str, lr: float, hyper: dict[str, Any], *, variant: str, space: str, warmup_steps: int | None,
     interval: int, second_moment: str, frame: str | None, solver: str, reflora_eps: float | None,
     rank_above_size: str, resolved: float | None,
 ) -> FunctionalOptimizer:
@@ -625,7 +626,7 @@ def adamw(
     amsgrad: bool = False,
     variant: Literal["full", "scalar"] = "full",
     space: Literal["auto", "gradient", "parameter"] = "auto",
-    warmup_steps: int = 0,
+    warmup_steps: int | None = None,
     interval: int = 1,
     second_moment: Literal["square", "keep", "reset"] = "square",
     frame: Literal["paper", "symmetric"] | None = None,
@@ -680,7 +681,7 @@ def sgd(
     nesterov: bool = False,
     variant: Literal["full", "scalar"] = "full",
     space: Literal["auto", "gradient", "parameter"] = "auto",
-    warmup_steps: int = 0,
+    warmup_steps: int | None = None,
     interval: int = 1,
     second_moment: Literal["square", "keep", "reset"] = "square",
     frame: Literal["paper", "symmetric"] | None = None,

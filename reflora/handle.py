@@ -514,15 +514,29 @@ class RefLoRAHandle:
             "cached": cached,
         }
 
+    def _same_schedule_from(self, state: dict[str, Any]) -> bool:
+        """Whether a checkpoint saved with another ``warmup_steps`` acts at the same steps as this
+        handle from its ``step_count`` on: both warmups over, and the same phase of ``interval``.
+        (Checkpoints of runs that left ``warmup_steps`` at its default before it became 3 where
+        the gate is on then load with the new default.)"""
+        w0, w1, t = int(state["warmup_steps"]), self.warmup_steps, int(state["step_count"])
+        return state["interval"] == self.interval and t >= max(w0, w1) and (w0 - w1) % self.interval == 0
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the configuration must match this handle's."""
         if not isinstance(state, dict) or "step_count" not in state:
             raise TypeError("state must be a dict returned by RefLoRAHandle.state_dict()")
         for key in ("variant", "space", "warmup_steps", "interval"):
+            if key == "warmup_steps" and self._same_schedule_from(state):
+                continue  # another warmup, but over: both act at the same steps from here on
             if state[key] != getattr(self, key):
                 # space="auto" became the default in place of "gradient": name the fix
                 hint = (f" (space={state[key]!r} explicitly; the default space='auto' picks by optimizer, "
                         "see reflora.default_space)" if key == "space" else "")
+                if key == "warmup_steps":  # the default became 3 where the gate is on (0.3.0: 0)
+                    hint = (f" (warmup_steps={state[key]!r} explicitly; the default warmup_steps=None is 3 where "
+                            "the resolution gate is on; a checkpoint of another warmup loads only once both "
+                            "warmups are over and the phase of interval agrees)")
                 raise ValueError(
                     f"checkpoint was saved with {key}={state[key]!r} but this handle has "
                     f"{key}={getattr(self, key)!r}; attach with the same settings to resume{hint}"

@@ -85,7 +85,7 @@ def attach(
     *,
     variant: Literal["full", "scalar"] = "full",
     space: Space = "auto",
-    warmup_steps: int = 0,
+    warmup_steps: int | None = None,
     interval: int = 1,
     eps: float | None = None,
     second_moment: Literal["square", "keep", "reset"] = "square",
@@ -114,7 +114,11 @@ def attach(
             the choice), ``"gradient"`` (precondition gradients; any optimizer) or ``"parameter"``
             (refactor the factors and transport the optimizer state; needs a registered
             transport, see :func:`reflora.transport.register_state_transport`).
-        warmup_steps: optimizer steps before RefLoRA starts (not needed for ``B = 0`` inits).
+        warmup_steps: optimizer steps before RefLoRA starts. ``None`` (default): 3 where the
+            resolution gate is on (``resolved > 0``: the full variant with ``solver="eigh"``),
+            else 0. After Adam's first step from ``B = 0`` the product's spectrum is flat for a
+            step or two, passes the gate, and acting on it costs late progress where the task
+            needs fewer directions than the rank (docs/rank-deficient.md, "The warmup").
         interval: act every ``interval`` optimizer steps.
         eps: dead-direction threshold of the core (``None``: 1.4e-14, see
             :func:`reflora.functional.refactor_transform`).

@@ -16,6 +16,9 @@ Scenarios (``python distributed_worker.py <scenario> <json args>``):
   training (the uninterrupted run), then rebuild everything, load, train on and compare. With
   ``world_size == 1`` it loads a checkpoint written by 2 processes into a plain (unsharded) model.
 
+Every scenario attaches with ``warmup_steps=0``: they run a few steps each and test the step's
+mechanics from step 1 (the default waits 3 steps where the resolution gate is on).
+
 Results go to ``$REFLORA_OUT/rank<k>.pt``; the test module asserts on them.
 """
 
@@ -330,7 +333,7 @@ def train_mode(kind, variant, space, opt_name, steps, placement, mp, frame):
         if variant == "none":  # the bare optimizer: the test's own baseline of FSDP vs one process
             handle = reflora.attach(opt, model, warmup_steps=10**9)
         else:
-            handle = reflora.attach(opt, model, variant=variant, space=space, frame=frame)
+            handle = reflora.attach(opt, model, variant=variant, space=space, frame=frame, warmup_steps=0)
     except reflora.distributed.ShardingError as e:
         recorder.restore()
         result["attach_error"] = str(e)
@@ -421,7 +424,7 @@ def dcp_config(args, index, cfg):
     def setup(seed):
         model = wrap(build_model(seed), "fsdp" if WORLD > 1 else "single", "lora", False)
         opt = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad])
-        handle = reflora.attach(opt, model, variant=variant, space=space, interval=interval)
+        handle = reflora.attach(opt, model, variant=variant, space=space, interval=interval, warmup_steps=0)
         return model, opt, handle
 
     def train(model, opt, handle, start, stop):
@@ -496,7 +499,7 @@ def scenario_placements(args):
                     A, B = nn.Parameter(A0.clone()), nn.Parameter(B0.clone())
                 whole = (lambda t: t.full_tensor()) if sharded else (lambda t: t)
                 opt = torch.optim.AdamW([A, B], lr=1e-2)
-                reflora.attach(opt, [(A, B)], variant=variant, space=space)
+                reflora.attach(opt, [(A, B)], variant=variant, space=space, warmup_steps=0)
                 reflora.distributed.comm_stats().reset()
                 for _ in range(3):
                     opt.zero_grad()
@@ -540,7 +543,7 @@ def deepspeed_mode(stage, ga, mode, steps):
     engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     res = {"mode": f"{variant}/{space}/{opt_name}", "stage": stage, "ga": ga, "wrapper": type(ds_opt).__name__}
     try:
-        handle = reflora.attach(ds_opt, model, variant=variant, space=space)
+        handle = reflora.attach(ds_opt, model, variant=variant, space=space, warmup_steps=0)
     except reflora.UnsupportedOptimizerError as e:
         res["attach_error"] = str(e)
         return res
@@ -614,7 +617,7 @@ def conv_run(variant: str | None, space: str, opt_name: str, steps: int, sharded
         fully_shard(model, shard_placement_fn=place)
         placements = {n: str(p.placements) for n, p in model.named_parameters() if "lora_" in n}
     opt = make_optimizer(opt_name, [p for p in model.parameters() if p.requires_grad])
-    handle = reflora.attach(opt, model, variant=variant, space=space) if variant else None
+    handle = reflora.attach(opt, model, variant=variant, space=space, warmup_steps=0) if variant else None
     products = _regression_steps(model, opt, handle, steps, 2000, (8, 6, 6), (8, 6, 6), sharded)
     return {"products": products, "placements": placements, "pairs": len(products[0]),
             "layouts": [p.layout for p in find_pairs(model)]}
@@ -679,7 +682,7 @@ def qlora_run(variant: str | None, space: str, opt_name: str, steps: int, sharde
         fully_shard(model)
         kinds = {n: f"{type(p).__name__} {getattr(p, 'placements', '')}" for n, p in model.named_parameters()}
     opt = make_optimizer(opt_name, [p for p in model.parameters() if p.requires_grad])
-    handle = reflora.attach(opt, model, variant=variant, space=space) if variant else None
+    handle = reflora.attach(opt, model, variant=variant, space=space, warmup_steps=0) if variant else None
     products = _regression_steps(model, opt, handle, steps, 3000, (16,), (8,), sharded)
     base_after = [full(b.base_layer.weight.detach()) for b in blocks]
     return {"products": products, "kinds": kinds, "pairs": len(products[0]),

@@ -29,7 +29,7 @@ STEPS = 8
 CHECKPOINT_AT = 4
 
 MODES = [("full", "gradient"), ("full", "parameter"), ("scalar", "gradient"), ("scalar", "parameter")]
-SCHEDULES = {"plain": {}, "warmup2-interval3": {"warmup_steps": 2, "interval": 3}}
+SCHEDULES = {"plain": {"warmup_steps": 0}, "warmup2-interval3": {"warmup_steps": 2, "interval": 3}}
 BASES = ("adamw", "sgd")
 
 

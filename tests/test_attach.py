@@ -87,7 +87,7 @@ def test_full_gradient_sgd_matches_independent_preconditioned_gd() -> None:
 
     A, B = nn.Parameter(A0.clone()), nn.Parameter(B0.clone())
     opt = torch.optim.SGD([A, B], lr=lr)
-    attach(opt, [(A, B)], variant="full", space="gradient")
+    attach(opt, [(A, B)], variant="full", space="gradient", warmup_steps=0)  # the form from step 1
     a, b = A0.clone(), B0.clone()
     for _ in range(20):
         opt.zero_grad()
@@ -250,7 +250,7 @@ def test_registered_custom_transport_is_used() -> None:
 
     net = LoRANet()
     opt = MomentumOnly(net.parameters(), lr=1e-3, momentum=0.9)
-    attach(opt, net.pairs(), space="parameter")  # inherits SGD's registration through the MRO
+    attach(opt, net.pairs(), space="parameter", warmup_steps=0)  # inherits SGD's registration through the MRO
     train(net, opt, 3)
 
     class Odd(torch.optim.Optimizer):
@@ -268,7 +268,7 @@ def test_registered_custom_transport_is_used() -> None:
     register_state_transport(Odd, {"momentum": "first"})
     net = LoRANet()
     opt = Odd(net.parameters())
-    attach(opt, net.pairs(), space="parameter")
+    attach(opt, net.pairs(), space="parameter", warmup_steps=0)
     train(net, opt, 1)
     with pytest.raises(KeyError, match="holds state 'weird'"):
         train(net, opt, 1)
@@ -290,8 +290,9 @@ def test_multiple_adapters_and_double_attach() -> None:
 @pytest.mark.parametrize("space", ["gradient", "parameter"])
 def test_compiled_kernel_matches_eager_without_recompiling(space) -> None:
     torch._dynamo.reset()
-    net, opt, _ = setup("AdamW", "full", space, compile=True)
-    ref, ref_opt, _ = setup("AdamW", "full", space)
+    # warmup_steps=0: the kernel compiles at step 1, so steps 3-5 must not recompile
+    net, opt, _ = setup("AdamW", "full", space, compile=True, warmup_steps=0)
+    ref, ref_opt, _ = setup("AdamW", "full", space, warmup_steps=0)
     train(net, opt, 2)
     train(ref, ref_opt, 2)
     with torch.compiler.set_stance("fail_on_recompile"):

@@ -193,7 +193,7 @@ QUALIFIED = f"{RowMoment.__module__}.RowMoment"
 def test_spec_kind_on_non_parameter_shaped_state_raises_before_anything_changes() -> None:
     net = LoRANet()
     opt = RowMoment(net.parameters())
-    handle = attach(opt, net.pairs(), variant="full", space="parameter")
+    handle = attach(opt, net.pairs(), variant="full", space="parameter", warmup_steps=0)
     train(net, opt, 1)  # the first refactor finds no state yet; the step creates it
     opt.zero_grad()
     net.loss().backward()
@@ -427,12 +427,12 @@ def test_checkpoint_moves_between_wrapped_and_bare_models(kind, direction, reque
 def test_older_checkpoints_with_wrapper_prefixes_still_load() -> None:
     model = _model(0)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    handle = attach(opt, model, interval=2)
+    handle = attach(opt, model, interval=2, warmup_steps=0)
     _fit(model, opt, 3)
     state = handle.state_dict()
     old = dict(state, pair_names=[f"module._orig_mod.{n}" for n in state["pair_names"]])
     old["cache"] = {f"module.{k}": v for k, v in state["cache"].items()}
-    handle2 = attach(torch.optim.SGD(model.parameters(), lr=1e-2), model, interval=2)
+    handle2 = attach(torch.optim.SGD(model.parameters(), lr=1e-2), model, interval=2, warmup_steps=0)
     handle2.load_state_dict(old)
     assert handle2.step_count == 3 and sorted(handle2._cache) == [0, 1]
 
@@ -508,3 +508,28 @@ def test_diagnostics_under_deepspeed_zero_is_an_error_naming_diagnose() -> None:
     wrapper.optimizer = torch.optim.AdamW([A, B])
     with pytest.raises(ValueError, match=r"diagnostics_interval under DeepSpeed ZeRO.*diagnose\(pairs\)"):
         attach(wrapper, [(A, B)], space="gradient", diagnostics_interval=5)
+
+
+def test_checkpoints_of_another_warmup_load_once_both_warmups_are_over() -> None:
+    # 0.3.0's default acted from step 1 (warmup_steps=0); today's waits 3 steps where the gate is
+    # on. A checkpoint taken after both warmups acts at the same steps either way: it loads.
+    def handle(**kw):
+        net = LoRANet(seed=0)
+        return attach(torch.optim.AdamW(list(net.parameters()), lr=1e-2), net.pairs(), **kw)
+
+    saved = handle(warmup_steps=0).state_dict()
+    assert handle().warmup_steps == 3
+    for steps, ok in ((2, False), (3, True), (7, True)):
+        state = dict(saved, step_count=steps)
+        if ok:
+            h = handle()
+            h.load_state_dict(state)
+            assert h.step_count == steps and h.warmup_steps == 3
+        else:  # step 3 would act under warmup_steps=0 and not under the default: refused, with the fix
+            with pytest.raises(ValueError, match=r"warmup_steps=0 but this handle has warmup_steps=3.*warmup_steps=0 explicitly"):
+                handle().load_state_dict(state)
+    # with interval=2, warmups 0 and 3 act on steps of opposite parity: refused
+    odd = dict(handle(warmup_steps=0, interval=2).state_dict(), step_count=10)
+    with pytest.raises(ValueError, match="warmup_steps=0 but this handle has warmup_steps=3"):
+        handle(interval=2).load_state_dict(odd)
+    handle(interval=2, warmup_steps=2).load_state_dict(odd)  # warmups 0 and 2: the same phase

@@ -162,18 +162,25 @@ def test_distributed_benchmark_runs_small_on_two_processes(capsys) -> None:
     assert [int(g[0]) for g in growth] == [8, 16, 32, 64, 128, 256, 512, 1024]
 
 
-def test_rank_deficient_benchmark_runs_small(capsys, monkeypatch) -> None:
-    """The grid script prints its ratio table and summary; --trace's diagnostics show the mechanism
-    (release 0.2's default puts the top direction on one coordinate, plain LoRA spreads it)."""
+def test_rank_deficient_benchmark_runs_small(capsys, monkeypatch, tmp_path) -> None:
+    """The grid script prints its ratio table, summary and table by regime, and prints them again
+    from its JSON; --trace's diagnostics show the mechanism (release 0.2's default puts the top
+    direction on one coordinate, plain LoRA spreads it)."""
     import rank_deficient
 
     monkeypatch.setattr(rank_deficient, "STEPS", (2, 4, 8))  # the table's machinery, not its numbers
     monkeypatch.setattr(sys, "argv", ["rank_deficient.py", "--seeds", "1", "--ranks", "4", "--optimizers", "adamw",
-                                      "--batch", "256", "--workers", "1", "--methods", "default", "full/parameter/r0"])
+                                      "--batch", "256", "--workers", "1", "--methods", "default", "full/parameter/r0",
+                                      "--json", str(tmp_path / "grid.json")])
     rank_deficient.main()
     out = capsys.readouterr().out
     assert "Summary over 3 cells" not in out  # r = 4 has k in {1, 2, 4}, three rates: nine cells
     assert "Summary over 9 cells" in out and "default" in out and "full/parameter/r0" in out
+    regimes = [line for line in out.splitlines() if line.startswith("| adamw | full |")]
+    assert [line.split(" | ")[2:4] for line in regimes] == [["k < r", "6"], ["k = r", "3"]]
+    monkeypatch.setattr(sys, "argv", ["rank_deficient.py", "--from-json", str(tmp_path / "grid.json")])
+    rank_deficient.main()
+    assert capsys.readouterr().out == out
     lora = rank_deficient.trace("lora", "adamw", 3e-3, 8, 1, at=(5,))
     old = rank_deficient.trace("full/parameter/r0", "adamw", 3e-3, 8, 1, at=(5,))
     assert lora[0]["spread"] > 4 and old[0]["spread"] < 1.5
@@ -228,7 +235,18 @@ def test_gate_rates_runs_small_and_pairs_each_rate_and_each_best_rate(tmp_path, 
     assert (data["task"], data["rank"], data["steps"]) == ("graph", 8, 2) and len(data["runs"]) == 3 * 2 * 2
     assert out.strip() == gate_rates.table(data).strip()
     assert "**graph, r = 8, 2 steps**" in out and out.count("| plain LoRA |") == 3  # two rates, then the best
-    assert out.count("| default (resolved=0.1) |") == 3 and out.count("| resolved=0 (the paper) |") == 3
+    assert out.count("| default (resolved=0.1, warmup 3) |") == 3 and out.count("| resolved=0 (the paper) |") == 3
+    # runs saved before the default's warmup show under today's names (the default of then is the
+    # gate without warmup, and "default, warmup_steps=3" the default of now); --methods picks what runs
+    then = {"default (resolved=0.1, warmup 3)": "default, warmup_steps=3", "resolved=0 (the paper)": "default (resolved=0.1)"}
+    old = dict(data, runs=[dict(r, name=then.get(r["name"], r["name"])) for r in data["runs"]])
+    assert gate_rates.table(old) == gate_rates.table(data).replace("resolved=0 (the paper)",
+                                                                 "gate without warmup (warmup_steps=0)")
+    monkeypatch.setattr(sys, "argv", ["gate_rates.py", "--task", "graph", "--rank", "8", "--lrs", "1e-2", "--seeds", "1",
+                                      "--steps", "2", "--methods", "lora", "no-warmup"])
+    gate_rates.main()
+    out2 = capsys.readouterr().out
+    assert "| gate without warmup (warmup_steps=0) |" in out2 and "| resolved=0 (the paper) |" not in out2
     assert "Each method at its own best rate (chosen on the validation split)" in out
     with pytest.raises(SystemExit, match="different tasks"):
         gate_rates.merge([data, dict(data, rank=4)])

