@@ -1,5 +1,6 @@
-"""The resolution gate at every rate: plain LoRA, the default (``resolved=0.1``) and the paper's
-``resolved=0`` on one bench task at one rank, over a grid of learning rates, all in one run.
+"""The resolution gate at every rate: plain LoRA, the default (``resolved=0.1`` and its 3-step
+warmup), the gate without that warmup and the paper's ``resolved=0`` (``--methods``) on one bench
+task at one rank, over a grid of learning rates, all in one run.
 
 Issue 17 asks two things of the default that pull against each other at the same nominal rate:
 never slower than plain LoRA where the task needs fewer directions than the rank, and as stable as
@@ -12,6 +13,7 @@ rate, chosen on the validation split (paired with plain LoRA at *its* best rate)
     python benchmarks/gate_rates.py --task lm --rank 64 --lrs 1e-3 3e-3 --json benchmarks/rank/lm-r64-rates.json
     python benchmarks/gate_rates.py --task vision --rank 4 --lrs 1e-3 3e-3 1e-2 --json benchmarks/rank/vision-r4-rates.json
     python benchmarks/gate_rates.py --from-json benchmarks/rank/lm-r64-rates.json   # print again
+    python benchmarks/gate_rates.py --task text --rank 64 --lrs 3e-3 --methods lora default no-warmup --json benchmarks/rank/text-r64-rates.json
 
 ``--lrs`` may be split over processes (one JSON each); ``--from-json`` merges them (and ``--json``
 with it writes the merged file).
@@ -33,21 +35,23 @@ import re
 import time
 from pathlib import Path
 
-#: name -> (bench method, extra attach options)
+#: short key -> (name in the tables, bench method, extra attach options)
 METHODS = {
-    "plain LoRA": ("lora", None),
-    "default (resolved=0.1)": ("reflora-param", None),
-    "resolved=0 (the paper)": ("reflora-param", {"resolved": 0.0}),
+    "lora": ("plain LoRA", "lora", None),
+    "default": ("default (resolved=0.1, warmup 3)", "reflora-param", None),
+    "no-warmup": ("gate without warmup (warmup_steps=0)", "reflora-param", {"warmup_steps": 0}),
+    "paper": ("resolved=0 (the paper)", "reflora-param", {"resolved": 0.0}),
 }
-#: names written by a session that had made the warmup the default (runs of benchmarks/rank/lm-r8-rates.json)
+#: names in runs saved before the default's 3-step warmup (2026-12-03) -> their names now: the
+#: default of then is the gate without warmup; "default, warmup_steps=3" runs were the default of now
 RENAMED = {
-    "default (resolved=0.1, warmup 3)": "default, warmup_steps=3",
-    "gate without warmup (warmup_steps=0)": "default (resolved=0.1)",
+    "default (resolved=0.1)": METHODS["no-warmup"][0],
+    "default, warmup_steps=3": METHODS["default"][0],
 }
 
 
 def run(task_name: str, rank: int | None, lrs: list[float], seeds: int, steps: int | None,
-        methods: dict[str, tuple[str, dict | None]] = METHODS) -> dict:
+        methods: list[str] = ("lora", "default", "paper")) -> dict:  # type: ignore[assignment]
     from reflora.bench.runner import run_one
     from reflora.bench.tasks import TASKS
 
@@ -57,7 +61,7 @@ def run(task_name: str, rank: int | None, lrs: list[float], seeds: int, steps: i
     steps = steps or task.full_steps
     runs = []
     for lr in lrs:
-        for name, (method, kw) in methods.items():
+        for name, method, kw in (METHODS[m] for m in methods):
             for seed in range(seeds):
                 r = run_one(task, method, lr, seed, steps, attach_kw=kw)
                 d = r.as_dict()
@@ -126,7 +130,7 @@ def table(data: dict) -> str:
     for r in data["runs"]:
         by.setdefault((RENAMED.get(r["name"], r["name"]), r["lr"]), {})[r["seed"]] = r
     lrs = sorted({lr for _, lr in by})
-    order = [*METHODS, "default, warmup_steps=3"]
+    order = [name for name, _, _ in METHODS.values()]
     names = sorted(dict.fromkeys(n for n, _ in by), key=lambda n: order.index(n) if n in order else len(order))
     metric = data["metric"]
 
@@ -191,10 +195,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="write the runs (with --from-json: the merged parts) here")
     p.add_argument("--pairs", action="store_true", help="where the default's gate acts, pair by pair (one run); no table")
     p.add_argument("--from-json", type=Path, nargs="+", default=None, help="print the table of saved runs; runs nothing")
-    p.add_argument("--warmup-only", type=int, default=None, metavar="W",
-                   help="run only the default with warmup_steps=W (to merge with --from-json into a saved run's table)")
-    p.add_argument("--warmup", type=int, default=None, metavar="W",
-                   help="plain LoRA, the default and the default with warmup_steps=W (in place of resolved=0)")
+    p.add_argument("--methods", nargs="+", default=["lora", "default", "paper"], choices=list(METHODS),
+                   help="lora, default, no-warmup (the gate without the default's warmup), paper (resolved=0)")
     p.add_argument("--docs", action="store_true", help="rewrite the gate-rates tables of docs/*.md from their JSON")
     args = p.parse_args()
     if args.docs:
@@ -213,14 +215,8 @@ def main() -> None:
         if args.json:  # the parts merged into one file
             args.json.write_text(json.dumps(data, separators=(",", ":"), default=float))
     else:
-        methods = dict(METHODS)
-        if args.warmup_only is not None:  # the warmup alone, to merge into a saved run
-            methods = {f"default, warmup_steps={args.warmup_only}": ("reflora-param", {"warmup_steps": args.warmup_only})}
-        elif args.warmup is not None:  # the warmup in place of resolved=0
-            del methods["resolved=0 (the paper)"]
-            methods[f"default, warmup_steps={args.warmup}"] = ("reflora-param", {"warmup_steps": args.warmup})
         t0 = time.perf_counter()
-        data = run(args.task, args.rank, args.lrs, args.seeds, args.steps, methods)
+        data = run(args.task, args.rank, args.lrs, args.seeds, args.steps, args.methods)
         data["seconds"] = time.perf_counter() - t0
         if args.json:
             args.json.write_text(json.dumps(data, separators=(",", ":"), default=float))

@@ -25,8 +25,10 @@ second-moment rules, ``symmetric`` the symmetric frame, ``ns`` the Newton-Schulz
 
 Run: ``python benchmarks/rank_deficient.py`` (default vs plain LoRA, 5 seeds, the whole grid,
 about 10 minutes on 2 cores); ``--methods all --seeds 3`` for the safety sweep over every
-option; ``--plot DIR`` writes loss curves of a few cells; ``--trace --methods full/parameter/r0 default``
-prints the per-step diagnostics behind ``docs/rank-deficient.md``.
+option; ``--plot DIR`` writes loss curves of a few cells; ``--json F`` saves every run and
+``--from-json F`` prints the report again (the ratio tables, the summary and a Markdown table by
+regime); ``--trace --methods full/parameter/r0 default`` prints the per-step diagnostics behind
+``docs/rank-deficient.md``.
 """
 
 from __future__ import annotations
@@ -276,6 +278,7 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=1.2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=None, help="write every run's losses here")
+    ap.add_argument("--from-json", default=None, help="print the report of runs saved with --json; runs nothing")
     ap.add_argument("--plot", default=None, help="directory for loss-curve plots of a few cells")
     ap.add_argument("--gate-steps", action="store_true",
                     help="print the steps at which B A passes the default gate's test in the cells where it lost late")
@@ -283,6 +286,9 @@ def main() -> None:
                     help="print per-step diagnostics (spectrum, per-direction factor norms, spread, Adam's update) "
                          "of plain LoRA and --methods on two cells (k < r and k = r), then stop")
     args = ap.parse_args()
+    if args.from_json:
+        report(*load(args.from_json), args.tolerance)
+        return
     methods = [m for m in METHODS if m != "lora"] if args.methods == ["all"] else args.methods
     for m in methods:
         _parse_method(m)
@@ -323,6 +329,10 @@ def report(cells, methods, seeds, results, tol) -> None:
     divs = {m: 0 for m in methods}
     worst = {m: (0.0, None) for m in methods}
     wins = {m: 0 for m in methods}
+    by_cell: dict = {}  # (method, cell) -> (over tolerance, diverged, ahead, worst ratio)
+    regimes: dict = {}  # (optimizer, batch, k == r) -> cells
+    for c in cells:
+        regimes.setdefault((c[0], c[4], c[2] == c[3]), []).append(c)
     for o, b in itertools.product(dict.fromkeys(c[0] for c in cells), dict.fromkeys(c[4] for c in cells)):
         rows = [c for c in cells if c[0] == o and c[4] == b]
         if not rows:
@@ -346,6 +356,7 @@ def report(cells, methods, seeds, results, tol) -> None:
                 divs[m] += div
                 wins[m] += ratio[STEPS[-1]] < 1 / tol
                 top = max(ratio.values())
+                by_cell[(m, (o, lr, r, k, b))] = (bad, div, ratio[STEPS[-1]] < 1 / tol, top)
                 if top > worst[m][0]:
                     worst[m] = (top, (o, b, r, k, lr))
                 flag = " DIV" if div else (" FAIL" if bad else "")
@@ -356,6 +367,31 @@ def report(cells, methods, seeds, results, tol) -> None:
         w = worst[m]
         print(f"  {m:<22} cells over tolerance: {fails[m]:>3}   diverged where LoRA did not: {divs[m]:>3}   "
               f"ahead by > {tol}x at step {STEPS[-1]}: {wins[m]:>3}   worst ratio {w[0]:.2f} at {w[1]}")
+    print(f"\nBy regime (each method: cells over {tol}x / diverged / ahead by > {tol}x at step {STEPS[-1]} / worst ratio):\n")
+    print("| optimizer | batch | regime | cells | " + " | ".join(methods) + " |")
+    print("|---|---|---|---|" + "---|" * len(methods))
+    for (o, b, full), rows in regimes.items():
+        cols = []
+        for m in methods:
+            st = [by_cell[(m, c)] for c in rows]
+            cols.append(f"{sum(x[0] for x in st)} / {sum(x[1] for x in st)} / {sum(x[2] for x in st)} / "
+                        f"{_fmt(max(x[3] for x in st))}")
+        print(f"| {o} | {'full' if b >= ROWS else f'minibatch {b}'} | {'k = r' if full else 'k < r'} | {len(rows)} | "
+              + " | ".join(cols) + " |")
+
+
+def load(path: str) -> tuple[list, list[str], int, dict]:
+    """``report``'s arguments from a file written by ``--json`` (cells and methods in run order)."""
+    with open(path) as f:
+        rows = json.load(f)
+    results = {}
+    for row in rows:
+        key = tuple(row[f] for f in ("method", "optimizer", "lr", "r", "k", "seed", "batch"))
+        results[key] = dict(row, at={int(t): v for t, v in row["at"].items()})
+    cells = list(dict.fromkeys((k[1], k[2], k[3], k[4], k[6]) for k in results))
+    methods = [m for m in dict.fromkeys(k[0] for k in results) if m != "lora"]
+    seeds = len({k[5] for k in results})
+    return cells, methods, seeds, results
 
 
 def _fmt(x: float) -> str:
