@@ -164,7 +164,8 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
-BLOCK = re.compile(r"<!-- gate-rates:begin (?P<name>[\w.-]+) -->\n(?P<body>.*?)\n<!-- gate-rates:end (?P=name) -->", re.S)
+#: a block of a docs page; an empty one (begin, then end) is filled by --docs
+BLOCK = re.compile(r"<!-- gate-rates:begin (?P<name>[\w.-]+) -->\n(?:(?P<body>.*?)\n)?<!-- gate-rates:end (?P=name) -->", re.S)
 
 
 def rewrite_docs(root: Path = Path(__file__).resolve().parent.parent) -> list[str]:
