@@ -8,8 +8,8 @@ each decoder layer sharded with ``reflora.distributed.lora_shard_placement`` (``
 its input dimension, so that the full variant stays shard-local), bf16 compute with fp32
 gradient reduction, RefLoRA attached to AdamW. Prints the loss and the bytes RefLoRA
 communicated per step (nothing in the first three: the default waits three steps where its
-resolution gate is on, docs/rank-deficient.md); ``--checkpoint DIR`` saves model, optimizer and RefLoRA's state with
-``torch.distributed.checkpoint`` at the end and loads them back.
+resolution gate is on, docs/rank-deficient.md); ``--checkpoint DIR`` saves model, optimizer and
+RefLoRA's state with ``torch.distributed.checkpoint`` at the end and loads them back.
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ class RefLoRAConfig:
     means). ``__post_init__`` checks every option, in a fixed order, and resolves the defaults
     that depend on others: ``frame=None`` (``"paper"`` with ``solver="eigh"``, ``"symmetric"``
     with ``"newton_schulz"``), ``resolved=None`` (0.1 for the full variant with ``"eigh"``,
-    else 0) and ``warmup_steps=None`` (3 where that gate is on, else 0). ``space`` may stay ``"auto"`` until the optimizer is known
+    else 0) and ``warmup_steps=None`` (3 where that gate is on, else 0). ``space`` may stay
+    ``"auto"`` until the optimizer is known
     (:meth:`with_space`). ``eps=None`` stays ``None``: it depends on the factors' dtype
     (:meth:`eps_for`).
 
