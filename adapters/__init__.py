@@ -56,8 +56,8 @@ from typing import Any, Callable, Iterable, Literal, Optional, overload
 
 from torch import Tensor, nn
 
-from reflora.adapters.traced import Candidate, DiscoveryReport, trace_pairs
-from reflora.pairs import LoRAPair, canonical_name
+from reflora.adapters.traced import Candidate, DiscoveryReport, factor_name, trace_pairs
+from reflora.pairs import LoRAPair, UnusedPairWarning, canonical_name
 
 __all__ = [
     "Candidate",
@@ -240,6 +240,10 @@ def find_pairs(
         # two modules differ only in wrapper-like segments (a model's own child called
         # `module`): canonical names would be ambiguous, so this model keeps its raw names
         pairs = [_raw_named(p, *raw_names[id(p)]) for p in pairs]
+    if any(not p.name for p in pairs):  # the root module's own pair: named after its factors
+        qualified = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
+        pairs = [p if p.name else dataclasses.replace(p, name=factor_name(qualified[id(p.A)], qualified[id(p.B)]))
+                 for p in pairs]
     claimed = [t for p in pairs for t in (p.A, p.B)]  # frozen ones too: tracing must not re-find them
     if trainable_only:
         kept = []
@@ -262,21 +266,49 @@ def find_pairs(
     _check_unique(pairs)
     if explain:
         return report
+    if example_inputs is not None:
+        _check_reached(model, report)
     if not pairs:
-        supported = "; ".join(f"{e.name}: {e.supports}" for e in _REGISTRY)
         raise NoPairsFoundError(
-            f"no trainable low-rank pair found in {type(model).__name__}. Supported layers, by finder: "
-            f"{supported}. For another layout register a finder, e.g. "
-            "reflora.adapters.register_finder('mine', lambda name, module, options: "
-            "[LoRAPair(name, module.down, module.up)] if isinstance(module, MyLoRA) else None, "
-            "priority=20), or pass explicit (A, B) pairs to reflora.attach"
+            f"no trainable low-rank pair found in {type(model).__name__}"
             + (
-                ", or pass example_inputs= to find the pairs from a forward pass"
+                ": pass example_inputs= to find the pairs from a forward pass, "
                 if example_inputs is None
-                else "; traced discovery on example_inputs found none either (pass explain=True to see why)"
+                else ", and traced discovery on example_inputs found none either (explain=True says why): "
             )
+            + "register a finder for your LoRA layer with reflora.adapters.register_finder, or pass explicit "
+            f"(A, B) pairs to reflora.attach (finders asked: {', '.join(e.name for e in _REGISTRY)})"
         )
     return pairs
+
+
+def _check_reached(model: nn.Module, report: DiscoveryReport) -> None:
+    """With example inputs: an error if the forward pass used none of the pairs found, one warning
+    naming the pairs it did not reach and the trainable parameters it never read."""
+    if report.pairs and len(report.unreached) == len(report.pairs):
+        raise NoPairsFoundError(
+            f"example_inputs reach none of the {len(report.pairs)} pair(s) found in {type(model).__name__} "
+            f"({_listed(report.unreached)}): the forward pass never used their factors. Pass inputs that run "
+            "the adapters, or check that the LoRA layers are called (a wrapper its parent module bypasses, "
+            "such as a LoRA on nn.MultiheadAttention's out_proj, never runs)"
+        )
+    parts = []
+    if report.unreached:
+        parts.append(f"pair(s) {_listed(report.unreached)} (RefLoRA manages them, but they get no gradient)")
+    if report.unused:
+        parts.append(f"trainable parameter(s) {_listed(report.unused)} (no pair could be found for them)")
+    if parts:
+        warnings.warn(
+            f"the forward pass on example_inputs never used {' and '.join(parts)}. Pass inputs that reach every "
+            "adapter, or leave unused ones out (find_pairs(..., explain=True) says more)",
+            UnusedPairWarning,
+            stacklevel=3,
+        )
+
+
+def _listed(names: list[str], most: int = 4) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _raw_named(pair: LoRAPair, raw: str, clean: str) -> LoRAPair:

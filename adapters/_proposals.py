@@ -54,6 +54,7 @@ class Tag:
     kind: str  # "param" | "out"
     index: int  # the parameter
     steps: tuple[str, ...] = ()  # ops passed through that may break the product
+    via: tuple[str, ...] = ()  # trainable tensors mixed in on the way (a gate, a fused bias)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Sighting:
     form: str  # "chain" | "product"
     op: str
     steps: tuple[str, ...]
+    via: tuple[str, ...] = ()  # trainable tensors between the factors (names)
 
 
 # (index of the left / input operand, index of the right / weight operand)
@@ -84,21 +86,34 @@ class ProposalMode(TorchDispatchMode):
         params: the parameters to track (their position in this list is their index).
         known: ids of the model's other parameters and buffers (norm weights, biases): a tag
             passes an op whose other inputs are only these, scalars or one-element tensors.
+        trainable: ``{id: name}`` of the model's trainable parameters. One of them mixed into a
+            tagged tensor (a per-rank gate, a bias fused into ``addmm`` or a convolution) is
+            recorded in the tag's ``via``: a refactor is exact only while it stays neutral.
+        watch: ids of tensors whose use is recorded in :attr:`reached` (the factors of pairs
+            the structural finders found, to tell which ones the forward pass reaches).
     """
 
-    def __init__(self, params: list[Tensor], known: set[int]) -> None:
+    def __init__(
+        self, params: list[Tensor], known: set[int], trainable: dict[int, str] | None = None,
+        watch: set[int] | None = None,
+    ) -> None:
         super().__init__()
         self.tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
         for i, p in enumerate(params):
             self.tags[p] = Tag("param", i)
         self.known = known
+        self.trainable = trainable or {}
+        self.watch = watch or set()
         self.sightings: list[Sighting] = []
         self.used: set[int] = set()  # parameters that reached a matmul-like op
         self.seen: set[int] = set()  # parameters read by any op
+        self.reached: set[int] = set()  # ids in ``watch`` read by any op
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.watch:
+            self.reached.update(id(t) for t in tree_leaves((args, kwargs)) if id(t) in self.watch)
         self._record(func, args, kwargs, out)
         return out
 
@@ -151,7 +166,14 @@ class ProposalMode(TorchDispatchMode):
         if not (scalar or name in _SCALINGS or all(id(t) in self.known for t, _ in others)):
             return None  # mixed with another activation (residual add, attention): stop here
         steps = max((tag.steps for _, tag in tags), key=len) + (name,)
-        return Tag(first.kind, first.index, steps) if len(steps) <= _MAX_STEPS else None
+        via = self._via([tag for _, tag in tags], [t for t, _ in others])
+        return Tag(first.kind, first.index, steps, via) if len(steps) <= _MAX_STEPS else None
+
+    def _via(self, tags, mixed: list[Any]) -> tuple[str, ...]:
+        """The tags' ``via`` and the trainable parameters in ``mixed``, in order, once each."""
+        names = [n for tag in tags if tag is not None for n in tag.via]
+        names += [self.trainable[id(t)] for t in mixed if isinstance(t, Tensor) and id(t) in self.trainable]
+        return tuple(dict.fromkeys(names))
 
     # ---------------------------------------------------------------------------- matmul-likes
 
@@ -166,14 +188,17 @@ class ProposalMode(TorchDispatchMode):
         if name in ("bmm", "baddbmm") and L.shape[0] > 1 and all(x.stride(0) != 0 for _, x in params):
             experts = L.shape[0]
         if len(params) == 2:
-            self._sight(tr.index, tl.index, r, experts, "product", name, tl.steps + tr.steps)
+            self._sight(tr.index, tl.index, r, experts, "product", name, tl.steps + tr.steps, self._via([tl, tr], []))
             return None
         if len(params) == 1:
             weight = params[0][0]
             act = tr if weight is tl else tl
             if act is not None and act.kind == "out":
-                self._sight(act.index, weight.index, r, experts, "chain", name, act.steps + weight.steps)
-            return Tag("out", weight.index)
+                self._sight(act.index, weight.index, r, experts, "chain", name, act.steps + weight.steps,
+                            self._via([act, weight], []))
+            # a bias fused into the op (addmm's input) sits between this factor and the next
+            bias = [args[0]] if name.startswith("add") else []
+            return Tag("out", weight.index, (), self._via([weight], bias))
         return None
 
     def _convolution(self, args) -> Tag | None:
@@ -186,9 +211,10 @@ class ProposalMode(TorchDispatchMode):
         if transposed or groups != 1:
             return None  # not a plain channel contraction: no pair through it
         if tx is not None and tx.kind == "out":
-            self._sight(tx.index, tw.index, w.shape[1], None, "chain", "convolution", tx.steps + tw.steps)
-        return Tag("out", tw.index)
+            self._sight(tx.index, tw.index, w.shape[1], None, "chain", "convolution", tx.steps + tw.steps,
+                        self._via([tx, tw], []))
+        return Tag("out", tw.index, (), self._via([tw], [args[2]]))  # args[2]: the fused bias
 
-    def _sight(self, a: int, b: int, r: int, experts, form: str, op: str, steps) -> None:
+    def _sight(self, a: int, b: int, r: int, experts, form: str, op: str, steps, via=()) -> None:
         if a != b:
-            self.sightings.append(Sighting(a, b, int(r), experts, form, op, tuple(steps)))
+            self.sightings.append(Sighting(a, b, int(r), experts, form, op, tuple(steps), tuple(via)))

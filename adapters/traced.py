@@ -40,7 +40,7 @@ Example:
     ...         return self.base(x) + (x @ self.U.T) @ self.V.T
     >>> report = trace_pairs(Net(), torch.randn(3, 16))
     >>> [(p.name, p.shape) for p in report.pairs]
-    [('', (4, 16, 8))]
+    [('U+V', (4, 16, 8))]
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ class Candidate:
         found: whether it became a pair.
         reason: why it was rejected, or the layout it was found with.
         pair: the pair, when found.
+        through: trainable parameters mixed in between the factors (a per-rank gate, the bias
+            of the down projection, fused into ``addmm`` or a convolution); such a proposal is
+            rejected, since training moves them away from the neutral values they may have now.
     """
 
     A: str
@@ -88,6 +91,7 @@ class Candidate:
     found: bool
     reason: str
     pair: LoRAPair | None = field(default=None, repr=False)
+    through: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,9 @@ class DiscoveryReport:
         candidates: every proposal, found or rejected, with the reason.
         unpaired: considered parameters that ended in no pair, with the reason.
         traced_run: whether traced discovery ran (it needs ``example_inputs``).
+        unreached: names of the structural pairs whose factors the forward pass on
+            ``example_inputs`` never used (a LoRA wrapper its parent bypasses, an expert no
+            input was routed to). Empty when no example inputs were given.
     """
 
     pairs: list[LoRAPair]
@@ -112,6 +119,12 @@ class DiscoveryReport:
     candidates: list[Candidate]
     unpaired: dict[str, str]
     traced_run: bool
+    unreached: list[str] = field(default_factory=list)
+
+    @property
+    def unused(self) -> list[str]:
+        """Considered parameters the forward pass never read (so no pair could be found for them)."""
+        return [n for n, why in self.unpaired.items() if why.startswith(_UNUSED)]
 
     @property
     def rejected(self) -> list[Candidate]:
@@ -128,19 +141,25 @@ class DiscoveryReport:
         lines.append(f"found by tracing and verified: {len(self.traced)}")
         lines += [f"  {_describe(p)}" for p in self.traced]
         rejected = self.rejected
+        if self.unreached:
+            lines.append(f"structural pairs the forward pass did not reach: {', '.join(map(repr, self.unreached))}")
         lines.append(f"rejected proposals: {len(rejected)}")
         for c in rejected:
-            between = f" [between them: {', '.join(c.between)}]" if c.between else ""
+            between = [*c.between, *(f"trainable {n}" for n in c.through)]
+            between = f" [between them: {', '.join(between)}]" if between else ""
             lines.append(f"  A={c.A} B={c.B} (met in {c.where}){between}: {c.reason}")
         lines.append(f"in no pair: {len(self.unpaired)}")
         lines += [f"  {n}: {why}" for n, why in self.unpaired.items()]
         return "\n".join(lines)
 
 
+_UNUSED = "not used by the forward pass"
+
+
 def _describe(p: LoRAPair) -> str:
     r, m, n = p.shape
     experts = f", experts={p.experts}" if p.experts > 1 else ""
-    return f"{p.name or '<root>'}: r={r}, m={m}, n={n}, layout={p.layout}{experts}"
+    return f"{p.name}: r={r}, m={m}, n={n}, layout={p.layout}{experts}"
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -292,17 +311,32 @@ def _refactored(values: dict[int, Tensor], hyps: list[_Hypothesis], g: torch.Gen
 
 
 class _Runner:
-    """Evaluates the model with some parameters replaced, in eval mode, with the RNG fixed."""
+    """Evaluates the model with some parameters replaced, in eval mode, with the RNG fixed.
+
+    ``fixed`` (name -> value) is substituted in every evaluation: the other trainable parameters
+    at perturbed values (:func:`_perturbed`).
+    """
 
     def __init__(self, model: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> None:
         self.model, self.args, self.kwargs, self.names = model, args, kwargs, names
         self.devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        self.fixed: dict[str, Tensor] = {}
 
     def __call__(self, values: dict[int, Tensor]) -> Any:
         with torch.random.fork_rng(devices=self.devices):
             torch.manual_seed(_SEED)
-            subs = {self.names[i]: t for i, t in values.items()}
+            subs = {**self.fixed, **{self.names[i]: t for i, t in values.items()}}
             return torch.func.functional_call(self.model, subs, self.args, self.kwargs, strict=False)
+
+
+def _perturbed(p: Tensor, g: torch.Generator) -> Tensor:
+    """``p`` plus noise of about half its RMS (at least ``0.5 / sqrt(size of its last dim)``): a
+    gate initialised to ones or a bias to zeros no longer looks neutral, and the model stays in the
+    range it was built for."""
+    x = p.detach().double()
+    width = p.shape[-1] if p.dim() else 1
+    scale = 0.5 * max(float(x.square().mean().sqrt()) if x.numel() else 0.0, 1.0 / math.sqrt(max(width, 1)))
+    return (x.cpu() + scale * torch.randn(x.shape, generator=g, dtype=torch.float64)).to(p.device, p.dtype)
 
 
 def _rel_error(out: list[Tensor], ref: list[Tensor]) -> float:
@@ -342,7 +376,13 @@ def _pair_name(a: str, b: str) -> str:
     suffix = sa[len(sa) - s:] if s else []
     if suffix and suffix[-1] == "weight":  # a layer's weight: name the pair after the adapter
         suffix = suffix[:-1]
-    return canonical_name(".".join(sa[:k] + suffix))
+    return canonical_name(".".join(sa[:k] + suffix)) or factor_name(a, b)
+
+
+def factor_name(a: str, b: str) -> str:
+    """A pair named after its factors' qualified names, ``"U+V"`` (``.weight`` dropped): for pairs
+    of raw parameters that share no module below the root, or two pairs that would share a name."""
+    return "+".join(canonical_name(n.removesuffix(".weight")) for n in (a, b))
 
 
 def _unique_names(found: list[tuple[str, str, LoRAPair]], taken: set[str]) -> list[LoRAPair]:
@@ -350,7 +390,7 @@ def _unique_names(found: list[tuple[str, str, LoRAPair]], taken: set[str]) -> li
     out = []
     for (a, b, pair), name in zip(found, names):
         if names.count(name) > 1 or name in taken:  # e.g. two pairs of raw parameters in one module
-            name = "+".join(canonical_name(n.removesuffix(".weight")) for n in (a, b))
+            name = factor_name(a, b)
         out.append(dataclasses.replace(pair, name=name))
     return out
 
@@ -407,10 +447,12 @@ def trace_pairs(
         names.append(name)
         params.append(p)
     trainable = [i for i, p in enumerate(params) if p.requires_grad]
-    if not trainable:  # everything trainable is paired already (or nothing is): no forward pass
-        return DiscoveryReport(pairs=structural, structural=structural, traced=[], considered=[], candidates=[],
-                               unpaired={}, traced_run=True)
     known = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    # every trainable parameter (1-D ones, the structural pairs' factors, ...) by name: a gate or a
+    # bias between two candidate factors is verified at a perturbed value, not at its init
+    others = {id(p): name for name, p in model.named_parameters()
+              if p.requires_grad and (p.is_floating_point() or p.is_complex())}
+    watch = {id(t) for p in structural for t in (p.A, p.B)}
 
     training = {m: m.training for m in model.modules()}
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -419,7 +461,7 @@ def trace_pairs(
         # weight (loralib's merge_weights), which would hide the pair and change the weights
         for m in training:
             m.training = False
-        mode = ProposalMode(params, known)
+        mode = ProposalMode(params, known, others, watch)
         run = _Runner(model, args, kwargs, names)
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=run.devices):
@@ -427,11 +469,8 @@ def trace_pairs(
                 with mode:
                     model(*args, **kwargs)
         except Exception as err:
-            raise RuntimeError(
-                f"traced discovery could not run {type(model).__name__}.forward on example_inputs: "
-                f"{type(err).__name__}: {err}"
-            ) from err
-        candidates, found = _verify(mode, params, names, run)
+            raise RuntimeError(_forward_failed(model, args, kwargs, err)) from err
+        candidates, found = _verify(mode, params, names, run, model) if trainable else ([], [])
     finally:
         for m, flag in training.items():
             m.training = flag
@@ -449,10 +488,23 @@ def trace_pairs(
     for i in trainable:
         if id(params[i]) not in in_pair:
             unpaired[names[i]] = _why_unpaired(i, names[i], mode, candidates)
+    unreached = [p.name for p in structural if id(p.A) not in mode.reached or id(p.B) not in mode.reached]
     return DiscoveryReport(
         pairs=structural + traced, structural=structural, traced=traced,
         considered=[names[i] for i in trainable], candidates=candidates, unpaired=unpaired, traced_run=True,
+        unreached=unreached,
     )
+
+
+def _forward_failed(model: nn.Module, args: tuple, kwargs: dict, err: Exception) -> str:
+    """The error for example_inputs the model cannot run, with the tuple-unpacking hint where a
+    tuple was spread over more positional arguments than ``forward`` takes."""
+    hint = ""
+    if len(args) > 1 and isinstance(err, TypeError) and "positional argument" in str(err):
+        hint = (f". example_inputs given as a tuple or list are unpacked into {len(args)} positional arguments; "
+                "if forward takes the tuple itself as one argument, wrap it: example_inputs=((x, mask),)")
+    return (f"traced discovery could not run {type(model).__name__}.forward on example_inputs: "
+            f"{type(err).__name__}: {err}{hint}")
 
 
 def _why_unpaired(i: int, name: str, mode: ProposalMode, candidates: list[Candidate]) -> str:
@@ -461,8 +513,8 @@ def _why_unpaired(i: int, name: str, mode: ProposalMode, candidates: list[Candid
         return "every proposal with it was rejected (see above)"
     if i not in mode.seen:
         return (
-            "not used by the forward pass on example_inputs (an MoE expert the inputs do not route to, "
-            "or a disabled adapter)"
+            f"{_UNUSED} on example_inputs (an MoE expert the inputs do not route to, a disabled adapter, "
+            "or a wrapper its parent module bypasses)"
         )
     if i not in mode.used:
         return "used, but never as the weight of a matmul, linear, conv or embedding"
@@ -472,19 +524,22 @@ def _why_unpaired(i: int, name: str, mode: ProposalMode, candidates: list[Candid
     )
 
 
-def _verify(mode: ProposalMode, params: list[Tensor], names: list[str], run: _Runner):
+def _verify(mode: ProposalMode, params: list[Tensor], names: list[str], run: _Runner, model: nn.Module):
     # one proposal per unordered pair; the first sighting sets the roles
     groups: dict[frozenset, list[Sighting]] = {}
     for s in mode.sightings:
         groups.setdefault(frozenset((s.a, s.b)), []).append(s)
     proposals = []  # (first sighting, hypotheses, where, between)
     candidates: list[Candidate] = []
+    through: dict[tuple[int, int], tuple[str, ...]] = {}  # trainable tensors between, by (a, b)
     for sightings in groups.values():
         s = sightings[0]
         if not (params[s.a].requires_grad or params[s.b].requires_grad):
             continue  # two frozen weights of the base model meeting: not an adapter
         where = ", ".join(dict.fromkeys(f"{x.op} ({x.form})" for x in sightings))
         between = tuple(dict.fromkeys(step for x in sightings for step in x.steps))
+        via = tuple(dict.fromkeys(n for x in sightings for n in x.via if n not in (names[s.a], names[s.b])))
+        through[(s.a, s.b)] = through[(s.b, s.a)] = via
         frozen = [names[i] for i in (s.a, s.b) if not params[i].requires_grad]
         if frozen and between:
             continue  # a frozen weight, a norm, then an adapter: the usual model, not a LoRA-FA pair
@@ -511,6 +566,20 @@ def _verify(mode: ProposalMode, params: list[Tensor], names: list[str], run: _Ru
     g = torch.Generator().manual_seed(_SEED)
     involved = sorted({i for s, hyps, _, _ in proposals for h in hyps for i in (h.a, h.b)})
     values = {i: _random_like(params[i], g) for i in involved}
+    # every other trainable parameter at a perturbed value too: a gate initialised to ones or a
+    # zero bias between the factors is neutral now, but not once training moves it
+    factors = {names[i] for i in involved}
+    run.fixed = {n: _perturbed(p, g) for n, p in model.named_parameters()
+                 if p.requires_grad and (p.is_floating_point() or p.is_complex()) and n not in factors}
+
+    def rejected(s: Sighting, where: str, between: tuple, reason: str, a: int | None = None, b: int | None = None):
+        a, b = (s.a, s.b) if a is None else (a, b)
+        via = through.get((a, b), ())
+        if via:
+            reason = (f"the product passes through the trainable {', '.join(via)} between the factors; a "
+                      f"refactor is exact only while that stays neutral, which training does not keep (checked "
+                      f"perturbed: {reason})")
+        return Candidate(names[a], names[b], where, between, False, reason, through=via)
     # 1. first-order screen, every hypothesis of every proposal from one backward pass
     leaves = {i: v.detach().requires_grad_(True) for i, v in values.items()}
     with torch.enable_grad():
@@ -527,16 +596,16 @@ def _verify(mode: ProposalMode, params: list[Tensor], names: list[str], run: _Ru
     for s, hyps, where, between in proposals:
         errors = [(h, _identity_error(h, values, grads)) for h in hyps]
         if all(e is None for _, e in errors):
-            candidates.append(Candidate(names[s.a], names[s.b], where, between, False,
-                                        "no effect on the outputs for these example inputs (no gradient reaches it)"))
+            candidates.append(rejected(s, where, between,
+                                       "no effect on the outputs for these example inputs (no gradient reaches it)"))
             continue
         ok = [h for h, e in errors if e is not None and e <= gtol]
         if ok:
             chosen.append((s, ok[0], where, between))
             continue
         best = min(e for _, e in errors if e is not None)
-        candidates.append(Candidate(
-            names[s.a], names[s.b], where, between, False,
+        candidates.append(rejected(
+            s, where, between,
             f"the output depends on them through more than B A: an infinitesimal refactor changes it "
             f"(relative {best:.2g} > {gtol:g} in A G_A^T = G_B^T B, best of {len(hyps)} layout(s))",
         ))
@@ -550,9 +619,8 @@ def _verify(mode: ProposalMode, params: list[Tensor], names: list[str], run: _Ru
     for k in sorted(clash):
         s, h, where, between = chosen[k]
         shared = [names[i] for i in (h.a, h.b) if len(count[i]) > 1]
-        candidates.append(Candidate(names[h.a], names[h.b], where, between, False,
-                                    f"{shared[0]} is also a factor of another proposal; each factor may "
-                                    "belong to one pair only"))
+        candidates.append(rejected(s, where, between, f"{shared[0]} is also a factor of another proposal; each "
+                                   "factor may belong to one pair only", h.a, h.b))
     chosen = [c for k, c in enumerate(chosen) if k not in clash]
 
     # 3. the joint refactor, bisected on failure
@@ -578,8 +646,8 @@ def _verify(mode: ProposalMode, params: list[Tensor], names: list[str], run: _Ru
     for k, (s, h, where, between) in enumerate(chosen):
         err = verdicts[k]
         if err > rtol:
-            candidates.append(Candidate(names[h.a], names[h.b], where, between, False,
-                                        f"a random refactor changed the outputs by {err:.2g} (relative; tolerance {rtol:g})"))
+            candidates.append(rejected(s, where, between, f"a random refactor changed the outputs by {err:.2g} "
+                                       f"(relative; tolerance {rtol:g})", h.a, h.b))
             continue
         pair = LoRAPair("", params[h.a], params[h.b], h.layout, experts=h.experts)
         found.append((names[h.a], names[h.b], pair))

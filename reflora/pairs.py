@@ -37,7 +37,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EXPERT_LAYOUTS", "LAYOUTS", "LoRAPair", "canonical_name", "from_core", "to_core"]
+__all__ = ["EXPERT_LAYOUTS", "LAYOUTS", "LoRAPair", "UnusedPairWarning", "canonical_name", "from_core", "to_core"]
+
+
+class UnusedPairWarning(UserWarning):
+    """A managed pair the model does not use: the forward pass on ``example_inputs`` never read its
+    factors, or they still had no gradient after the first optimizer steps. RefLoRA cannot act on
+    such a pair (it has nothing to precondition)."""
 
 Layout = Literal["plain", "transposed", "flatten", "expert_rows", "expert_cols"]
 #: Layouts of a stack of MoE experts' factors stored in one tensor (``experts > 1``).

@@ -333,7 +333,7 @@ def raw() -> Case:
         model,
         output=lambda m: m(x),
         loss=lambda m: (m(x) - t).square().mean(),
-        expected={"": (3, 16, 12), "adapter": (2, 12, 12)},
+        expected={"lora_A+lora_B": (3, 16, 12), "adapter": (2, 12, 12)},
         example_inputs=x,
     )
 

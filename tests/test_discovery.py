@@ -126,7 +126,7 @@ def test_tuners_refLoRA_does_not_apply_to_warn_and_error(tuner) -> None:
     }
     model = P.get_peft_model(_tiny_llama(), cfgs[tuner]())
     with pytest.warns(UserWarning, match="skipping"):
-        with pytest.raises(NoPairsFoundError, match="Supported layers, by finder: peft_lora"):
+        with pytest.raises(NoPairsFoundError, match="finders asked: peft_lora"):
             find_pairs(model)
 
 

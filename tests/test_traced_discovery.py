@@ -15,6 +15,7 @@ from reflora.adapters import DiscoveryReport, NoPairsFoundError, find_pairs
 from reflora.adapters._proposals import ProposalMode
 from reflora.adapters.traced import _random_P, trace_pairs
 from reflora.functional import refactor
+from reflora.pairs import LoRAPair
 
 import traced_models as tm
 from discovery_models import FAMILIES, has
@@ -159,13 +160,13 @@ LAYOUTS = {
     "chained-linear": (ChainedLinear, lambda: torch.randn(5, 16),
                        None),
     "matmul-einsum": (MatmulEinsum, lambda: torch.randn(2, 3, 16), None),
-    "transposed": (Transposed, lambda: torch.randn(5, 16), {"": (("transposed", "transposed"), 1, (4, 16, 8))}),
-    "conv-kxk-1x1": (ConvKxK1x1, lambda: torch.randn(2, 3, 6, 6), {"": (("flatten", "flatten"), 1, (2, 27, 6))}),
+    "transposed": (Transposed, lambda: torch.randn(5, 16), {"A+B": (("transposed", "transposed"), 1, (4, 16, 8))}),
+    "conv-kxk-1x1": (ConvKxK1x1, lambda: torch.randn(2, 3, 6, 6), {"A+B": (("flatten", "flatten"), 1, (2, 27, 6))}),
     "embedding-A": (EmbeddingA, lambda: torch.randint(0, 20, (3, 7)), {"default": (("plain", "plain"), 1, (4, 20, 8))}),
     "moe-routed-loop": (lambda: StackedMoE(False), _tokens,
-                        {"": (("expert_rows", "expert_cols"), 4, (2, 8, 6))}),
+                        {"A+B": (("expert_rows", "expert_cols"), 4, (2, 8, 6))}),
     "moe-batched-einsum": (lambda: StackedMoE(True), _tokens,
-                           {"": (("expert_rows", "expert_cols"), 4, (2, 8, 6))}),
+                           {"A+B": (("expert_rows", "expert_cols"), 4, (2, 8, 6))}),
 }
 
 
@@ -666,3 +667,231 @@ def test_3d_expert_parameters_have_no_layout_and_say_so() -> None:
 
     report = find_pairs(Experts3D(), example_inputs=_tokens(12), explain=True)
     assert report.pairs == [] and "no layout fits" in report.rejected[0].reason
+
+
+# ------------------------------------------------------- trainable tensors between the factors
+
+
+class _GateBetween(nn.Module):
+    """``B diag(g) A`` with a trainable per-rank gate initialised to ones (SoRA-style)."""
+
+    def __init__(self, trainable: bool = True, init=torch.ones) -> None:
+        super().__init__()
+        self.base = nn.Linear(16, 8).requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(4, 16) / 4)
+        self.B = nn.Parameter(torch.zeros(8, 4))
+        self.g = nn.Parameter(init(4), requires_grad=trainable)
+
+    def forward(self, x):
+        return self.base(x) + ((x @ self.A.T) * self.g) @ self.B.T
+
+
+class _BiasedDown(nn.Module):
+    """``up(down(x))`` with a zero-initialised trainable bias on the down projection (HF's
+    ``_init_weights`` zeroes biases), as a Linear or as a conv."""
+
+    def __init__(self, conv: bool = False) -> None:
+        super().__init__()
+        if conv:
+            self.down, self.up = nn.Conv2d(3, 2, 3, bias=True), nn.Conv2d(2, 6, 1, bias=False)
+        else:
+            self.down, self.up = nn.Linear(16, 4, bias=True), nn.Linear(4, 8, bias=False)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+class _ScaleBetween(nn.Module):
+    """A scale between the factors: a frozen scalar, a frozen per-rank vector, or a trainable scalar."""
+
+    def __init__(self, value: torch.Tensor, trainable: bool) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(4, 16) / 4)
+        self.B = nn.Parameter(torch.randn(8, 4) / 2)
+        self.s = nn.Parameter(value, requires_grad=trainable)
+
+    def forward(self, x):
+        return ((x @ self.A.T) * self.s) @ self.B.T
+
+
+NEUTRAL_BETWEEN = {
+    "gate-ones": (_GateBetween, lambda: torch.randn(5, 16), "g"),
+    "linear-zero-bias": (_BiasedDown, lambda: torch.randn(5, 16), "down.bias"),
+    "conv-zero-bias": (lambda: _BiasedDown(conv=True), lambda: torch.randn(2, 3, 6, 6), "down.bias"),
+}
+
+
+@pytest.mark.parametrize("name", list(NEUTRAL_BETWEEN))
+def test_a_neutral_trainable_tensor_between_the_factors_is_rejected(name) -> None:
+    """Neutral at discovery (ones, zeros), so a check that randomised only the two factors passed;
+    once training moves it, every refactor changes the outputs. Verification perturbs it."""
+    build, inputs, between = NEUTRAL_BETWEEN[name]
+    torch.manual_seed(0)
+    model, x = build(), inputs()
+    report = find_pairs(model, example_inputs=x, explain=True)
+    assert report.pairs == []
+    (cand,) = report.rejected
+    assert between in cand.through and "passes through the trainable" in cand.reason, cand
+    assert between in str(report)
+    # why: move the neutral tensor as training would, and a refactor is no longer exact
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        params[between].add_(0.5 * torch.randn_like(params[between]))
+        for p in model.parameters():
+            if p.requires_grad and p is not params[between] and p.abs().sum() == 0:
+                p.normal_()  # B = 0 would hide everything
+        before = model(x)
+        pairs = [LoRAPair("", params[c.A], params[c.B], *_layout_of(c)) for c in [cand]]
+        for p in pairs:
+            A2, B2 = refactor(p.a().double(), p.b().double(), variant="full")
+            p.a().copy_(A2.to(p.A.dtype))
+            p.b().copy_(B2.to(p.B.dtype))
+        assert (model(x) - before).norm() > 1e-3 * before.norm()
+
+
+def _layout_of(cand):
+    return (("flatten", "flatten"),) if "convolution" in cand.where else (("plain", "plain"),)
+
+
+@pytest.mark.parametrize(
+    "build, why",
+    [
+        (lambda: _ScaleBetween(torch.tensor(2.0), trainable=False), "a frozen scalar scale"),
+        (lambda: _ScaleBetween(torch.ones(4), trainable=False), "a frozen per-rank vector (never moves)"),
+        (lambda: _ScaleBetween(torch.tensor(1.5), trainable=True), "a trainable scalar (commutes with any refactor)"),
+        (lambda: _GateBetween(trainable=False), "a frozen gate of ones"),
+    ],
+)
+def test_scales_a_refactor_cannot_break_are_still_found(build, why) -> None:
+    model = build()
+    (pair,) = find_pairs(model, example_inputs=torch.randn(5, 16))
+    assert (pair.A, pair.B) == (model.A, model.B), why
+
+
+def test_a_trainable_bias_after_B_is_not_between_the_factors() -> None:
+    model = nn.Sequential(nn.Linear(16, 4, bias=False), nn.Linear(4, 8, bias=True))
+    (pair,) = find_pairs(model, example_inputs=torch.randn(5, 16))
+    assert (pair.A, pair.B) == (model[0].weight, model[1].weight)
+
+
+# --------------------------------------------------------------- pairs the inputs do not reach
+
+
+class _TwoAdapters(nn.Module):
+    """Two raw adapters; ``forward(x, which)`` runs one of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.A1, self.B1 = nn.Parameter(torch.randn(4, 16)), nn.Parameter(torch.randn(8, 4))
+        self.A2, self.B2 = nn.Parameter(torch.randn(4, 16)), nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, x, which: int = 1):
+        A, B = (self.A1, self.B1) if which == 1 else (self.A2, self.B2)
+        return x @ A.T @ B.T
+
+
+def test_inputs_that_reach_one_of_two_adapters_warn_naming_the_other() -> None:
+    with pytest.warns(reflora.UnusedPairWarning, match=r"never used trainable parameter\(s\) 'A2', 'B2'"):
+        pairs = find_pairs(_TwoAdapters(), example_inputs=torch.randn(3, 16))
+    assert [p.name for p in pairs] == ["A1+B1"]
+
+
+class _LoRAOnBypassedLinear(nn.Module):
+    """A LoRA wrapper on ``nn.MultiheadAttention.out_proj``, whose forward MHA never calls."""
+
+    def __init__(self, use_other: bool = True) -> None:
+        super().__init__()
+        self.use_other = use_other
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True).requires_grad_(False)
+        self.lora = nn.Module()
+        self.lora.lora_A = nn.Parameter(torch.randn(4, 16))
+        self.lora.lora_B = nn.Parameter(torch.zeros(16, 4))
+        self.other = nn.Module()
+        self.other.lora_A = nn.Parameter(torch.randn(4, 16))
+        self.other.lora_B = nn.Parameter(torch.zeros(16, 4))
+
+    def forward(self, x):
+        out = self.attn(x, x, x, need_weights=False)[0]
+        return out + x @ self.other.lora_A.T @ self.other.lora_B.T if self.use_other else out
+
+
+def test_a_structural_pair_the_forward_pass_never_reaches_is_named() -> None:
+    model = _LoRAOnBypassedLinear()
+    x = torch.randn(2, 3, 16)
+    with pytest.warns(reflora.UnusedPairWarning, match=r"never used pair\(s\) 'lora'"):
+        pairs = find_pairs(model, example_inputs=x)
+    assert [p.name for p in pairs] == ["lora", "other"]  # managed, with the warning
+    report = find_pairs(model, example_inputs=x, explain=True)
+    assert report.unreached == ["lora"] and "did not reach: 'lora'" in str(report)
+    # no pair reached at all: an error, not a silent no-op
+    with pytest.raises(NoPairsFoundError, match=r"example_inputs reach none of the 2 pair\(s\)"):
+        find_pairs(_LoRAOnBypassedLinear(use_other=False), example_inputs=x)
+
+
+@pytest.mark.skipif(not has("peft"), reason="needs peft")
+def test_peft_lora_on_multihead_attention_out_proj_is_named() -> None:
+    """PEFT wraps ``out_proj`` (an ``nn.Linear``), but ``nn.MultiheadAttention`` reads
+    ``out_proj.weight`` directly: the LoRA never runs."""
+    import peft
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=4, target_modules=["out_proj", "fc"]))
+    with pytest.warns(reflora.UnusedPairWarning, match=r"out_proj"):
+        pairs = find_pairs(model, example_inputs=torch.randn(2, 3, 16))
+    assert len(pairs) == 2
+
+
+def test_unrunnable_example_inputs_raise_even_when_the_finders_paired_everything() -> None:
+    model = nn.Sequential(nn.Linear(16, 16))
+    model[0].lora_A = nn.Parameter(torch.randn(4, 16))
+    model[0].lora_B = nn.Parameter(torch.zeros(16, 4))
+    assert len(find_pairs(model)) == 1
+    with pytest.raises(RuntimeError, match="could not run Sequential.forward on example_inputs"):
+        find_pairs(model, example_inputs=torch.randn(3, 7))
+
+
+def test_a_tuple_for_a_forward_that_takes_one_tuple_gets_the_unpacking_hint() -> None:
+    class TakesBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.A, self.B = nn.Parameter(torch.randn(4, 16)), nn.Parameter(torch.zeros(8, 4))
+
+        def forward(self, batch):
+            x, mask = batch
+            return (x @ self.A.T @ self.B.T) * mask
+
+    x, mask = torch.randn(3, 16), torch.ones(3, 1)
+    with pytest.raises(RuntimeError, match=r"wrap it: example_inputs=\(\(x, mask\),\)"):
+        find_pairs(TakesBatch(), example_inputs=(x, mask))
+    assert len(find_pairs(TakesBatch(), example_inputs=((x, mask),))) == 1
+
+
+def test_root_level_pairs_are_named_after_their_factors() -> None:
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora_A = nn.Parameter(torch.randn(4, 16))
+            self.lora_B = nn.Parameter(torch.zeros(8, 4))
+
+    assert [p.name for p in find_pairs(Root())] == ["lora_A+lora_B"]
+    assert [p.name for p in find_pairs(Transposed(), example_inputs=torch.randn(5, 16))] == ["A+B"]
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_a_compiled_model_is_traced_to_the_same_pairs() -> None:
+    torch._dynamo.reset()
+    model, x = tm.TorchtuneStyleMLP(), torch.randn(4, 16)
+    eager = [(p.name, p.shape, p.layout) for p in find_pairs(model, example_inputs=x)]
+    compiled = [(p.name, p.shape, p.layout) for p in find_pairs(torch.compile(model, backend="aot_eager"), example_inputs=x)]
+    assert compiled == eager and len(eager) == 2
