@@ -8,22 +8,24 @@ from __future__ import annotations
 
 from reflora import diagnostics, distributed, func, functional, lowbit, transport
 from reflora._kernels import UnstableOptionWarning
-from reflora.config import RefLoRAConfig, default_space
+from reflora.config import GradientSpaceFallbackWarning, RefLoRAConfig, default_space
 from reflora.handle import RefLoRAHandle
 from reflora.hooks import attach
 from reflora.transport import UnsupportedOptimizerError
 from reflora.functional import precondition, preconditioner, refactor, refactor_transform
-from reflora.pairs import LoRAPair
+from reflora.pairs import LoRAPair, UnusedPairWarning
 from reflora.transport import register_state_transport
 
 __version__ = "0.3.0"
 
 __all__ = [
+    "GradientSpaceFallbackWarning",
     "LoRAPair",
     "RefLoRAConfig",
     "RefLoRAHandle",
     "UnstableOptionWarning",
     "UnsupportedOptimizerError",
+    "UnusedPairWarning",
     "__version__",
     "attach",
     "default_space",

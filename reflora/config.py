@@ -36,7 +36,15 @@ from reflora.transport import (
     qualname,
 )
 
-__all__ = ["RefLoRAConfig", "check_int", "default_space", "resolve_space", "unwrap_optimizer"]
+__all__ = ["GradientSpaceFallbackWarning", "RefLoRAConfig", "check_int", "default_space", "resolve_space", "unwrap_optimizer"]
+
+
+class GradientSpaceFallbackWarning(UserWarning):
+    """``space="auto"`` chose gradient space because no state transport is registered for the
+    optimizer. For Adam-like optimizers parameter space is usually the better mode (their
+    element-wise second moments undo much of a gradient-space preconditioner), and it needs the
+    transport. Silence it by passing ``space="gradient"``, or with
+    ``warnings.filterwarnings("ignore", category=reflora.GradientSpaceFallbackWarning)``."""
 
 Space = Literal["auto", "gradient", "parameter"]
 SPACES = ("auto", "gradient", "parameter")
@@ -261,6 +269,15 @@ def resolve_space(
     (``DTensor``) factors with a function transport, ``solver="newton_schulz"`` with a full-variant
     pair of rank above its layer's size, and (with a warning) state the transport cannot move."""
     if zero is not None or default_space(opt) == "gradient":
+        if zero is None and get_state_transport(opt) is None:
+            warnings.warn(
+                f"space='auto' runs RefLoRA in gradient space for {qualname(opt)}, which has no registered state "
+                "transport; if its state is Adam-like (second moments), parameter space usually does better: "
+                f"declare the state with reflora.register_state_transport({type(opt).__name__}, {{...}}), or pass "
+                "space='gradient' to keep this and silence the notice",
+                GradientSpaceFallbackWarning,
+                stacklevel=3,
+            )
         return "gradient"
     transport = get_state_transport(opt)
     if getattr(transport, "spec", None) is None and any_sharded(pairs):

@@ -137,13 +137,21 @@ class ParamPair(NamedTuple):
         return self.A if self.name is None else self.name
 
 
-def pairs_of(model: nn.Module, *, adapters: Literal["active", "all"] = "active") -> tuple[ParamPair, ...]:
+def pairs_of(
+    model: nn.Module, *, adapters: Literal["active", "all"] = "active", example_inputs: Any = None,
+) -> tuple[ParamPair, ...]:
     """The LoRA pairs of ``model``, named by their keys in ``dict(model.named_parameters())``.
 
     Discovery is :func:`reflora.adapters.find_pairs` (PEFT, timm, PyG, loralib-style and marked
     pairs; layouts and MoE experts included); a pair's factors are matched to their names by
     identity. The keys are those of ``model.named_parameters()``, which is what
     ``torch.func.functional_call`` and ``torch.func.stack_module_state`` use.
+
+    Args:
+        model: the module whose pairs are wanted.
+        adapters: ``"active"`` or ``"all"`` adapters of multi-adapter (PEFT) models.
+        example_inputs: what ``model`` is called with; when given, pairs no finder recognises
+            are found by traced discovery (``find_pairs(model, example_inputs=...)``).
 
     Raises:
         reflora.adapters.NoPairsFoundError: the model holds no trainable pair.
@@ -155,10 +163,13 @@ def pairs_of(model: nn.Module, *, adapters: Literal["active", "all"] = "active")
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     names = {id(p): n for n, p in model.named_parameters()}
     try:
-        found = find_pairs(model, adapters=adapters)
-    except NoPairsFoundError as e:
+        found = find_pairs(model, adapters=adapters, example_inputs=example_inputs)
+    except NoPairsFoundError:
         raise NoPairsFoundError(
-            f"{e}; with reflora.func, name them: ParamPair(name_of_A, name_of_B) or (name_of_A, name_of_B) tuples"
+            f"no trainable low-rank pair found in {type(model).__name__}: name the pairs yourself, "
+            "ParamPair(name_of_A, name_of_B) or (name_of_A, name_of_B) tuples"
+            + (", or pass example_inputs= to find them from a forward pass" if example_inputs is None else "")
+            + ", or register a finder for your LoRA layer (reflora.adapters.register_finder)"
         ) from None
     out = []
     for pair in found:

@@ -13,6 +13,7 @@ the docstring of :func:`reflora.attach` and in ``docs/design.md``.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from reflora import step as core
 from reflora.diagnostics import group_stats, pair_stats, rows_in_order
 from reflora.distributed import any_sharded
-from reflora.pairs import LoRAPair, canonical_name
+from reflora.pairs import LoRAPair, UnusedPairWarning, canonical_name
 from reflora.reshard import restaged
 from reflora.transport import get_state_transport
 
@@ -70,6 +71,19 @@ def _scaler_proceeds(optimizer: torch.optim.Optimizer, kwargs: dict[str, Any] | 
     return not found_inf
 
 
+def _steps_running(optimizer: torch.optim.Optimizer) -> int:
+    """How many ``step()`` calls of ``optimizer`` are on the stack (torch's hook wrappers), read
+    only when a pre-hook finds the previous step unfinished: 2 for ``super().step()`` inside a
+    subclass's step, 1 when the previous step raised before its post-hook ran."""
+    wrapper = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__code__
+    frame, n = sys._getframe(1), 0
+    while frame is not None:
+        if frame.f_code is wrapper and frame.f_locals.get("self") is optimizer:
+            n += 1
+        frame = frame.f_back
+    return n
+
+
 def _pair_mismatch(saved: list[str], names: list[str]) -> str:
     """The error for a checkpoint whose pairs are not this handle's: where they first differ."""
     first = next((i for i, (a, b) in enumerate(zip(saved, names)) if a != b), min(len(saved), len(names)))
@@ -82,6 +96,12 @@ def _pair_mismatch(saved: list[str], names: list[str]) -> str:
         "same module (e.g. the PEFT model, not its base model), with the same adapters; pairs "
         "passed as (A, B) tuples are named pair0, pair1, ..."
     )
+
+
+# eager steps after which a pair that never had a gradient is named in a warning
+_GRADIENT_CHECK_STEPS = 3
+# options a checkpoint records that change only the arithmetic of later steps (see load_state_dict)
+_MATH_OPTIONS = ("resolved", "frame", "second_moment", "solver", "eps")
 
 
 def _option(field: str) -> property:
@@ -150,6 +170,12 @@ class RefLoRAHandle:
         ]
         self._hooks += self._strategy.install(self)
         self._removed = False
+        self._closure_calls: list[int] | None = None  # this step's closure calls, for step(closure)
+        self._in_step = False  # between the pre- and post-hook of one optimizer step
+        self._nested = 0  # hooks of an inner step() (a subclass calling super().step()) to ignore
+        self._warned_closure = False
+        # pairs that have had no gradient yet, checked in the first eager steps (then None)
+        self._never_grad: set[int] | None = set(range(len(self.pairs)))
 
     # -- configuration -----------------------------------------------------------------------
     variant = _option("variant")
@@ -234,14 +260,51 @@ class RefLoRAHandle:
         return len(self._groups)
 
     # -- hooks -------------------------------------------------------------------------------
-    def _pre_hook(self, optimizer, args, kwargs) -> None:
-        self._strategy.pre_step(self, optimizer, kwargs)
+    def _pre_hook(self, optimizer, args, kwargs) -> tuple[tuple, dict] | None:
+        """Run the step now, or, for ``step(closure)``, right after the closure computed the gradients.
+
+        An optimizer calls its closure at the start of ``step()``, after this pre-hook: acting here
+        would precondition the previous step's gradients (which the closure then zeroes) or skip
+        pairs that have none yet. So the closure is wrapped (a step pre-hook may return new
+        ``(args, kwargs)``) and RefLoRA acts when it first returns, on its gradients, before the
+        optimizer reads them; later calls of the closure in the same step pass through.
+
+        A subclass whose ``step`` calls ``super().step()`` runs the hooks of both classes' ``step``
+        (torch wraps each); the inner ones are ignored, so one optimizer step acts and counts once.
+        """
+        if self._in_step:
+            if _steps_running(optimizer) > 1:
+                self._nested += 1
+                return None
+            self._nested = 0  # the last step raised before its post-hook: this is a new step
+        self._in_step = True
+        # torch passes the optimizer itself as args[0]; a positional closure is args[1]
+        positional = len(args) > 1 and callable(args[1])
+        closure = args[1] if positional else kwargs.get("closure")
+        if closure is None:
+            self._closure_calls = None
+            self._strategy.pre_step(self, optimizer, kwargs)
+            return None
+        calls = self._closure_calls = [0]
+
+        def closure_then_reflora() -> Any:
+            loss = closure()
+            calls[0] += 1
+            if calls[0] == 1:
+                self._strategy.pre_step(self, optimizer, kwargs)
+            return loss
+
+        if positional:
+            return (args[0], closure_then_reflora, *args[2:]), kwargs
+        return args, {**kwargs, "closure": closure_then_reflora}
 
     def _step_in_pre_hook(self, optimizer, kwargs) -> None:
         if torch.compiler.is_compiling():
             self._traced_pre_hook(optimizer, kwargs)
             return
         self._skip_count = False
+        if self._never_grad is not None:
+            self._check_gradients()
         if _scaler_skips(optimizer, kwargs):
             # the optimizer will skip this step itself: touch nothing, count nothing
             self._skip_count = True
@@ -275,6 +338,25 @@ class RefLoRAHandle:
         finally:
             self._diag_parts = None
 
+    def _check_gradients(self) -> None:
+        """One :class:`~reflora.pairs.UnusedPairWarning` naming the pairs with a factor that still has
+        no gradient at the third eager step (never used by the forward pass, or detached)."""
+        self._never_grad = {i for i in self._never_grad if self.pairs[i].A.grad is None or self.pairs[i].B.grad is None}
+        if self.step_count + 1 < _GRADIENT_CHECK_STEPS or not self._never_grad:
+            if not self._never_grad:
+                self._never_grad = None
+            return
+        names = [self.pairs[i].name for i in sorted(self._never_grad)]
+        self._never_grad = None
+        shown = ", ".join(repr(n) for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        warnings.warn(
+            f"RefLoRA pair(s) {shown}: a factor has had no gradient in the first {_GRADIENT_CHECK_STEPS} optimizer "
+            "steps, so RefLoRA cannot act on it. Check that the forward pass uses the adapter (a LoRA wrapper its "
+            "parent module bypasses never runs), or leave the pair out of attach",
+            UnusedPairWarning,
+            stacklevel=4,
+        )
+
     def _traced_pre_hook(self, optimizer, kwargs) -> None:
         """The pre-hook inside ``torch.compile`` (a compiled ``opt.step`` or train step).
 
@@ -305,6 +387,18 @@ class RefLoRAHandle:
                 self._parameter_step(gate=active)
 
     def _post_hook(self, optimizer, args, kwargs) -> None:
+        if self._nested:  # the inner step of a subclass that called super().step()
+            self._nested -= 1
+            return
+        self._in_step = False
+        if self._closure_calls is not None and self._closure_calls[0] == 0 and not self._warned_closure:
+            self._warned_closure = True
+            warnings.warn(
+                f"{type(optimizer).__name__}.step(closure) returned without calling the closure, so RefLoRA, "
+                "which acts on the closure's gradients, did nothing this step. Compute the gradients before "
+                "step() and call it without a closure",
+                stacklevel=2,
+            )
         if torch.compiler.is_compiling():
             proceeds = _scaler_proceeds(optimizer, kwargs)
             if isinstance(proceeds, Tensor):
@@ -509,6 +603,7 @@ class RefLoRAHandle:
             "space": self.space,
             "warmup_steps": self.warmup_steps,
             "interval": self.interval,
+            **{key: getattr(self.config, key) for key in _MATH_OPTIONS},
             "pair_names": [canonical_name(p.name) for p in self.pairs],
             "cache": cache,
             "cached": cached,
@@ -522,8 +617,17 @@ class RefLoRAHandle:
         w0, w1, t = int(state["warmup_steps"]), self.warmup_steps, int(state["step_count"])
         return state["interval"] == self.interval and t >= max(w0, w1) and (w0 - w1) % self.interval == 0
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the configuration must match this handle's."""
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore a :meth:`state_dict`; the configuration must match this handle's.
+
+        ``variant``, ``space``, ``interval`` and (while a warmup is running) ``warmup_steps`` shape
+        the saved state and always have to match. The options that change only the arithmetic
+        of later steps (``resolved``, ``frame``, ``second_moment``, ``solver``, ``eps``) are
+        refused too when they differ, since a resumed run would then silently train differently
+        from the one saved; with ``strict=False`` such a state loads with one warning naming them,
+        and the run goes on with this handle's settings. (Checkpoints written before these options
+        were saved are not checked for them.)
+        """
         if not isinstance(state, dict) or "step_count" not in state:
             raise TypeError("state must be a dict returned by RefLoRAHandle.state_dict()")
         for key in ("variant", "space", "warmup_steps", "interval"):
@@ -541,10 +645,26 @@ class RefLoRAHandle:
                     f"checkpoint was saved with {key}={state[key]!r} but this handle has "
                     f"{key}={getattr(self, key)!r}; attach with the same settings to resume{hint}"
                 )
+        differ = {k: (state[k], getattr(self.config, k)) for k in _MATH_OPTIONS if k in state and state[k] != getattr(self.config, k)}
+        if differ and strict:
+            saved, now = (", ".join(f"{k}={v[i]!r}" for k, v in differ.items()) for i in (0, 1))
+            raise ValueError(
+                f"checkpoint was saved with {saved} but this handle has {now}: attach with {saved} to resume the "
+                "run as saved, or call load_state_dict(state, strict=False) to go on with this handle's settings"
+            )
+        if differ:
+            warnings.warn(
+                "loading a RefLoRA checkpoint saved with other settings; from here on the run uses this handle's: "
+                + ", ".join(f"{k}={now!r} (saved {saved!r})" for k, (saved, now) in differ.items()),
+                stacklevel=2,
+            )
         # both sides normalised: checkpoints written before names were canonical may still carry
         # wrapper prefixes (`module.`, `_orig_mod.`, ...)
         names = [canonical_name(p.name) for p in self.pairs]
         saved = [canonical_name(n) for n in state["pair_names"]]
+        # before 0.4, a pair owned by the model's root module was named '' (now after its factors, 'U+V')
+        legacy = {"": names[i] for i, n in enumerate(saved) if n == "" and i < len(names) and "." not in names[i]}
+        saved = [legacy.get(n, n) for n in saved]
         if saved != names:
             raise ValueError(_pair_mismatch(saved, names))
         self.step_count = int(state["step_count"])  # an int in every checkpoint, old and new
@@ -555,13 +675,14 @@ class RefLoRAHandle:
                 valid.zero_()
         self._cached = set()
         # checkpoints before "cached" existed held computed metrics only
-        valid_names = {canonical_name(n) for n in state.get("cached", state["cache"])}
+        key = lambda n: legacy.get(canonical_name(n), canonical_name(n))  # noqa: E731
+        valid_names = {key(n) for n in state.get("cached", state["cache"])}
         for name, (S, S_inv) in state["cache"].items():
-            if canonical_name(name) not in valid_names:
+            if key(name) not in valid_names:
                 continue
             if self._bufs is None:
                 raise ValueError("checkpoint holds cached metrics but this handle caches none (interval=1)")
-            i = index[canonical_name(name)]
+            i = index[key(name)]
             g, j = where[i]
             S_buf, S_inv_buf, valid = self._bufs[g]
             if S.shape != S_buf.shape[1:]:

@@ -74,7 +74,7 @@ from reflora.integrations.deepspeed import (
     zero_optimizer,
 )
 from reflora.pairs import LoRAPair
-from reflora.transport import UnsupportedOptimizerError, get_state_transport, qualname, registered_optimizers
+from reflora.transport import UnsupportedOptimizerError, get_state_transport, qualname
 
 __all__ = ["attach"]
 
@@ -229,10 +229,8 @@ def _check_pairs_in(opt: torch.optim.Optimizer, pair_list: list[LoRAPair]) -> No
             if not t.requires_grad:
                 raise ValueError(
                     f"pair {pair.name!r}: its {label} factor (shape {tuple(t.shape)}) is frozen "
-                    "(requires_grad=False). RefLoRA re-balances two trained factors; with one frozen "
-                    "(LoRA-FA, or a partly frozen adapter) there is nothing to re-balance, and the pair "
-                    "would be skipped at every step. Train both factors, or leave this pair out of the "
-                    "pairs given to attach"
+                    "(requires_grad=False): train both factors, or leave this pair out of attach. RefLoRA "
+                    "re-balances two trained factors; with one frozen (LoRA-FA) there is nothing to re-balance"
                 )
             if id(t) not in in_opt:
                 hint = (
@@ -283,12 +281,10 @@ def _check_transport(opt: torch.optim.Optimizer, pair_list: list[LoRAPair]) -> N
         )
     if transport is None:
         raise UnsupportedOptimizerError(
-            f"space='parameter' must move {qualname(opt)}'s state with the factors, and no "
-            f"transport is registered for it (registered: {registered_optimizers()}). Declare its "
-            f"state with reflora.transport.register_state_transport({type(opt).__name__}, "
-            "{'state_key': 'first' | 'second' | 'keep', ...}) (kinds apply to parameter-shaped "
-            "state; factored state needs a function transport), or use space='gradient', which "
-            "works with any optimizer."
+            f"space='parameter' needs a state transport for {type(opt).__name__}, and none is registered: declare "
+            f"its state with reflora.register_state_transport({type(opt).__name__}, {{'exp_avg': 'first', "
+            "'exp_avg_sq': 'second', ...}), or use space='gradient' (any optimizer; the registered ones: "
+            "reflora.transport.registered_optimizers())"
         )
 
 

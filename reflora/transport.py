@@ -190,12 +190,9 @@ def _from_spec(cls: type, spec: Mapping[str, StateKind]) -> TransportFn:
                 got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
                 raise UnsupportedOptimizerError(
                     f"{qualname(ctx.optimizer)} holds state {key!r} ({got}) for {where} of shape "
-                    f"{tuple(param.shape)}, declared {kind!r} in its registered transport; a {kind!r} "
-                    "kind maps state shaped like its parameter only, and factored or 1-D moments have "
-                    "no element-wise map. Register a function transport for it "
-                    f"(reflora.transport.register_state_transport({type(ctx.optimizer).__name__}, fn, "
-                    "overwrite=True); see reflora.transport's Adafactor transports), or use "
-                    "space='gradient', which needs no transport."
+                    f"{tuple(param.shape)}, which a {kind!r} kind cannot move (it maps state shaped like "
+                    "its parameter only): use space='gradient', or register a function transport with "
+                    f"reflora.transport.register_state_transport({type(ctx.optimizer).__name__}, fn, overwrite=True)"
                 )
 
     def transport(T, sA, sB, ctx):

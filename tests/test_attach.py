@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import re
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -487,3 +489,65 @@ def test_resuming_an_old_gradient_space_checkpoint_under_auto_names_the_fix() ->
     with pytest.raises(ValueError, match=r"saved with space='gradient' but this handle has space='parameter'.*"
                                          r"space='gradient' explicitly"):
         handle.load_state_dict(ckpt)
+
+
+def test_auto_falls_back_to_gradient_space_with_one_notice_for_an_unregistered_optimizer() -> None:
+    net = LoRANet()
+    opt = torch.optim.Adamax(list(net.parameters()), lr=1e-2)
+    with pytest.warns(reflora.GradientSpaceFallbackWarning, match=r"register_state_transport\(Adamax"):
+        handle = attach(opt, net.pairs())
+    assert handle.space == "gradient"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(net, opt, 3)  # once per handle: nothing more while training
+        handle.remove()
+        attach(opt, net.pairs(), space="gradient")  # explicit: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=reflora.GradientSpaceFallbackWarning)
+        net3 = LoRANet()
+        attach(torch.optim.Adamax(list(net3.parameters()), lr=1e-2), net3.pairs())
+        net4 = LoRANet()  # a registered SGD-like optimizer picks gradient space by design: no notice
+        attach(torch.optim.SGD(list(net4.parameters()), lr=1e-2), net4.pairs())
+
+
+@pytest.mark.parametrize("option, saved, now", [
+    ("resolved", 0.0, None), ("frame", "symmetric", None), ("second_moment", "keep", "square"),
+    ("solver", "newton_schulz", "eigh"),
+])
+def test_load_state_dict_refuses_other_arithmetic_options_unless_not_strict(option, saved, now) -> None:
+    extra = {"frame": "symmetric"} if option == "solver" else {}  # newton_schulz needs the symmetric frame
+    net, opt, handle = setup("AdamW", "full", "parameter", **{option: saved}, **extra)
+    train(net, opt, 4)
+    state = handle.state_dict()
+    assert state[option] == saved
+    net2 = LoRANet()
+    opt2 = OPTIMIZERS["AdamW"](list(net2.parameters()), LR["AdamW"])
+    handle2 = attach(opt2, net2.pairs(), variant="full", space="parameter", **{option: now}, **extra)
+    with pytest.raises(ValueError, match=rf"saved with .*{option}={saved!r} but this handle has .*{option}=.*attach with "
+                                         rf".*{option}={saved!r} to resume the run as saved, or call load_state_dict\(state, strict=False\)"):
+        handle2.load_state_dict(state)
+    with pytest.warns(UserWarning, match=rf"other settings.*{option}="):
+        handle2.load_state_dict(state, strict=False)
+    assert handle2.step_count == 4
+    # checkpoints written before these options were saved load without the check
+    old = {k: v for k, v in state.items() if k not in ("resolved", "frame", "second_moment", "solver", "eps")}
+    handle2.load_state_dict(old)
+
+
+def test_a_pair_without_gradients_after_the_first_steps_is_named_once() -> None:
+    net = LoRANet()
+    opt = torch.optim.AdamW(list(net.parameters()), lr=1e-2)
+    handle = attach(opt, net.pairs())
+    unused = net.pairs()[2]
+    with pytest.warns(reflora.UnusedPairWarning, match=r"'pair2': a factor has had no gradient in the first 3"):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            sum(0.5 * o.square().mean() for o in net.outputs()[:2]).backward()
+            opt.step()
+    assert unused[0].grad is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            opt.step()
+    assert handle.step_count == 6

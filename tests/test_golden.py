@@ -38,14 +38,27 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL)
     assert err <= rtol * max(scale, 1e-300) or err == 0.0, f"{name}: relative error {err / scale:.3e} > {rtol:.0e}"
 
 
+# second_moment="reset" diverges by design (UnstableOptionWarning): after the first refactor Adam
+# divides by eps, so each step multiplies the last bit of round-off by ~1e6 and the 8-step
+# trajectory differs between CPUs (BLAS kernels) by 1e-3 to 0.35 relative. Its structure is
+# compared; the rule itself is tested exactly in test_attach_edges / test_func.
+CHAOTIC = {"attach-adamw-full-parameter-plain-random-second_moment=reset"}
+
+
 def _compare(case: dict, got: dict, want: dict) -> None:
     assert got["space"] == want["space"]
     assert sorted(got["pairs"]) == sorted(want["pairs"])
+    chaotic = gc.case_id(case) in CHAOTIC
     for name, rec in want["pairs"].items():
         mine = got["pairs"][name]
         assert sorted(mine) == sorted(rec), f"{name}: recorded keys {sorted(rec)}, got {sorted(mine)}"
         for key, value in rec.items():
+            if chaotic and value.dtype.is_floating_point and value.dim() > 0:
+                assert mine[key].shape == value.shape and mine[key].dtype == value.dtype, f"{name}.{key}"
+                continue
             _close(f"{name}.{key}", mine[key], value)
+        if chaotic:
+            continue
         if "A" in rec:
             _close(f"{name}.BA", mine["B"] @ mine["A"], rec["B"] @ rec["A"])
     if case["api"] == "func":
@@ -54,8 +67,13 @@ def _compare(case: dict, got: dict, want: dict) -> None:
     _compare_handle_state(got["handle"], want["handle"])
 
 
+# options the handle's state_dict records since 0.4 (load_state_dict refuses a state saved with
+# others); the recorded states predate them
+ADDED_STATE_KEYS = {"resolved", "frame", "second_moment", "solver", "eps"}
+
+
 def _compare_handle_state(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want)
+    assert sorted(set(got) - ADDED_STATE_KEYS) == sorted(want)
     for key in want:
         if key == "cache":
             assert sorted(got["cache"]) == sorted(want["cache"])
