@@ -12,6 +12,8 @@ restored afterwards.
 
 from __future__ import annotations
 
+import ast
+
 import contextlib
 import importlib
 import importlib.util
@@ -159,6 +161,46 @@ def test_troubleshooting_quotes_the_messages_as_raised() -> None:
     assert not stale, stale
 
 
+def _warning_messages() -> list[tuple[str, str]]:
+    """``(where, literal head)`` of every ``warnings.warn`` call in the package: the first run of
+    literal text of 12 characters or more in its message, cut to 40."""
+    out = []
+    for folder in ("reflora", "adapters"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "warn"
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "warnings"):
+                    continue
+                parts: list[str] = []
+
+                def literal(n: ast.AST) -> None:
+                    if isinstance(n, ast.Constant) and isinstance(n.value, str):
+                        parts.append(n.value)
+                    elif isinstance(n, ast.JoinedStr):
+                        for v in n.values:
+                            parts.append(v.value if isinstance(v, ast.Constant) else "\0")
+                    elif isinstance(n, ast.BinOp):
+                        literal(n.left)
+                        literal(n.right)
+
+                literal(node.args[0])
+                runs = [r.strip(" .;:,") for r in "".join(parts).split("\0")]
+                head = next((r for r in runs if len(r) >= 12), "")
+                if head:
+                    out.append((f"{path.relative_to(ROOT)}:{node.lineno}", head[:40].strip()))
+    return out
+
+
+def test_every_warning_message_is_in_troubleshooting() -> None:
+    """A warning added anywhere in the package must be listed on the troubleshooting page (its
+    first run of literal text, up to 40 characters)."""
+    messages = _warning_messages()
+    assert len(messages) >= 20
+    text = re.sub(r"\s+", " ", (DOCS / "troubleshooting.md").read_text())
+    missing = [f"{where}: {head!r}" for where, head in messages if re.sub(r"\s+", " ", head) not in text]
+    assert not missing, "docs/troubleshooting.md does not list these warnings:\n" + "\n".join(missing)
+
+
 _LINK = re.compile(r"\]\(([^)\s#]+)(#[^)\s]*)?\)")
 
 
@@ -178,7 +220,8 @@ def test_local_links_resolve() -> None:
 def test_project_files() -> None:
     """LICENSE is the license the package metadata names; CITATION.cff is valid YAML that cites
     the software and prefers the paper."""
-    assert re.search(r'^license = \{ text = "MIT" \}$', (ROOT / "pyproject.toml").read_text(), re.M)
+    text = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^license = "MIT"$', text, re.M) and re.search(r'^license-files = \["LICENSE"\]$', text, re.M)
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
     yaml = pytest.importorskip("yaml")
     cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())

@@ -492,7 +492,7 @@ BAD_CONSTRUCTION = [
     ("shared factor", lambda: adamw([("a", "b"), ("c", "b")]), ValueError, "parameter 'b' belongs to pair 'a' and to pair 'c'"),
     ("bad layout", lambda: adamw([ParamPair("a", "b", ("plain", "diag"))]), ValueError, "layout must be a pair of"),
     ("model without pairs", lambda: adamw(nn.Linear(3, 3)), NoPairsFoundError,
-     r"no trainable low-rank pair found in Linear.*with reflora.func, name them"),
+     r"no trainable low-rank pair found in Linear: name the pairs yourself, ParamPair"),
     ("pairs_of on a tensor", lambda: pairs_of(torch.zeros(2)), TypeError, "model must be a torch.nn.Module"),
 ]
 
