@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterable, Literal, Optional, overload
 from torch import Tensor, nn
 
 from reflora.adapters.traced import Candidate, DiscoveryReport, factor_name, trace_pairs
-from reflora.pairs import LoRAPair, UnusedPairWarning, canonical_name
+from reflora.pairs import LoRAPair, UnusedPairWarning, canonical_name, check_ranks, validate
 
 __all__ = [
     "Candidate",
@@ -262,8 +262,7 @@ def find_pairs(
         report = trace_pairs(model, example_inputs, exclude=claimed, structural=pairs)
     else:
         report = DiscoveryReport(pairs, pairs, [], [], [], {}, traced_run=False)
-    pairs = report.pairs
-    _check_unique(pairs)
+    pairs = validate(report.pairs)
     if explain:
         return report
     if example_inputs is not None:
@@ -320,18 +319,6 @@ def _raw_named(pair: LoRAPair, raw: str, clean: str) -> LoRAPair:
     return dataclasses.replace(pair, name=raw + suffix)
 
 
-def _check_unique(pairs: list[LoRAPair]) -> None:
-    seen: dict[int, str] = {}
-    for p in pairs:
-        for t in (p.A, p.B):
-            if id(t) in seen:
-                raise ValueError(
-                    f"parameter of pair {p.name!r} is also used by pair {seen[id(t)]!r}; "
-                    "each factor may belong to one pair only"
-                )
-            seen[id(t)] = p.name
-
-
 def mark_pair(module: nn.Sequential) -> nn.Sequential:
     """Mark a bottleneck ``Sequential(Linear(m, r, bias=False), Linear(r, n))`` as a LoRA pair.
 
@@ -350,11 +337,7 @@ def mark_pair(module: nn.Sequential) -> nn.Sequential:
             "the down-projection of a marked pair must have bias=False: a bias between A and B "
             "would not be preserved by refactoring"
         )
-    if module[0].out_features != module[1].in_features:
-        raise ValueError(
-            f"A has rank {module[0].out_features} (shape {tuple(module[0].weight.shape)}) but B has rank "
-            f"{module[1].in_features} (shape {tuple(module[1].weight.shape)})"
-        )
+    check_ranks(module[0].weight.shape, module[1].weight.shape)
     module._reflora_pair = True  # type: ignore[attr-defined]
     return module
 

@@ -209,12 +209,12 @@ def grams_floor(handle) -> None:
 def default_floor(handle, opt, raw) -> None:
     """A floor for (b), not a mode: what the default (full variant, parameter space) cannot skip
     under its accuracy contract, with nothing between the parts: the float64 Grams and the
-    default's ``r x r`` kernel on them (``reflora.step.metrics``: the same ``eigh`` closed form and
+    default's ``r x r`` kernel on them (``reflora.step.group_metrics``: the same ``eigh`` closed form and
     resolution gate the default runs), then one in-place pass over every tensor the refactor
     rewrites (:func:`touch_floor`). The products themselves are what the default adds above it."""
     import reflora.step
 
-    reflora.step.metrics([[handle.pairs[i] for i in g] for g in handle.groups], handle.config, True)
+    reflora.step.group_metrics([[handle.pairs[i] for i in g] for g in handle.groups], handle.config, True)
     touch_floor(opt, raw)
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from numerics import factors, reference_S  # noqa: E402
 
 from reflora._kernels import full_kernel, grams  # noqa: E402
-from reflora._linalg import default_eps  # noqa: E402
+from reflora.config import default_eps  # noqa: E402
 from reflora.functional import precondition, preconditioner  # noqa: E402
 
 

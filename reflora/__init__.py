@@ -7,12 +7,11 @@ imported lazily by the parts that need them.
 from __future__ import annotations
 
 from reflora import diagnostics, distributed, func, functional, lowbit, transport
-from reflora._kernels import UnstableOptionWarning
-from reflora.config import GradientSpaceFallbackWarning, RefLoRAConfig, default_space
-from reflora.handle import RefLoRAHandle
-from reflora.hooks import attach
-from reflora.transport import UnsupportedOptimizerError
+from reflora.attaching import attach
+from reflora.config import RefLoRAConfig, UnstableOptionWarning, UnsupportedOptimizerError
 from reflora.functional import precondition, preconditioner, refactor, refactor_transform
+from reflora.handle import RefLoRAHandle
+from reflora.optimizers import GradientSpaceFallbackWarning, default_space
 from reflora.pairs import LoRAPair, UnusedPairWarning
 from reflora.transport import register_state_transport
 

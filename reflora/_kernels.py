@@ -1,4 +1,4 @@
-"""Gram-level kernels and argument checks shared by :mod:`reflora.functional` and the hook layer.
+"""Gram-level kernels shared by :mod:`reflora.functional` and the step core (:mod:`reflora.step`).
 
 Everything here is pure, batched over leading dimensions and traceable (no ``.item()``, no
 Python branch on tensor values). The functional API validates its inputs and calls these; the
@@ -31,26 +31,14 @@ from torch import Tensor
 from reflora._linalg import (
     balanced_metric,
     compute_dtype,
-    default_eps,
     live_metric,
     mm,
     newton_schulz_geomean,
     newton_schulz_metric,
 )
+from reflora.config import check_resolved, check_solver
 
 __all__ = [
-    "DEFAULT_GATE_WARMUP",
-    "DEFAULT_RESOLVED",
-    "FRAMES",
-    "SECOND_MOMENT_RULES",
-    "SOLVERS",
-    "UnstableOptionWarning",
-    "VARIANTS",
-    "check_eps",
-    "check_frame",
-    "check_resolved",
-    "check_solver",
-    "check_variant",
     "compiled_full_kernel",
     "eager_kernel",
     "full_kernel",
@@ -58,56 +46,8 @@ __all__ = [
     "group_kernel",
     "metric",
     "metric_kernel",
-    "resolve_resolved",
     "scalar_kernel",
 ]
-
-VARIANTS = ("full", "scalar")
-FRAMES = ("paper", "symmetric")
-SOLVERS = ("eigh", "newton_schulz")
-SECOND_MOMENT_RULES = ("square", "keep", "reset")
-
-
-def check_variant(variant: object) -> str:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
-    return variant  # type: ignore[return-value]
-
-
-def check_frame(frame: object) -> str:
-    if frame not in FRAMES:
-        raise ValueError(f"frame must be one of {FRAMES}; got {frame!r}")
-    return frame  # type: ignore[return-value]
-
-
-def check_solver(solver: object, frame: object = None) -> tuple[str, str]:
-    """Validate ``solver`` and resolve ``frame`` against it: ``(solver, frame)``.
-
-    ``frame=None`` means the solver's natural frame: ``"paper"`` for ``"eigh"``, ``"symmetric"``
-    for ``"newton_schulz"``, which computes ``S^{1/2}`` and has no eigenbasis to rotate into.
-    """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
-    if frame is None:
-        return solver, "paper" if solver == "eigh" else "symmetric"  # type: ignore[return-value]
-    frame = check_frame(frame)
-    if solver == "newton_schulz" and frame == "paper":
-        raise ValueError(
-            "frame='paper' needs the eigenbasis of the balanced Gram, which solver='newton_schulz' "
-            "does not compute (it has no eigendecomposition); use frame='symmetric' (or leave "
-            "frame unset) with solver='newton_schulz', or solver='eigh' for the paper frame"
-        )
-    return solver, frame  # type: ignore[return-value]
-
-
-def check_eps(eps: object, dtype: torch.dtype) -> float:
-    if eps is None:
-        return default_eps(dtype)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float or None; got {type(eps).__name__}")
-    if not (0.0 <= float(eps) < 1.0):
-        raise ValueError(f"eps must be in [0, 1); got {eps!r}")
-    return float(eps)
 
 
 def grams(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -128,49 +68,6 @@ def _finite_only(X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _nan_where(finite: Tensor, out: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     nan = torch.full((), float("nan"), dtype=out[0].dtype, device=out[0].device)
     return tuple(torch.where(finite, t, nan) for t in out)
-
-
-class UnstableOptionWarning(UserWarning):
-    """An option was measured to diverge where plain training converges (the message says where)."""
-
-
-def check_resolved(resolved: object, variant: str = "full", solver: str = "eigh") -> float:
-    """Validate the resolution gate (see :func:`reflora._linalg.resolved_gate`) for a variant and solver."""
-    if isinstance(resolved, bool) or not isinstance(resolved, (int, float)):
-        raise TypeError(f"resolved must be a float in [0, 1); got {type(resolved).__name__}")
-    if not (0.0 <= float(resolved) < 1.0):
-        raise ValueError(f"resolved must be in [0, 1) (0: always act, as in the paper); got {resolved!r}")
-    if resolved > 0 and variant == "scalar":
-        raise ValueError(
-            f"resolved={resolved!r} gates the full variant on the singular values of B A; variant='scalar' "
-            "has no spectrum to test. Leave resolved unset (or 0) with variant='scalar'"
-        )
-    if resolved > 0 and solver == "newton_schulz":
-        raise ValueError(
-            f"resolved={resolved!r} needs the singular values of B A, which solver='newton_schulz' does not "
-            "compute; use solver='eigh' (the default) or resolved=0.0 with solver='newton_schulz'"
-        )
-    return float(resolved)
-
-
-#: The default resolution gate of the full variant with ``solver="eigh"`` (``attach(resolved=None)``).
-DEFAULT_RESOLVED = 0.1
-
-#: The default warmup where the resolution gate is on (``attach(warmup_steps=None)``): RefLoRA
-#: first acts at the fourth optimizer step. After Adam's first step from ``B = 0`` every entry of
-#: ``B`` has moved by about ``lr``, so ``B A`` has a flat spectrum that passes the gate for a
-#: step or two before the task's own spectrum forms; acting there is what made the gated default
-#: lose late in the rank-deficient grid (docs/rank-deficient.md, "The warmup").
-DEFAULT_GATE_WARMUP = 3
-
-
-def resolve_resolved(resolved: object, variant: str, solver: str) -> float:
-    """``attach``'s and ``reflora.func``'s ``resolved``, validated; ``None``: :data:`DEFAULT_RESOLVED`
-    for the full variant with ``solver="eigh"``, else 0 (the scalar variant has no spectrum, the
-    Newton-Schulz solver computes none)."""
-    if resolved is None:
-        return DEFAULT_RESOLVED if variant == "full" and solver == "eigh" else 0.0
-    return check_resolved(resolved, variant, solver)
 
 
 def full_kernel(

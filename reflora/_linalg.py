@@ -3,8 +3,7 @@
 Everything here works on batches of small ``(r, r)`` matrices, is pure and traceable (no
 ``.item()``, no Python branches on values). It runs in float64 whatever the factors' dtype:
 the Gram matrices square the condition number of the factors, so a float32 Gram of a factor
-with condition number 1e3 has already lost the small eigenvalues (measured: 1-2% error in ``S``
-from a float32 Gram even with a float64 eigensolver, against 1e-9 from a float64 Gram).
+with condition number 1e3 has already lost the small eigenvalues (docs/theory.md).
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["balanced_metric", "compute_dtype", "default_eps", "live_metric", "newton_schulz_geomean", "newton_schulz_metric", "newton_schulz_sqrt", "resolved_gate", "sym_eigh"]
+__all__ = ["balanced_metric", "compute_dtype", "live_metric", "newton_schulz_geomean", "newton_schulz_metric", "newton_schulz_sqrt", "resolved_gate", "sym_eigh"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -23,17 +22,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     in float64 cost about twice the float32 ones on a CPU.
     """
     return torch.float64
-
-
-def default_eps(dtype: torch.dtype | None = None) -> float:
-    """Relative threshold below which a direction of ``B A`` counts as zero (``eps=None``).
-
-    A squared singular value ``sigma_j^2`` of ``B A`` computed from float64 Grams carries an
-    absolute error of a few ``machine_eps * ||A||_2^2 ||B||_F^2``; anything below
-    ``64 * machine_eps`` (1.4e-14) of that scale is indistinguishable from zero. The kernel always
-    runs in float64, so ``dtype`` does not change the result.
-    """
-    return 64.0 * torch.finfo(torch.float64).eps
 
 
 def mm(a: Tensor, b: Tensor) -> Tensor:
@@ -341,7 +329,7 @@ def newton_schulz_geomean(X: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Ten
       ``A = 0``), gets exactly the identity, as with eigh (``any_live`` is False).
 
     On live directions the shift changes ``S`` by at most about ``d (cond(A)^2 + cond(B)^2)``
-    relative (measured up to 0.6 of it; 1e-6 at ``cond(A) = cond(B) = 1e3``).
+    relative (docs/theory.md, "Eigh-free solver").
     """
     r = X.shape[-1]
     eye = torch.eye(r, dtype=X.dtype, device=X.device)

@@ -21,17 +21,21 @@ few scalars for a logger.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
-from reflora._kernels import check_variant, metric, metric_kernel, scalar_kernel
-from reflora._linalg import default_eps, live_basis
+from reflora._kernels import metric, metric_kernel, scalar_kernel
+from reflora._linalg import live_basis
 from reflora.adapters import as_pairs
+from reflora.config import RefLoRAConfig, check_variant, default_eps
+from reflora.distributed import is_dtensor
+from reflora.pairs import LoRAPair
 from reflora.step import gram_stack, group_pairs
 
-__all__ = ["STATS", "diagnose", "group_stats", "pair_stats", "rows_in_order", "summarize"]
+__all__ = ["STATS", "Recorder", "diagnose", "group_stats", "pair_stats", "rows_in_order", "summarize"]
 
 STATS = ("imbalance", "cond_AAt", "cond_BtB", "S_deviation", "sigma_max", "sigma_min")
 
@@ -95,8 +99,6 @@ def diagnose(pairs: Any, variant: str = "full", eps: float | None = None) -> dic
         variant: whose metric ``S_deviation`` measures (``"full"`` or ``"scalar"``).
         eps: dead-direction threshold of the metric (``None``: the default, 1.4e-14).
     """
-    from reflora.distributed import is_dtensor
-
     pair_list = as_pairs(pairs)
     if any(is_dtensor(p.A) or is_dtensor(p.B) for p in pair_list):
         raise ValueError(
@@ -148,3 +150,56 @@ def group_stats(pair_groups: Iterable[list], variant: str, eps: float | None) ->
     the optimizer step's own routine (summed over the ranks for sharded pairs). Call under no_grad."""
     return [pair_stats(*gram_stack(group), variant, eps) for group in pair_groups]
 
+
+
+class Recorder:
+    """A handle's diagnostics (``attach(..., diagnostics_interval=k)``): every ``k`` eager optimizer
+    steps the stats of every pair as the step began, from the Grams the step computes anyway (fresh
+    ones for the pairs it computes none for), kept as tensors until :meth:`read`."""
+
+    def __init__(self, pairs: tuple[LoRAPair, ...], groups: list[list[int]]) -> None:
+        self.pairs = pairs
+        self.groups = groups
+        self.latest: tuple[int, list[tuple[list[LoRAPair], dict[str, Tensor]]]] | None = None
+        self.parts: list[tuple[list[LoRAPair], dict[str, Tensor]]] | None = None  # during a recording step
+        self.traced_steps = False  # a step ran inside torch.compile (it records no diagnostics)
+
+    def begin(self, t: int, cfg: RefLoRAConfig) -> bool:
+        """Start step ``t``; whether it records. A parameter-space scalar step rescales the factors
+        and computes no Grams: its stats are taken here, before it does."""
+        due = cfg.diagnostics_interval > 0 and t % cfg.diagnostics_interval == 0
+        self.parts = [] if due else None
+        if due and cfg.space == "parameter" and cfg.variant == "scalar" and cfg.active(t):
+            groups = [[self.pairs[i] for i in g] for g in self.groups]
+            with torch.no_grad():
+                self.parts = list(zip(groups, group_stats(groups, cfg.variant, cfg.eps)))
+        return due
+
+    def on_grams(self, pairs: list[LoRAPair], X: Tensor, Y: Tensor, eps: float | None) -> None:
+        """The step's Grams of a group (full variant): their stats, if this step records."""
+        if self.parts is not None:
+            self.parts.append((pairs, pair_stats(X, Y, "full", eps)))
+
+    def finish(self, t: int, variant: str, eps: float | None) -> None:
+        """Store step ``t``'s stats: the step's own, fresh ones for the pairs it computed none for
+        (the scalar variant, cached or warmup steps, pairs without gradients)."""
+        parts = self.parts or []
+        seen = {id(p) for pairs, _ in parts for p in pairs}
+        rest = [[self.pairs[i] for i in g if id(self.pairs[i]) not in seen] for g in self.groups]
+        rest = [pairs for pairs in rest if pairs]
+        parts += list(zip(rest, group_stats(rest, variant, eps)))
+        self.latest = (t, parts)
+
+    def read(self, interval: int) -> dict[str, Any] | None:
+        """``{"step": t, "pairs": {name: {stat: float}}}`` of the latest recording (one host sync)."""
+        if self.latest is None:
+            if interval > 0 and self.traced_steps:
+                warnings.warn(
+                    "RefLoRA diagnostics: none recorded, and steps ran inside torch.compile, which does not "
+                    "record them (only eager optimizer steps do). For the stats of the pairs now, call "
+                    "reflora.diagnostics.diagnose(handle.pairs) outside the compiled step",
+                    stacklevel=3,
+                )
+            return None
+        t, parts = self.latest
+        return {"step": t, "pairs": rows_in_order(list(self.pairs), [p for p, _ in parts], [s for _, s in parts])}

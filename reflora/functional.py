@@ -16,44 +16,37 @@ computed from the two r x r Grams with symmetric eigendecompositions (the paper'
 construction and its extension to rank-deficient products are in
 :func:`reflora._linalg.balanced_metric`).
 
-Numerics, and where this implementation deviates from the paper's formulas (stated once here,
-explained in docs/theory.md):
+Numerics, and where this implementation deviates from the paper's formulas (the reasons and
+measurements: docs/theory.md):
 
 * **Compute dtype.** The Grams and every r x r operation run in float64 whatever the factors'
-  dtype, and results are cast back to the input dtype. A float32 Gram of a factor with
-  condition number 1e3 has already lost its small eigenvalues (``S`` off by 1-2% even with a
-  float64 eigensolver); from float64 Grams ``S``, the preconditioned gradients and the balance of
-  float32 and bfloat16 factors with ``cond(A), cond(B) <= 1e3`` are within 1% of the float64
-  answer (tested; docs/theory.md's "Numerics and limits" table has the measured errors).
+  dtype, and results are cast back to the input dtype: a float32 Gram has already lost the small
+  eigenvalues of a factor conditioned like 1e3 (the accuracy contract per dtype: docs/theory.md,
+  "Numerics and limits").
 * **Dead directions (the paper's S does not exist).** ``S X S = Y`` has an SPD solution only
   when ``B A`` has full rank ``r``. A direction whose squared singular value is at most
   ``eps * ||A||_2^2 * ||B||_F^2`` (default ``eps`` = 1.4e-14: zero to float64 round-off) is
   *dead*: the metric there is the identity (a plain LoRA step), and only the live directions are
-  balanced. Cases: ``B = 0`` (PEFT's init; all directions dead, ``S = I``, so training starts
-  with no warmup), ``r > min(m, n)`` (a 3-label head with r = 8; at least ``r - min(m, n)``
-  directions dead), and exactly rank-deficient products. The earlier eigenvalue *floor* made
-  ``P`` ill-conditioned on such directions and the optimizer state blew up; there is no floor
-  now and no inverse of a dead value is ever taken.
+  balanced; no inverse of a dead value is ever taken. Cases: ``B = 0`` (PEFT's init; all
+  directions dead, ``S = I``, so training starts with no warmup), ``r > min(m, n)`` (a 3-label
+  head with r = 8), and exactly rank-deficient products.
 * **Frame.** Any ``P`` with ``P P^T = S`` gives the same plain gradient step; they differ for
   optimizers that are not rotation-equivariant (Adam). The default ``frame="paper"`` takes the
   paper's closed form (balanced Grams equal to ``diag(sigma)``), made canonical: a tiny fixed
   tie-breaker orders (near-)repeated eigenspaces by coordinate and each eigenvector's largest
   entry is positive, so eager, compiled, other devices and ranks give the same factors to
   round-off. ``frame="symmetric"`` takes ``P = S^{1/2}`` (unique without any convention; the
-  identity for an already balanced pair); measured to help far less under AdamW
-  (``benchmarks/second_moment.py``).
+  identity for an already balanced pair). How the two train: docs/options.md.
 * **Solver.** ``solver="eigh"`` (default) is the construction above. ``solver="newton_schulz"``
   computes ``S`` and ``S^{-1}`` as the blocks of ``sign([[0, Y], [X, 0]])`` and ``S^{\pm 1/2}``
   as those of ``sign([[0, S], [I, 0]])`` by coupled Newton-Schulz iterations: matrix products
-  only, a fixed step count set by ``r`` (about 30 + 20 steps), traceable and fast on GPUs where
-  batched ``eigh`` of small matrices is slow. It gives the symmetric frame only (``frame=None``
-  resolves to it; ``frame="paper"`` raises). It cannot see the spectrum, so instead of dead
-  directions both Grams get a diagonal shift of 1e-12 of their mean eigenvalue: a direction dead
-  in both factors gets RefLoRA-S's scalar metric ``sqrt(tr Y / tr X)`` instead of 1, one dead in
-  a single factor (``r > min(m, n)``) a metric up to 1e6 times that (finite, product kept, but
-  steps along it damped), and a pair with ``||B A||_F^2 <= eps ||A||_F^2 ||B||_F^2`` (``B = 0``)
-  exactly the identity, as with eigh. Full-rank pairs agree with eigh to about
-  ``1e-12 (cond(A)^2 + cond(B)^2)`` (docs/theory.md: "Eigh-free solver (measured)").
+  only, a fixed step count set by ``r``, traceable. It gives the symmetric frame only
+  (``frame=None`` resolves to it; ``frame="paper"`` raises). It cannot see the spectrum, so
+  instead of dead directions both Grams get a diagonal shift of 1e-12 of their mean eigenvalue:
+  a direction dead in both factors gets RefLoRA-S's scalar metric ``sqrt(tr Y / tr X)`` instead
+  of 1, one dead in a single factor (``r > min(m, n)``) a large but finite metric, and a pair
+  with ``||B A||_F^2 <= eps ||A||_F^2 ||B||_F^2`` (``B = 0``) exactly the identity, as with
+  eigh. Its agreement with eigh by conditioning: docs/theory.md, "Eigh-free solver".
 * **Non-finite input.** A pair holding NaN/Inf gets NaN outputs; the other pairs of the batch
   are computed as usual (bad matrices are replaced before ``eigh``, which could otherwise raise).
 
@@ -68,19 +61,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from reflora._kernels import (
-    SECOND_MOMENT_RULES,
-    check_eps,
-    check_resolved,
-    check_solver,
-    check_variant,
-    full_kernel,
-    grams,
-    metric,
-    metric_kernel,
-    scalar_kernel,
-)
+from reflora._kernels import full_kernel, grams, metric, metric_kernel, scalar_kernel
 from reflora._linalg import compute_dtype
+from reflora.config import check_eps, check_resolved, check_second_moment, check_solver, check_variant
 
 __all__ = [
     "Refactored",
@@ -316,8 +299,9 @@ def refactor_transform(
             module docstring). Full variant only; ``"scalar"`` has nothing to decompose.
         resolved: full variant with ``solver="eigh"``: a pair whose smallest singular value of
             ``B A`` is below ``resolved`` times its largest gets the identity (it is left as it
-            is). ``0`` (default here): the paper, every pair is refactored. ``reflora.attach``
-            and ``reflora.func`` default to 0.1; see ``docs/rank-deficient.md``.
+            is). ``0`` (default here, unlike ``attach`` and ``reflora.func``'s 0.1: a pure
+            function gives the paper's transform of one pair; the gate is a training schedule,
+            with its own warmup, that the optimizer front-ends apply; ``docs/rank-deficient.md``).
 
     Returns:
         A :class:`Transform` in float64.
@@ -394,8 +378,7 @@ def map_second_moments(
     left, right = _check_transform(transform)
     for name, t in (("v_A", v_A), ("v_B", v_B)):
         _check_tensor(name, t)
-    if rule not in SECOND_MOMENT_RULES:
-        raise ValueError(f"rule must be one of {SECOND_MOMENT_RULES}; got {rule!r}")
+    check_second_moment(rule, "rule")
     if rule == "keep":
         return v_A.clone(), v_B.clone()
     if rule == "reset":

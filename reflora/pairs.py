@@ -31,13 +31,29 @@ moves between them.
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Iterable, Literal, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EXPERT_LAYOUTS", "LAYOUTS", "LoRAPair", "UnusedPairWarning", "canonical_name", "from_core", "to_core"]
+from reflora.config import RefLoRAConfig
+
+__all__ = [
+    "EXPERT_LAYOUTS",
+    "LAYOUTS",
+    "LoRAPair",
+    "NamedPair",
+    "UnusedPairWarning",
+    "batch_key",
+    "canonical_name",
+    "check_ranks",
+    "from_core",
+    "to_core",
+    "validate",
+]
 
 
 class UnusedPairWarning(UserWarning):
@@ -161,12 +177,7 @@ class LoRAPair:
                     f"pair {self.name!r}: {label} of shape {tuple(p.shape)} cannot hold {E} experts in "
                     f"layout {lay!r}: dimension {dim} ({p.shape[dim]}) is not a multiple of {E}"
                 )
-        a, b = self.a(), self.b()
-        if a.shape[-2] != b.shape[-1]:
-            raise ValueError(
-                f"pair {self.name!r}: A has rank {a.shape[-2]} (shape {tuple(a.shape)}) but B has "
-                f"rank {b.shape[-1]} (shape {tuple(b.shape)})"
-            )
+        check_ranks(self.a().shape, self.b().shape, self.name)
 
     def a(self) -> Tensor:
         """``A`` as an ``(r, m)`` view (``(E, r, m)`` with experts)."""
@@ -236,3 +247,151 @@ def from_core(t: Tensor, layout: str, shape: torch.Size | tuple[int, ...], exper
     if layout == "expert_rows":
         return t.reshape(shape)
     return t.permute(1, 2, 0).reshape(shape)
+
+
+# ------------------------------------------------------------------------------- validity
+
+
+def check_ranks(a_shape: Sequence[int], b_shape: Sequence[int], name: str | None = None) -> int:
+    """The rank ``r`` of ``A`` ``(..., r, m)`` and ``B`` ``(..., n, r)`` (core layout); raises if they
+    disagree (the factors are swapped, or not a pair)."""
+    r, rb = a_shape[-2], b_shape[-1]
+    if r != rb:
+        where = "" if name is None else f"pair {name!r}: "
+        raise ValueError(
+            f"{where}A has rank {r} (shape {tuple(a_shape)}) but B has rank {rb} (shape {tuple(b_shape)}); "
+            "expected A of shape (..., r, m) and B of shape (..., n, r)"
+        )
+    return r
+
+
+def batch_key(device: Any, dtype: torch.dtype, experts: int, shape: tuple[int, int, int],
+              layout: tuple[str, str], sharding: Any = None) -> tuple:
+    """What pairs must share to be stacked into one batched call: device, dtype, experts, ``(r, m, n)``,
+    layouts and (for ``DTensor`` factors) mesh and placements. Every front-end groups by this key."""
+    return (device, dtype, experts, *shape, layout, sharding)
+
+
+class NamedPair(Protocol):
+    """A pair named by its factors' keys in a parameter dict (:class:`reflora.func.ParamPair`)."""
+
+    A: str
+    B: str
+
+    @property
+    def key(self) -> str: ...
+
+
+def validate(
+    pairs: Iterable[LoRAPair] | Iterable[NamedPair],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    config: RefLoRAConfig | None = None,
+    trained: bool = False,
+    left_to: str = "the bare optimizer",
+) -> list[Any]:
+    """The one check of the pairs RefLoRA is given, where they enter (:func:`reflora.attach`,
+    :mod:`reflora.func`, :func:`reflora.adapters.find_pairs`, the DeepSpeed ZeRO path).
+
+    Always: each factor belongs to one pair, ``A`` is not ``B``; for :class:`LoRAPair` s (whose
+    constructor has checked layouts, experts and that the ranks agree) each factor is floating
+    point and a pair's factors share a device; for :class:`NamedPair` s, names are unique.
+
+    Args:
+        pairs: :class:`LoRAPair` s, or :class:`NamedPair` s (names only: what can be checked
+            before the tensors are known).
+        optimizer: every factor must be one of its parameters.
+        config: its pair rules: ``rank_above_size="skip"`` leaves pairs with ``r > min(m, n)``
+            out (one warning naming them; an error if none is left), and a pair the resolved
+            space cannot handle raises (:meth:`RefLoRAConfig.check_pair`).
+        trained: every factor must require a gradient.
+        left_to: who steps the pairs left out (for the warning).
+
+    Returns:
+        The pairs to manage, in order.
+    """
+    pairs = list(pairs)
+    named = [p for p in pairs if not isinstance(p, LoRAPair)]
+    if named:
+        return _validate_names(named)
+    if config is not None:
+        pairs = _leave_out(pairs, config, left_to)
+    in_opt = None if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
+    owner: dict[int, str] = {}
+    for pair in pairs:
+        if config is not None:
+            config.check_pair(pair.name, *pair.shape)
+        if pair.A is pair.B:
+            raise ValueError(f"pair {pair.name!r}: A and B are the same parameter (shape {tuple(pair.A.shape)})")
+        for label, t in (("A", pair.A), ("B", pair.B)):
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"pair {pair.name!r}: {label} has dtype {t.dtype}; expected a floating dtype")
+            if trained and not t.requires_grad:
+                raise ValueError(
+                    f"pair {pair.name!r}: its {label} factor (shape {tuple(t.shape)}) is frozen "
+                    "(requires_grad=False): train both factors, or leave this pair out of attach. RefLoRA "
+                    "re-balances two trained factors; with one frozen (LoRA-FA) there is nothing to re-balance"
+                )
+            if in_opt is not None and id(t) not in in_opt:
+                cls = type(optimizer)
+                hint = (
+                    " (under DeepSpeed, pass engine.optimizer, DeepSpeed's wrapper: the torch optimizer "
+                    "inside steps on flat partitions)" if "deepspeed" in sys.modules else ""
+                )
+                raise ValueError(
+                    f"pair {pair.name!r}: its {label} factor (shape {tuple(t.shape)}) is not a parameter "
+                    f"of this {cls.__module__}.{cls.__qualname__}; build the optimizer over the LoRA parameters "
+                    f"first{hint}"
+                )
+            _own(owner, id(t), pair.name, label, f"a tensor of shape {tuple(t.shape)}")
+        if pair.A.device != pair.B.device:
+            raise ValueError(f"pair {pair.name!r}: A is on {pair.A.device} but B is on {pair.B.device}")
+    return pairs
+
+
+def _own(owner: dict[Any, str], factor: Any, name: str, label: str, what: str) -> None:
+    other = owner.get(factor)
+    owner[factor] = name
+    if other is not None:
+        raise ValueError(
+            f"pair {name!r} shares its {label} factor with pair {other!r} ({what}); each factor may belong to "
+            "one pair only (duplicate pairs?)"
+        )
+
+
+def _validate_names(pairs: list[NamedPair]) -> list[NamedPair]:
+    owner: dict[Any, str] = {}
+    names: set[str] = set()
+    for p in pairs:
+        if p.A == p.B:
+            raise ValueError(f"pair {p.key!r}: A and B are the same parameter {p.A!r}")
+        if p.key in names:
+            raise ValueError(f"two pairs are named {p.key!r}; pair names must be unique")
+        names.add(p.key)
+        for label, key in (("A", p.A), ("B", p.B)):
+            _own(owner, key, p.key, label, f"parameter {key!r}")
+    return pairs
+
+
+def _leave_out(pairs: list[LoRAPair], config: RefLoRAConfig, left_to: str) -> list[LoRAPair]:
+    """``rank_above_size="skip"``: the pairs without those the configuration leaves out (one
+    warning naming them; an error if that leaves none)."""
+    above = [p for p in pairs if config.leaves_out(*p.shape)]
+    if not above:
+        return pairs
+    names = ", ".join(f"{p.name!r} (r={p.shape[0]}, m={p.shape[1]}, n={p.shape[2]})" for p in above[:4])
+    more = f" and {len(above) - 4} more" if len(above) > 4 else ""
+    if len(above) == len(pairs):
+        raise ValueError(
+            f"every pair has a rank above its layer's size (r > min(m, n)): {names}{more}. Such pairs are "
+            "skipped by default (rank_above_size='skip'), which would leave nothing to manage. Pass "
+            "rank_above_size='act' to apply RefLoRA to their live directions, or check that A is "
+            "(r, m) = lora_A.weight and B is (n, r) = lora_B.weight (not swapped)"
+        )
+    warnings.warn(
+        f"leaving {len(above)} pair(s) whose rank exceeds the layer's size (r > min(m, n)) to {left_to}: "
+        f"{names}{more}. B A can use at most min(m, n) of their r directions; pass rank_above_size='act' to "
+        "apply RefLoRA to them anyway",
+        stacklevel=4,
+    )
+    return [p for p in pairs if not config.leaves_out(*p.shape)]

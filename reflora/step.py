@@ -5,9 +5,12 @@ r x r kernel (:func:`reflora._kernels.group_kernel`), then the r x r results app
 factors, the gradients and each kind of optimizer state (:data:`reflora.transport.STATE_KINDS`)
 in float32 or wider and written back with ``copy_``. Front-ends only gather and scatter:
 
-* the optimizer hook (:class:`reflora.handle.RefLoRAHandle`) calls :func:`metrics`, then
-  :func:`precondition` (gradient space) or :func:`refactor` (parameter space);
-* the DeepSpeed ZeRO strategy (:mod:`reflora.integrations.deepspeed`) calls :func:`metrics` and
+* the optimizer hook (:class:`reflora.runner.StepRunner`, for :class:`reflora.RefLoRAHandle`)
+  calls :func:`group_metrics`, then :func:`precondition_groups` (gradient space) or
+  :func:`refactor_groups` (parameter space, the state through its
+  :class:`~reflora.transport.StateTransport`);
+* the DeepSpeed ZeRO strategy (:class:`reflora.strategies.ZeroGradientStrategy`) calls
+  :func:`group_metrics` (through the handle's :class:`~reflora.cache.MetricCache`) and
   :func:`precondition_one` from gradient hooks;
 * :mod:`reflora.func` calls :func:`kernel_of_stack` and :func:`transformed`, the gated,
   out-of-place form.
@@ -19,32 +22,31 @@ and the old value kept where the gate is false (:func:`copy_gated`).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from reflora._kernels import grams, group_kernel, metric, metric_kernel, full_kernel, scalar_kernel
+from reflora._kernels import full_kernel, grams, group_kernel, metric, metric_kernel, scalar_kernel
 from reflora._linalg import compute_dtype, mm
-from reflora.distributed import group_key, local, reduce_grams, reduce_sq_norms
+from reflora.config import RefLoRAConfig
+from reflora.distributed import group_key, reduce_grams, reduce_sq_norms
 from reflora.functional import Transform, apply_transform, map_first_moments
-from reflora.pairs import LoRAPair, to_core
-from reflora.transport import STATE_KINDS, TransportContext, check_transportable
-
-if TYPE_CHECKING:
-    from reflora.config import RefLoRAConfig
+from reflora.pairs import LoRAPair, batch_key, to_core
+from reflora.transport import STATE_KINDS, StateTransport
 
 __all__ = [
     "apply_dtype",
     "apply_many",
     "copy_gated",
     "gram_stack",
+    "group_metrics",
     "group_pairs",
+    "kernel_inputs",
     "kernel_of_stack",
-    "metrics",
-    "precondition",
+    "precondition_groups",
     "precondition_one",
-    "refactor",
+    "refactor_groups",
     "sq_norms",
     "transformed",
 ]
@@ -70,11 +72,11 @@ NORM_STACK_MAX_NUMEL = 1 << 12
 
 
 def group_pairs(pairs: Iterable[LoRAPair]) -> list[list[int]]:
-    """Indices of ``pairs`` grouped by ``(device, dtype, experts, r, m, n, layout, sharding)``:
-    each group is computed by one batched call."""
+    """Indices of ``pairs`` grouped by :func:`reflora.pairs.batch_key` (device, dtype, experts,
+    ``(r, m, n)``, layouts, sharding): each group is computed by one batched call."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(pairs):
-        groups[(p.A.device, p.A.dtype, p.experts, *p.shape, p.layout, group_key(p))].append(i)
+        groups[batch_key(p.A.device, p.A.dtype, p.experts, p.shape, p.layout, group_key(p))].append(i)
     return list(groups.values())
 
 
@@ -119,7 +121,7 @@ def sq_norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t, dim=(-2, -1), dtype=cd) for t in tensors]).square()
 
 
-def group_stats(pairs: list[LoRAPair], variant: str) -> tuple[Tensor, Tensor]:
+def kernel_inputs(pairs: list[LoRAPair], variant: str) -> tuple[Tensor, Tensor]:
     """What the kernel of ``variant`` needs: the Grams (full) or the squared norms (scalar),
     summed over the ranks for sharded pairs."""
     if variant == "scalar":
@@ -131,7 +133,7 @@ def group_stats(pairs: list[LoRAPair], variant: str) -> tuple[Tensor, Tensor]:
 # ------------------------------------------------------------------------------- kernel
 
 
-def metrics(
+def group_metrics(
     jobs: list[list[LoRAPair]], cfg: RefLoRAConfig, transform: bool,
     on_grams: Callable[[list[LoRAPair], Tensor, Tensor], None] | None = None,
 ) -> list[tuple[Tensor, ...]]:
@@ -143,7 +145,7 @@ def metrics(
     shapes pays the kernel's fixed cost once per rank, not once per shape. ``on_grams(pairs, X,
     Y)`` sees each group's Grams (the full variant; diagnostics reuse them).
     """
-    stats = [group_stats(pairs, cfg.variant) for pairs in jobs]
+    stats = [kernel_inputs(pairs, cfg.variant) for pairs in jobs]
     if on_grams is not None and cfg.variant == "full":
         for pairs, (X, Y) in zip(jobs, stats):
             on_grams(pairs, X, Y)
@@ -301,12 +303,14 @@ def apply_many(left: Chunks, right: Chunks = (), gate: Tensor | None = None) -> 
 # ------------------------------------------------------------------------------- gradient space
 
 
-def precondition(jobs: list[list[LoRAPair]], metrics_: list[tuple[Tensor, Tensor]], gate: Tensor | None = None) -> None:
+def precondition_groups(
+    jobs: list[list[LoRAPair]], metrics: list[tuple[Tensor, Tensor]], gate: Tensor | None = None
+) -> None:
     """``grad_A <- S^{-1} grad_A``, ``grad_B <- grad_B S`` for every group of ``jobs`` with its
     ``(S, S^{-1})``: one call for the whole model (a stacked product per tensor shape, one
     in-place foreach product for the scalar variant)."""
-    on_a = [([p.grad_a() for p in pairs], S_inv) for pairs, (_, S_inv) in zip(jobs, metrics_)]
-    on_b = [([p.grad_b() for p in pairs], S) for pairs, (S, _) in zip(jobs, metrics_)]
+    on_a = [([p.grad_a() for p in pairs], S_inv) for pairs, (_, S_inv) in zip(jobs, metrics)]
+    on_b = [([p.grad_b() for p in pairs], S) for pairs, (S, _) in zip(jobs, metrics)]
     apply_many(on_a, on_b, gate)
 
 
@@ -328,118 +332,12 @@ def precondition_one(grad: Tensor, pair: LoRAPair, role: str, S: Tensor, S_inv: 
 # ------------------------------------------------------------------------------- parameter space
 
 
-class StateMover:
-    """What a refactor needs of the optimizer: its state and its transport. ``spec`` is the
-    transport's ``{state key: kind}`` (``None``: a function transport); ``rule`` below is the
-    second-moment rule (``"square"``, ``"keep"``, ``"reset"``)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, transport: Any) -> None:
-        self.optimizer = optimizer
-        self.transport = transport
-        self.spec = getattr(transport, "spec", None)
-
-    def check(self, pairs: Iterable[LoRAPair], rule: str) -> None:
-        """Raise (before anything is modified) if the transport cannot move these pairs' state."""
-        check_transportable(self.optimizer, self.transport, rule, pairs)
-
-    def fold(self, pairs: list[LoRAPair], left: Tensor, right: Tensor, on_a: Chunks, on_b: Chunks, rule: str) -> bool:
-        """Add the optimizer state of ``pairs`` to the factors' products where its kind maps it
-        by a product (:data:`reflora.transport.STATE_KINDS`): ``"first"`` state like the
-        gradients, ``"second"`` state by the ``"square"`` rule or not at all (``"keep"``).
-        Returns False (nothing added) for anything else, which :meth:`move` handles: function
-        transports, the ``"reset"`` rule, pairs with and without state in one group, state that
-        is not parameter-shaped (and so raises there)."""
-        spec = self.spec
-        if spec is None or rule == "reset":
-            return False
-        opt = self.optimizer
-        states = [(opt.state.get(p.A), opt.state.get(p.B)) for p in pairs]
-        if not any(sa or sb for sa, sb in states):
-            return True  # no state yet (the first step): nothing to move
-        if not all(sa and sb for sa, sb in states):
-            return False
-        for key in states[0][0]:
-            kind = STATE_KINDS.get(spec.get(key))  # type: ignore[arg-type]
-            if kind is None:
-                return False
-            prod = kind.product(left, right, rule)
-            if prod is None:
-                continue
-            if prod is NotImplemented:
-                return False
-            va, vb = [], []
-            for p, (sa, sb) in zip(pairs, states):
-                a, b = sa.get(key), sb.get(key)
-                if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == p.A.shape and b.shape == p.B.shape):
-                    return False
-                # (distributed hook: a DTensor state is moved through its local shard)
-                va.append(to_core(local(a), p.layout[0], p.experts))
-                vb.append(to_core(local(b), p.layout[1], p.experts))
-            on_a.append((va, prod[0]))
-            on_b.append((vb, prod[1]))
-        return True
-
-    def move(self, pairs: list[LoRAPair], T: Transform, rule: str, gate: Tensor | None = None) -> None:
-        """Move the state of ``pairs`` through the transport (stacked per key), in place."""
-        opt = self.optimizer
-        with_state = [k for k, p in enumerate(pairs) if opt.state.get(p.A) and opt.state.get(p.B)]
-        if not with_state:
-            return
-        assert self.transport is not None
-        layA, layB = pairs[0].layout
-        experts = pairs[0].experts
-        if len(with_state) == len(pairs):  # the usual case: no index tensor, no host-to-device copy
-            T_sel = T
-        else:
-            sel = torch.tensor(with_state, device=T.left.device)
-            T_sel = Transform(T.left.index_select(0, sel), T.right.index_select(0, sel))
-        chosen = [pairs[k] for k in with_state]
-        move_state = getattr(self.transport, "move_state", None)
-        if move_state is not None:  # quantized state (reflora.lowbit): the transport reads and writes it
-            move_state(opt, chosen, T_sel, rule, gate)
-            return
-        # A spec transport gets exactly its "first" / "second" keys (check has made sure they are
-        # parameter-shaped); a function transport gets every state tensor with at least one
-        # dimension, factored ones included. Scalar state (0-d, numbers) stays as it is.
-        spec = self.spec
-
-        def wanted(key: str, vals: list[Any]) -> bool:
-            if spec is not None:
-                return spec.get(key) in ("first", "second") and all(isinstance(v, Tensor) for v in vals)
-            return all(isinstance(v, Tensor) and v.dim() >= 1 for v in vals)
-
-        def stacked(param_of, view) -> dict[str, Tensor]:
-            out = {}
-            for key in opt.state[param_of(chosen[0])].keys():
-                vals = [opt.state[param_of(p)].get(key) for p in chosen]
-                if wanted(key, vals):
-                    out[key] = torch.stack([view(v) for v in vals])
-            return out
-
-        def view_for(layout, param_shape):
-            # state shaped like the parameter gets the parameter's view; other shapes (factored
-            # states) are left to the transport, which sees the layout in its context
-            # (distributed hook: a DTensor state is moved through its local shard)
-            return lambda v: to_core(local(v), layout, experts) if v.shape == param_shape else v
-
-        viewA = view_for(layA, chosen[0].A.shape)
-        viewB = view_for(layB, chosen[0].B.shape)
-        sA = stacked(lambda p: p.A, viewA)
-        sB = stacked(lambda p: p.B, viewB)
-        ctx = TransportContext(opt, rule, (layA, layB))
-        newA, newB = self.transport(T_sel, sA, sB, ctx)
-        for new, param_of, view in ((newA, lambda p: p.A, viewA), (newB, lambda p: p.B, viewB)):
-            for key, value in new.items():
-                dst = [view(opt.state[param_of(p)][key]) for p in chosen]
-                copy_gated(dst, list(value.unbind(0)), gate)
-
-
-def refactor(
-    jobs: list[list[LoRAPair]], transforms: list[tuple[Tensor, ...]], mover: StateMover, rule: str,
-    gate: Tensor | None = None,
+def refactor_groups(
+    jobs: list[list[LoRAPair]], transforms: list[tuple[Tensor, ...]], optimizer: torch.optim.Optimizer,
+    transport: StateTransport, rule: str, gate: Tensor | None = None,
 ) -> None:
     """Refactor every group of ``jobs`` by its ``(left, right) = (P^T, P^{-T})``: factors,
-    gradients and optimizer state (second moments by ``rule``).
+    gradients and the optimizer state (through ``transport``; second moments by ``rule``).
 
     Two phases: every group's transform and everything it will touch are gathered (and the
     state checked) first, then written. A transport that cannot move some state raises before
@@ -451,16 +349,27 @@ def refactor(
         # covectors: P^{-1} g_A = right^T g_A, g_B P = g_B left^T (the scalar variant: p, 1/p)
         on_a = [([p.a() for p in pairs], left), ([p.grad_a() for p in pairs], right.mT)]
         on_b = [([p.b() for p in pairs], right), ([p.grad_b() for p in pairs], left.mT)]
-        folded = mover.fold(pairs, left, right, on_a, on_b, rule)
-        plans.append((pairs, left, right, on_a, on_b, folded))
-        if not folded:
+        folded = transport.fold(optimizer, pairs, left, right, rule)
+        if folded is not None:
+            on_a += folded[0]
+            on_b += folded[1]
+        else:
             unfolded.extend(pairs)
+        plans.append((pairs, left, right, on_a, on_b, folded is not None))
     if unfolded:
-        mover.check(unfolded, rule)
+        transport.check_pairs(optimizer, unfolded, rule)
     # every group's factors, gradients and folded state in one call (see apply_many)
     apply_many([c for plan in plans for c in plan[3]], [c for plan in plans for c in plan[4]], gate)
     for pairs, left, right, _, _, folded in plans:
-        if not folded:
-            # the state moves in float32 (or wider), like the factors and gradients
-            T = Transform(apply_dtype(left, pairs[0].A), apply_dtype(right, pairs[0].A))
-            mover.move(pairs, T, rule, None if gate is None else gate.to(pairs[0].A.device))
+        if folded:
+            continue
+        with_state = [k for k, p in enumerate(pairs) if optimizer.state.get(p.A) and optimizer.state.get(p.B)]
+        if not with_state:
+            continue
+        # the state moves in float32 (or wider), like the factors and gradients
+        T = Transform(apply_dtype(left, pairs[0].A), apply_dtype(right, pairs[0].A))
+        if len(with_state) < len(pairs):  # (the usual case, all of them, needs no index tensor)
+            sel = torch.tensor(with_state, device=T.left.device)
+            T = Transform(T.left.index_select(0, sel), T.right.index_select(0, sel))
+        transport.move(optimizer, [pairs[k] for k in with_state], T, rule,
+                       None if gate is None else gate.to(pairs[0].A.device))

@@ -560,7 +560,8 @@ def deepspeed_mode(stage, ga, mode, steps):
             traj[p.name].append((p.B @ p.A).detach().clone())
     everyone = [None] * WORLD
     dist.all_gather_object(everyone, {n: t[-1] for n, t in traj.items()})
-    res.update(step_count=handle.step_count, handle=type(handle).__name__, space=handle.space,
+    res.update(step_count=handle.step_count, handle=type(handle).__name__, strategy=type(handle.strategy).__name__,
+               deepspeed_optimizer=handle.strategy.deepspeed_optimizer is ds_opt, space=handle.space,
                reflora_calls=reflora.distributed.comm_stats().calls,
                products_identical=all(torch.equal(e[n], everyone[0][n]) for e in everyone for n in e))
     if RANK == 0:

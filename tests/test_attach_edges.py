@@ -15,6 +15,7 @@ from reflora import LoRAPair, UnsupportedOptimizerError, attach
 from reflora.adapters import find_pairs
 from reflora.pairs import canonical_name
 from reflora.transport import get_state_transport, register_state_transport, registered_optimizers
+from reflora.transport.adafactor import HFAdafactorTransport
 
 from attach_helpers import LR, MODE_IDS, MODES, OPTIMIZERS, LoRANet, train
 
@@ -334,7 +335,7 @@ def test_transformers_adafactor_registration_is_lazy() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
     transformers = pytest.importorskip("transformers")
     opt = transformers.optimization.Adafactor([nn.Parameter(torch.zeros(2, 2))], lr=1e-3, relative_step=False)
-    assert get_state_transport(opt).__name__ == "_hf_adafactor_transport"
+    assert isinstance(get_state_transport(opt), HFAdafactorTransport)
 
 
 # ------------------------------------------------------------------------------- C: wrappers
@@ -418,7 +419,7 @@ def test_checkpoint_moves_between_wrapped_and_bare_models(kind, direction, reque
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
     handle2.load_state_dict(ckpt["reflora"])
-    assert handle2.step_count == 4 and len(handle2._cache) == 2
+    assert handle2.step_count == 4 and len(handle2.cached_metrics) == 2
     _fit(run2, opt2, 5)
     for w, p in zip(want, model2.parameters()):
         assert torch.equal(w, p.detach())
@@ -434,7 +435,7 @@ def test_older_checkpoints_with_wrapper_prefixes_still_load() -> None:
     old["cache"] = {f"module.{k}": v for k, v in state["cache"].items()}
     handle2 = attach(torch.optim.SGD(model.parameters(), lr=1e-2), model, interval=2, warmup_steps=0)
     handle2.load_state_dict(old)
-    assert handle2.step_count == 3 and sorted(handle2._cache) == [0, 1]
+    assert handle2.step_count == 3 and sorted(handle2.cached_metrics) == [0, 1]
 
 
 def test_pair_mismatch_error_shows_where_and_hints_at_wrappers() -> None:

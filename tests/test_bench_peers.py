@@ -296,7 +296,7 @@ def _docs_tables():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "docs_tables.py"
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "tools" / "docs_tables.py"
     spec = importlib.util.spec_from_file_location("docs_tables", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -305,7 +305,7 @@ def _docs_tables():
 
 def test_results_tables_in_the_readme_and_docs_match_the_committed_results() -> None:
     """Every ``<!-- results:TASK -->`` block is what ``reflora bench --from-results --markdown``
-    prints for the committed results (``python benchmarks/docs_tables.py`` rewrites them)."""
+    prints for the committed results (``python benchmarks/tools/docs_tables.py`` rewrites them)."""
     mod = _docs_tables()
     blocks = [(d.name, m["task"]) for d in mod.documents() for m in mod.BLOCK.finditer(d.read_text())]
     assert {"mf", "graph", "lm"} <= {t for _, t in blocks if _ == "results.md"}
@@ -344,26 +344,26 @@ def test_markdown_table_pairs_with_the_chosen_baseline_and_marks_what_cannot_run
 
 def test_the_gate_tables_in_the_docs_are_what_gate_rates_prints() -> None:
     """Every ``<!-- gate-rates:begin NAME -->`` block is ``gate_rates.table`` of
-    ``benchmarks/rank/NAME.json``, and every such file is shown on the rank-deficient page."""
+    ``benchmarks/studies/rank/NAME.json``, and every such file is shown on the rank-deficient page."""
     import importlib.util
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("gate_rates", root / "benchmarks" / "gate_rates.py")
+    spec = importlib.util.spec_from_file_location("gate_rates", root / "benchmarks" / "studies" / "gate_rates.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     block = mod.BLOCK
     expected = {"lm-r64-rates": ("lm", 64), "vision-r4-rates": ("vision", 4), "graph-r4-rates": ("graph", 4),
                 "text-r8-rates": ("text", 8), "lm-r8-rates": ("lm", 8), "graph-r32-rates": ("graph", 32),
                 "vision-r32-rates": ("vision", 32), "text-r64-rates": ("text", 64)}
-    files = {p.stem for p in (root / "benchmarks" / "rank").glob("*-rates.json")}
+    files = {p.stem for p in (root / "benchmarks" / "studies" / "rank").glob("*-rates.json")}
     assert files == set(expected)
     shown_on = {}
     for page in ("results.md", "rank-deficient.md"):
         text = (root / "docs" / page).read_text()
         assert text.count("gate-rates:begin") == len(block.findall(text)), f"{page}: a malformed gate-rates block"
         for m in block.finditer(text):
-            data = json.loads((root / "benchmarks" / "rank" / f"{m['name']}.json").read_text())
+            data = json.loads((root / "benchmarks" / "studies" / "rank" / f"{m['name']}.json").read_text())
             assert (data["task"], data["rank"]) == expected[m["name"]]
             seeds: dict = {}
             for r in data["runs"]:  # every method at every rate it ran: seeds 0-4, once each

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "studies"))
 import gpu_overhead  # noqa: E402
 import overhead  # noqa: E402
 
@@ -57,7 +58,7 @@ def test_overhead_small_model_and_bench_task_sections_run_small(capsys) -> None:
 
 
 def test_interval_script_runs_small(capsys) -> None:
-    """benchmarks/interval.py: a row per interval with paired differences, on the graph task."""
+    """benchmarks/studies/interval.py: a row per interval with paired differences, on the graph task."""
     pytest.importorskip("torch_geometric")
     import interval
 
@@ -274,13 +275,13 @@ def test_overhead_floor_rows_do_the_defaults_unavoidable_work_and_change_nothing
     before = [t.clone() for p in params for t in (p.data, p.grad, *opt.state[p].values()) if t.dim() > 0]
     h = reflora.attach(opt, raw, warmup_steps=10**9)
     seen = []
-    real = reflora.step.metrics
+    real = reflora.step.group_metrics
     try:
-        reflora.step.metrics = lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
+        reflora.step.group_metrics = lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
         overhead.default_floor(h, opt, raw)
         overhead.grams_floor(h)
     finally:
-        reflora.step.metrics = real
+        reflora.step.group_metrics = real
     after = [t for p in params for t in (p.data, p.grad, *opt.state[p].values()) if t.dim() > 0]
     assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
     (left, right), = seen[0]

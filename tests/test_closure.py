@@ -136,8 +136,8 @@ def test_a_closure_called_twice_acts_on_the_first_evaluation() -> None:
     opt = _Twice(list(net.parameters()), lr=0.3)
     handle = reflora.attach(opt, net.pairs(), space="parameter", warmup_steps=0)
     acted = []
-    orig = handle._strategy.pre_step
-    handle._strategy.pre_step = lambda *a: (acted.append(1), orig(*a))[1]
+    orig = handle.strategy.pre_step
+    handle.strategy.pre_step = lambda *a: (acted.append(1), orig(*a))[1]
     fn = _closure(net, opt)
     for _ in range(3):
         opt.step(fn)

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import reflora
-from reflora.config import RefLoRAConfig, default_space
+from reflora.config import RefLoRAConfig
+from reflora.optimizers import default_space
 
 BAD = [
     ({"variant": "half"}, ValueError, "variant"),

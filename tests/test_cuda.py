@@ -1,4 +1,4 @@
-"""CUDA-only checks (skipped without a GPU; run by benchmarks/gpu_check.sh): the hook makes no
+"""CUDA-only checks (skipped without a GPU; run by benchmarks/tools/gpu_check.sh): the hook makes no
 host sync with the eigh-free solver, and a compiled step with CUDA graphs works with it."""
 
 from __future__ import annotations

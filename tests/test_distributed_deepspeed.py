@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO on 2 CPU processes (gloo): ZeRO-1/2 in gradient space against an explicit
 single-process reference; parameter space and ZeRO-3 raise at attach with the cause and the way out.
 
-See reflora/integrations/deepspeed.py for how (tensor hooks on the factors, before DeepSpeed's
+See reflora/strategies.py for how (tensor hooks on the factors, before DeepSpeed's
 own gradient hooks reduce them). Skipped without deepspeed (``pip install deepspeed``).
 """
 
@@ -46,7 +46,8 @@ def test_zero_1_and_2_gradient_space_match_one_process_and_the_rest_raises() -> 
             assert "space='parameter' under DeepSpeed ZeRO" in msg and "flat partitions" in msg
             assert "space='gradient'" in msg and "FSDP2" in msg
             continue
-        assert res["handle"] == "ZeroGradientHandle" and res["step_count"] == 5, res
+        assert res["handle"] == "RefLoRAHandle" and res["strategy"] == "ZeroGradientStrategy", res
+        assert res["deepspeed_optimizer"] and res["step_count"] == 5, res
         assert res["space"] == "gradient"  # space="auto" (AdamW) resolves to gradient space under ZeRO
         assert res["traj_error"] < 1e-5 and res["effect"] > 1e-2, res
         assert res["reflora_calls"] == 0  # replicated factors: S needs no communication

@@ -14,7 +14,7 @@ import pytest
 from reflora.bench import mf
 
 
-DOC_MODULES = ["reflora.functional", "reflora.func", "reflora.pairs", "reflora.adapters", "reflora.hooks", "reflora.config", "reflora.transport", "reflora.lowbit"]  # (reflora.hooks: attach)
+DOC_MODULES = ["reflora.functional", "reflora.func", "reflora.pairs", "reflora.adapters", "reflora.attaching", "reflora.config", "reflora.optimizers", "reflora.transport", "reflora.transport.spec", "reflora.transport.lowbit"]  # (reflora.attaching: attach)
 if importlib.util.find_spec("torch_geometric"):
     DOC_MODULES.append("reflora.adapters.pyg")
 if importlib.util.find_spec("timm") and importlib.util.find_spec("peft"):

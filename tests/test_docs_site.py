@@ -59,7 +59,8 @@ def python_blocks(path: Path) -> list[tuple[int, str, str | None]]:
 
 @contextlib.contextmanager
 def _isolated(tmp_path: Path):
-    from reflora import adapters, transport
+    from reflora import adapters
+    from reflora.transport import registry as transport
 
     finders, transports, cwd = list(adapters._REGISTRY), dict(transport._REGISTRY), os.getcwd()
     os.chdir(tmp_path)

@@ -231,7 +231,7 @@ def test_gradient_space_preconditions_each_expert_alone(variant) -> None:
                 assert torch.allclose(p.grad_b()[e], want_B, rtol=1e-4, atol=1e-7), (p.name, e, step)
     r = 1 if variant == "scalar" else None
     for i, p in enumerate(pairs):
-        S, S_inv = handle._cache[i]
+        S, S_inv = handle.cached_metrics[i]
         assert S.shape == S_inv.shape == ((p.experts,) if p.experts > 1 else ()) + ((r or p.rank),) * 2
 
 

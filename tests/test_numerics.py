@@ -18,7 +18,7 @@ from reflora._linalg import _live_basis, _separated
 from reflora.functional import RankAboveSizeWarning, precondition, preconditioner, refactor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import rank_above_size  # noqa: E402  (benchmarks/rank_above_size.py prints a table in docs/theory.md)
+import rank_above_size  # noqa: E402  (benchmarks/studies/rank_above_size.py prints a table in docs/theory.md)
 from numerics import errors  # noqa: E402  (benchmarks/numerics.py prints a table in docs/theory.md)
 
 from conftest import DEVICES  # noqa: E402

@@ -12,7 +12,8 @@ from torch import nn
 
 import reflora
 import reflora.func
-from reflora._kernels import DEFAULT_RESOLVED, eager_kernel, full_kernel, grams, metric_kernel
+from reflora._kernels import eager_kernel, full_kernel, grams, metric_kernel
+from reflora.config import DEFAULT_RESOLVED
 from reflora._linalg import resolved_gate
 
 

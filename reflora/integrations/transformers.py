@@ -45,7 +45,7 @@ import torch
 from transformers import TrainerCallback
 
 from reflora.handle import RefLoRAHandle
-from reflora.hooks import attach
+from reflora.attaching import attach
 from reflora.diagnostics import summarize
 from reflora.distributed import ShardingError
 

@@ -13,8 +13,8 @@ paired with; ``source`` (optional, comma-separated) names the results files, by 
 ``reflora bench --from-results SOURCES --markdown --methods METHODS --baseline BASELINE`` prints
 for that task.
 
-    python benchmarks/docs_tables.py            # rewrite every block from the results
-    python benchmarks/docs_tables.py --check    # exit 1 and name each block that differs
+    python benchmarks/tools/docs_tables.py            # rewrite every block from the results
+    python benchmarks/tools/docs_tables.py --check    # exit 1 and name each block that differs
 
 ``tests/test_bench_peers.py`` runs the check, so a table cannot drift from its results.
 """
@@ -26,7 +26,7 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BLOCK = re.compile(r"(<!-- results:(?P<task>[\w.+-]+)(?P<opts>[^>]*?)\s*-->\n)(?P<body>.*?)(<!-- /results:(?P=task) -->)",
                    re.S)
 

@@ -4,7 +4,7 @@ ordinary shape, so that what is due to the rank and what is due to the method ca
 
 A least-squares fit of a random (n x m) map by B @ A from PEFT's init (A random, B = 0), 80
 steps, 5 seeds. Prints the median final loss over seeds and, for each mode, the wins against
-plain LoRA (paired by seed); "full/parameter/sym" is frame="symmetric". Run: ``python benchmarks/rank_above_size.py [--seeds 5]``.
+plain LoRA (paired by seed); "full/parameter/sym" is frame="symmetric". Run: ``python benchmarks/studies/rank_above_size.py [--seeds 5]``.
 """
 
 from __future__ import annotations

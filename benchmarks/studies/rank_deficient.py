@@ -23,7 +23,7 @@ under AdamW), ``full/gradient/r0`` the paper's gradient form, ``keep`` / ``reset
 second-moment rules, ``symmetric`` the symmetric frame, ``ns`` the Newton-Schulz solver,
 ``scalar/parameter`` RefLoRA-S.
 
-Run: ``python benchmarks/rank_deficient.py`` (default vs plain LoRA, 5 seeds, the whole grid,
+Run: ``python benchmarks/studies/rank_deficient.py`` (default vs plain LoRA, 5 seeds, the whole grid,
 about 10 minutes on 2 cores); ``--methods all --seeds 3`` for the safety sweep over every
 option; ``--plot DIR`` writes loss curves of a few cells; ``--json F`` saves every run and
 ``--from-json F`` prints the report again (the ratio tables, the summary and a Markdown table by

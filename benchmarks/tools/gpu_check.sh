@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check (issue 10): the CUDA cases of the test suite, then RefLoRA's hook against a
 # LLaMA-7B-shape training step (benchmarks/gpu_overhead.py). About 6-8 minutes on one H200.
-# Usage: bash benchmarks/gpu_check.sh [extra gpu_overhead.py arguments]
+# Usage: bash benchmarks/tools/gpu_check.sh [extra gpu_overhead.py arguments]
 # Needs reflora importable (pip install -e ., or PYTHONPATH plus the reflora/adapters layout).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: the GPU check needs one')" || exit 2

@@ -18,8 +18,8 @@ counts as Adam-like (element-wise second moments). With ``--momentum 0`` the
 two spaces give the same product ``B A`` (the refactor's frame cancels), so their rows agree up
 to round-off: a sanity check.
 
-Run: ``python benchmarks/second_moment.py [--seeds 5 --steps 100 --lr 3e-3 1e-2 3e-2]``;
-``python benchmarks/second_moment.py --optimizer sgd [--momentum 0.9] [--lr 0.01 0.03 0.1]``.
+Run: ``python benchmarks/studies/second_moment.py [--seeds 5 --steps 100 --lr 3e-3 1e-2 3e-2]``;
+``python benchmarks/studies/second_moment.py --optimizer sgd [--momentum 0.9] [--lr 0.01 0.03 0.1]``.
 
 ``--optimizer adamw8bit`` / ``lion8bit`` (bitsandbytes, the ``qlora`` extra; every factor in
 8-bit state) and ``--optimizer adamw --modes`` (torch's 32-bit AdamW) compare the four modes

@@ -8,7 +8,7 @@ several seeds at the task's shared learning rate, and prints per interval the fi
 loss and the held-out metric with their paired per-seed differences to plain LoRA (95%
 t-intervals, wins and losses) and the loss difference to ``interval=1``.
 
-Run: ``python benchmarks/interval.py [--tasks graph vision] [--intervals 1 2 4] [--seeds 5]``.
+Run: ``python benchmarks/studies/interval.py [--tasks graph vision] [--intervals 1 2 4] [--seeds 5]``.
 Prints tables; writes nothing.
 """
 

@@ -3,7 +3,7 @@
 Each candidate is a parameter-space refactor written here in a few lines (float64, one pair,
 AdamW's moments moved with the "square" rule like the library's transport), so that its effect
 can be compared with plain LoRA, release 0.2's default (``resolved=0``) and the shipped
-resolution gate on the cells of ``benchmarks/rank_deficient.py`` (AdamW, full batch, median of
+resolution gate on the cells of ``benchmarks/studies/rank_deficient.py`` (AdamW, full batch, median of
 ``--seeds`` seeds, loss at steps 50 / 150 / 300). In the basis ``Z`` where ``Z^{-1} A`` has
 orthonormal rows and ``B Z`` orthogonal columns of norms ``sigma_j`` (the singular values of
 ``B A``), every candidate rescales direction ``j`` of ``A`` by ``d_j`` and of ``B`` by ``1 / d_j``:
@@ -18,7 +18,7 @@ orthonormal rows and ``B Z`` orthogonal columns of norms ``sigma_j`` (the singul
   the two norms of direction ``j`` where ``sigma_j >= c * max(mean eig(A A^T), mean eig(B^T B))``
   and ``d_j = 1`` elsewhere.
 
-Run: ``python benchmarks/rank_deficient_candidates.py [--seeds 3]``. The outcome is in
+Run: ``python benchmarks/studies/rank_deficient_candidates.py [--seeds 3]``. The outcome is in
 ``docs/rank-deficient.md`` ("Candidates measured").
 """
 

@@ -10,10 +10,10 @@ measures it where it matters, on the real tasks: each method at each rate (same 
 initialisation; paired per seed with plain LoRA *at the same rate*) and each method at its own best
 rate, chosen on the validation split (paired with plain LoRA at *its* best rate)::
 
-    python benchmarks/gate_rates.py --task lm --rank 64 --lrs 1e-3 3e-3 --json benchmarks/rank/lm-r64-rates.json
-    python benchmarks/gate_rates.py --task vision --rank 4 --lrs 1e-3 3e-3 1e-2 --json benchmarks/rank/vision-r4-rates.json
-    python benchmarks/gate_rates.py --from-json benchmarks/rank/lm-r64-rates.json   # print again
-    python benchmarks/gate_rates.py --task text --rank 64 --lrs 3e-3 --methods lora default no-warmup --json benchmarks/rank/text-r64-rates.json
+    python benchmarks/studies/gate_rates.py --task lm --rank 64 --lrs 1e-3 3e-3 --json benchmarks/studies/rank/lm-r64-rates.json
+    python benchmarks/studies/gate_rates.py --task vision --rank 4 --lrs 1e-3 3e-3 1e-2 --json benchmarks/studies/rank/vision-r4-rates.json
+    python benchmarks/studies/gate_rates.py --from-json benchmarks/studies/rank/lm-r64-rates.json   # print again
+    python benchmarks/studies/gate_rates.py --task text --rank 64 --lrs 3e-3 --methods lora default no-warmup --json benchmarks/studies/rank/text-r64-rates.json
 
 ``--lrs`` may be split over processes (one JSON each); ``--from-json`` merges them (and ``--json``
 with it writes the merged file).
@@ -23,7 +23,7 @@ prints, per pair, the fraction of steps at which the gate passed, how often it s
 median of ``sigma_min / sigma_max`` of ``B A``, read with :func:`reflora.diagnostics.diagnose`
 before each step (what the step's gate tests)::
 
-    python benchmarks/gate_rates.py --task vision --lrs 3e-3 --pairs
+    python benchmarks/studies/gate_rates.py --task vision --lrs 3e-3 --pairs
 """
 
 from __future__ import annotations
@@ -168,15 +168,15 @@ def table(data: dict) -> str:
 BLOCK = re.compile(r"<!-- gate-rates:begin (?P<name>[\w.-]+) -->\n(?:(?P<body>.*?)\n)?<!-- gate-rates:end (?P=name) -->", re.S)
 
 
-def rewrite_docs(root: Path = Path(__file__).resolve().parent.parent) -> list[str]:
+def rewrite_docs(root: Path = Path(__file__).resolve().parents[2]) -> list[str]:
     """Rewrite every ``<!-- gate-rates:begin NAME -->`` block of ``docs/*.md`` with :func:`table` of
-    ``benchmarks/rank/NAME.json`` (``--docs``); returns the pages changed."""
+    ``benchmarks/studies/rank/NAME.json`` (``--docs``); returns the pages changed."""
     changed = []
     for page in sorted((root / "docs").glob("*.md")):
         text = page.read_text()
 
         def body(m: re.Match) -> str:
-            data = json.loads((root / "benchmarks" / "rank" / f"{m['name']}.json").read_text())
+            data = json.loads((root / "benchmarks" / "studies" / "rank" / f"{m['name']}.json").read_text())
             return f"<!-- gate-rates:begin {m['name']} -->\n{table(data)}\n<!-- gate-rates:end {m['name']} -->"
 
         new = BLOCK.sub(body, text)
