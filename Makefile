@@ -7,23 +7,31 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.reflora-installed
 PYTEST_ARGS ?=
+# pytest-xdist workers: one per core
+JOBS   ?= $(shell nproc 2>/dev/null || echo 1)
+# pytest's exit code 5 (no test selected, e.g. by PYTEST_ARGS in one phase) is not a failure
+OK5    := || test $$? -eq 5
 
-# The inner loop (under 2 minutes on 2 cores): the golden trajectories, the configuration and
+# The inner loop (under a minute on 2 cores): the golden trajectories, the configuration and
 # layout checks, attach / reflora.func / diagnostics, few hypothesis examples, no compile, no
 # multi-process tests. `make test` runs everything.
-FAST_TESTS ?= tests/test_golden.py tests/test_config.py tests/test_layout.py tests/test_attach.py \
-	tests/test_func.py tests/test_functional_errors.py tests/test_diagnostics.py
+FAST_TESTS ?= tests/core/test_golden.py tests/core/test_config.py tests/core/test_layout.py \
+	tests/frontends/test_attach.py tests/frontends/test_func.py tests/core/test_functional_errors.py \
+	tests/core/test_diagnostics.py
 
 .PHONY: demo test test-fast docs install clean
 
 demo: $(STAMP)
 	$(PY) -m reflora bench --out results
 
+# Two phases: everything but the multi-process tests on $(JOBS) pytest-xdist workers, then the
+# multi-process tests (marker `distributed`: they start their own processes) one at a time.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(JOBS) --phase=parallel $(PYTEST_ARGS) $(OK5)
+	$(PY) -m pytest --phase=serial $(PYTEST_ARGS) $(OK5)
 
 test-fast: $(STAMP)
-	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -m "not slow and not compile and not distributed" $(FAST_TESTS) $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -n $(JOBS) -m "not slow and not compile and not distributed" $(FAST_TESTS) $(PYTEST_ARGS)
 
 # The documentation site (Sphinx + MyST); -W -n: every warning and every broken reference fails.
 docs: $(STAMP)

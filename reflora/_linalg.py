@@ -368,4 +368,4 @@ def newton_schulz_sqrt(S: Tensor) -> tuple[Tensor, Tensor]:
     return R * t.sqrt(), R_inv / t.sqrt()
 
 
-_live_basis = live_basis  # (the name tests/test_numerics.py imports)
+_live_basis = live_basis  # (the name tests/core/test_numerics.py imports)

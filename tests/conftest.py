@@ -1,10 +1,22 @@
+"""Shared test setup: hypothesis profiles, threads per process, the device fixture.
+
+The helpers every folder imports (tests/helpers: model builders, hypothesis strategies, the
+multi-process launcher) are put on ``sys.path`` here. Under pytest-xdist each worker gets its
+share of the cores, and the tests that start their own processes (marker ``distributed``) run
+after the others (``make test``), so that their hard timeouts see an idle machine.
+"""
+
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
 settings.register_profile(
     "default",
@@ -29,7 +41,9 @@ settings.register_profile(  # make test-fast: the inner loop
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two threads per process at most, and the cores shared between pytest-xdist's workers
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -37,3 +51,24 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--phase", choices=("parallel", "serial"), default=None,
+        help="make test's two phases: 'parallel' leaves out the multi-process tests (marker distributed), "
+             "'serial' runs only those; without it, everything",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    phase = config.getoption("--phase")
+    if phase is None:
+        return
+    serial = phase == "serial"
+    keep, drop = [], []
+    for item in items:
+        (keep if (item.get_closest_marker("distributed") is not None) == serial else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -22,7 +22,7 @@ SHAPES = [(16, 8, 4), (8, 32, 3), (8, 4, 32), (4, 8, 32)]  # (r, m, n); the last
 
 
 def run(mode, opt_name: str, r: int, m: int, n: int, seed: int, steps: int = 80, **attach_kw) -> tuple[float, float]:
-    """``(first, final)`` training loss of one run (``mode`` None: plain LoRA). tests/test_numerics.py uses it too."""
+    """``(first, final)`` training loss of one run (``mode`` None: plain LoRA). tests/core/test_numerics.py uses it too."""
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(64, m, generator=g)
     Y = X @ torch.randn(n, m, generator=g).T

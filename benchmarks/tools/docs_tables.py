@@ -16,7 +16,7 @@ for that task.
     python benchmarks/tools/docs_tables.py            # rewrite every block from the results
     python benchmarks/tools/docs_tables.py --check    # exit 1 and name each block that differs
 
-``tests/test_bench_peers.py`` runs the check, so a table cannot drift from its results.
+``tests/frontends/test_bench_peers.py`` runs the check, so a table cannot drift from its results.
 """
 
 from __future__ import annotations

@@ -19,10 +19,9 @@ import reflora
 from reflora import LoRAPair
 from reflora.adapters import find_pairs
 from reflora.functional import precondition, refactor
-from reflora.pairs import to_core
 
 from attach_helpers import MODE_IDS, MODES
-from discovery_models import MOE_EXPERTS, gpt_oss, has, mixtral
+from discovery_models import gpt_oss, has, mixtral, MOE_EXPERTS
 
 needs_hf = pytest.mark.skipif(not has("transformers", "peft"), reason="needs transformers and peft")
 FAMILIES = {"mixtral": mixtral, "gpt-oss": gpt_oss}
@@ -117,25 +116,6 @@ def test_expert_pairs_are_views_matching_peft(family) -> None:
             b[2].zero_()
         assert not p.A[r : 2 * r].any() and p.A[:r].any()
         assert not p.B[:, 2::E].any() and p.B[:, 1::E].any()
-
-
-def test_lora_pair_expert_validation() -> None:
-    A, B = nn.Parameter(torch.randn(8, 5)), nn.Parameter(torch.randn(3, 8))
-    lay = ("expert_rows", "expert_cols")
-    assert LoRAPair("ok", A, B, lay, experts=4).shape == (2, 5, 3)
-    assert LoRAPair("one", A, B, lay).a().shape == (8, 5)  # one expert: the plain view
-    with pytest.raises(TypeError, match="experts must be an int"):
-        LoRAPair("x", A, B, lay, experts=True)
-    with pytest.raises(ValueError, match="experts must be >= 1"):
-        LoRAPair("x", A, B, lay, experts=0)
-    with pytest.raises(ValueError, match="cannot hold 3 experts .* not a multiple of 3"):
-        LoRAPair("x", A, B, lay, experts=3)
-    with pytest.raises(ValueError, match="experts=4 needs an expert layout for A"):
-        LoRAPair("x", A, B, ("plain", "expert_cols"), experts=4)
-    with pytest.raises(ValueError, match=r"A has rank 4 \(shape \(2, 4, 5\)\) but B has rank 3"):
-        LoRAPair("x", A, nn.Parameter(torch.randn(3, 6)), lay, experts=2)
-    with pytest.raises(ValueError, match="layout must be one of"):
-        to_core(A, "stacked")
 
 
 # ------------------------------------------------------------------------------- attach, PEFT models

@@ -10,7 +10,7 @@ import torch
 
 from attach_helpers import MODES, setup, train
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "helpers"
 SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, {here!r})

@@ -1,6 +1,6 @@
 """Golden trajectories: the optimizer layer reproduces what the recorded code computed (issue 18).
 
-Cases, recording and re-recording: ``tests/golden_cases.py``. Tolerance: 1e-12 relative (norm-wise,
+Cases, recording and re-recording: ``tests/helpers/golden_cases.py``. Tolerance: 1e-12 relative (norm-wise,
 per tensor) on the optimizer state and the handle's cached metrics of every case, and on the factors
 and ``B @ A`` where the pairs are well-conditioned (``init="random"``); from ``B = 0`` the refactor's
 frame is decided on nearly degenerate spectra, so there ``B @ A`` and the state are compared.

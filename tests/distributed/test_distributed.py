@@ -1,7 +1,7 @@
 """Real multi-process runs (gloo, CPU): FSDP2, HSDP, DDP and torch.distributed.checkpoint.
 
-Every test starts its own processes (tests/distributed_launch.py: a file rendezvous, a hard
-timeout) running tests/distributed_worker.py, and compares them with an explicit single-process
+Every test starts its own processes (tests/helpers/distributed_launch.py: a file rendezvous, a hard
+timeout) running tests/helpers/distributed_worker.py, and compares them with an explicit single-process
 reference computed there: RefLoRA's math written out from the closed form in float64 and a
 hand-rolled AdamW / SGD on the whole global batch (not the library run in one process). Each
 factor's ``B @ A`` must agree to 1e-5 (relative, float32) over 5 steps; the same distributed run

@@ -1,6 +1,6 @@
 """Launch real multi-process runs from a test: N Python processes, a file rendezvous, hard timeouts.
 
-Each rank runs ``tests/distributed_worker.py <scenario> <json args>`` with ``RANK`` / ``WORLD_SIZE``
+Each rank runs ``tests/helpers/distributed_worker.py <scenario> <json args>`` with ``RANK`` / ``WORLD_SIZE``
 and ``REFLORA_STORE`` (a ``file://`` rendezvous in a fresh temporary folder: no TCP store port to
 race for; gloo opens its own ephemeral ports). A rank writes what it measured to
 ``rank<k>.pt``; the test asserts on those. A run that exceeds its timeout is killed (the whole
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import reflora
-from reflora.adapters import NoPairsFoundError, find_pairs, list_finders
+from reflora.adapters import find_pairs, list_finders, NoPairsFoundError
 from reflora.functional import refactor
 
 from discovery_models import FAMILIES, has
@@ -194,3 +195,21 @@ def test_vit_target_modules_errors() -> None:
         vit_target_modules(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="parts must be"):
         vit_target_modules(torch.nn.Linear(2, 2), parts=("head",))
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, m: int, n: int, r: int = 3):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, m) / m**0.5, requires_grad=False)
+        self.lora_A = nn.Parameter(torch.randn(r, m) / m**0.5)
+        self.lora_B = nn.Parameter(torch.randn(n, r) * 0.1)
+
+    def forward(self, x):
+        return x @ (self.weight + self.lora_B @ self.lora_A).T
+
+
+def test_ambiguous_canonical_names_keep_the_raw_names() -> None:
+    model = nn.Module()
+    model.module = nn.Sequential(LoRALinear(4, 4))
+    model.add_module("0", LoRALinear(4, 4))
+    assert sorted(p.name for p in find_pairs(model)) == ["0", "module.0"]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import reflora.adapters as adapters
-from reflora.adapters import LoRAPair, NoPairsFoundError, find_pairs, register_finder, unregister_finder
+from reflora.adapters import find_pairs, LoRAPair, NoPairsFoundError, register_finder, unregister_finder
 
 
 class OwnedLoRA(nn.Module):
@@ -101,11 +101,3 @@ def test_shared_parameter_rejected() -> None:
             find_pairs(nn.Sequential(nn.Linear(2, 4, bias=False), nn.Linear(2, 4, bias=False)))
     finally:
         unregister_finder("test_dup")
-
-
-def test_transposed_views_share_storage() -> None:
-    emb_A = nn.Parameter(torch.randn(10, 4))  # embedding-style: A stored (m, r)
-    B = nn.Parameter(torch.randn(6, 4))
-    pair = LoRAPair("emb", emb_A, B, layout=("transposed", "plain"))
-    assert pair.a().shape == (4, 10) and pair.a().data_ptr() == emb_A.data_ptr()
-    assert torch.equal(pair.delta(), B.detach() @ emb_A.detach().T)

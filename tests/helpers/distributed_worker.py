@@ -1,4 +1,4 @@
-"""One rank of a multi-process test (started by tests/distributed_launch.py; not a test module).
+"""One rank of a multi-process test (started by tests/helpers/distributed_launch.py; not a test module).
 
 Scenarios (``python distributed_worker.py <scenario> <json args>``):
 

@@ -594,7 +594,7 @@ def test_docs_page_python_blocks_run(monkeypatch, capsys) -> None:
 
     import reflora.adapters as adapters
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "finding-pairs.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "finding-pairs.md").read_text()
     if not importlib.util.find_spec("torchtune"):
         peft = types.ModuleType("torchtune.modules.peft")
         peft.LoRALinear = tm.TorchtuneLoRALinear

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # at least 4 steps: the default waits three where its resolution gate is on, so that RefLoRA
 # acts in every example's run
 EXAMPLES = {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OPTIONAL = ["peft", "transformers", "timm", "torch_geometric", "matplotlib", "sklearn", "adapters", "bitsandbytes", "torchao", "trl"]
 
 

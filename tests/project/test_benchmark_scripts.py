@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "studies"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "studies"))
 import gpu_overhead  # noqa: E402
 import overhead  # noqa: E402
 
@@ -131,7 +131,7 @@ def test_distributed_benchmark_runs_small_on_two_processes(capsys) -> None:
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
     # by path, under its own name: a top-level `distributed` module may be dask's
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "distributed.py"
     spec = importlib.util.spec_from_file_location("reflora_benchmark_distributed", path)
     bench_distributed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_distributed)

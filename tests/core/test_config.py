@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import reflora
+from reflora import attach
 from reflora.config import RefLoRAConfig
-from reflora.optimizers import default_space
 
 BAD = [
     ({"variant": "half"}, ValueError, "variant"),
@@ -58,15 +58,6 @@ def test_defaults_that_depend_on_other_options_are_resolved_once():
         cfg.variant = "scalar"  # type: ignore[misc]
 
 
-def test_space_resolution_lives_in_one_place():
-    w = nn.Parameter(torch.zeros(2))
-    for cls in (torch.optim.AdamW, torch.optim.Adam, torch.optim.RMSprop):
-        assert default_space(cls) == default_space(cls([w])) == "parameter"
-    assert default_space(torch.optim.SGD) == default_space(torch.optim.SGD([w], lr=0.1)) == "gradient"
-    assert reflora.func.adamw(None).space == default_space(torch.optim.AdamW)
-    assert reflora.func.sgd(None).space == default_space(torch.optim.SGD)
-
-
 def test_attach_and_func_hold_the_configuration():
     A = nn.Parameter(torch.randn(2, 6))
     B = nn.Parameter(torch.randn(5, 2))
@@ -88,3 +79,15 @@ def test_a_handles_options_stay_assignable_and_are_validated():
     assert handle.warmup_steps == handle.config.warmup_steps == 0
     with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
         handle.warmup_steps = -1
+
+
+def test_diagnostics_under_deepspeed_zero_is_an_error_naming_diagnose() -> None:
+    """DeepSpeed's handle records no diagnostics: asking for them raises instead of being ignored
+    (a stand-in for DeepSpeed's ZeRO-1/2 wrapper: a class from a ``deepspeed`` module holding the
+    torch optimizer in ``.optimizer``)."""
+    A, B = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(6, 4))
+    wrapper_cls = type("DeepSpeedZeroOptimizer", (), {"__module__": "deepspeed.runtime.zero.stage_1_and_2"})
+    wrapper = wrapper_cls()
+    wrapper.optimizer = torch.optim.AdamW([A, B])
+    with pytest.raises(ValueError, match=r"diagnostics_interval under DeepSpeed ZeRO.*diagnose\(pairs\)"):
+        attach(wrapper, [(A, B)], space="gradient", diagnostics_interval=5)

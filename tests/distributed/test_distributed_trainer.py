@@ -1,6 +1,6 @@
 """transformers.Trainer + RefLoRACallback on 2 CPU processes, under accelerate launch and torchrun.
 
-Each test trains 6 steps with a checkpoint every 3 (tests/distributed_trainer_script.py), then
+Each test trains 6 steps with a checkpoint every 3 (tests/helpers/distributed_trainer_script.py), then
 resumes from checkpoint-3 (in new processes under another launcher for DDP; with model,
 Trainer and callback built anew in the same processes for FSDP2) and must end with the same
 LoRA factors as the uninterrupted run.
@@ -33,7 +33,7 @@ from distributed_launch import ROOT, _env, run_command  # noqa: E402
 from reflora.integrations.transformers import STATE_FILE  # noqa: E402
 
 pytestmark = pytest.mark.distributed
-SCRIPT = str(Path(__file__).resolve().parent / "distributed_trainer_script.py")
+SCRIPT = str(Path(__file__).resolve().parents[1] / "helpers" / "distributed_trainer_script.py")
 BIN = Path(sys.executable).parent
 
 

@@ -1,10 +1,10 @@
 """Golden trajectories of the optimizer layer: the cases, and how one case is run and recorded.
 
 Recorded from the code at main 84c1d1d (issue 18, item 1) before the optimizer layer was
-restructured; ``tests/test_golden.py`` replays them. Re-record (only when behaviour is *meant*
+restructured; ``tests/core/test_golden.py`` replays them. Re-record (only when behaviour is *meant*
 to change, and say so in the commit) with::
 
-    python tests/golden_cases.py --record
+    python tests/helpers/golden_cases.py --record
 
 Every case trains a tiny PEFT model (built from a config, nothing downloaded) in float64 for a
 few steps: ``reflora.attach`` on ``torch.optim.AdamW`` / ``torch.optim.SGD`` (momentum 0.9) and

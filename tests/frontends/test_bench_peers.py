@@ -296,7 +296,7 @@ def _docs_tables():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "tools" / "docs_tables.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "tools" / "docs_tables.py"
     spec = importlib.util.spec_from_file_location("docs_tables", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -348,7 +348,7 @@ def test_the_gate_tables_in_the_docs_are_what_gate_rates_prints() -> None:
     import importlib.util
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location("gate_rates", root / "benchmarks" / "studies" / "gate_rates.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

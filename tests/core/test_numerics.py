@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 import reflora
 from reflora._linalg import _live_basis, _separated
-from reflora.functional import RankAboveSizeWarning, precondition, preconditioner, refactor
+from reflora.functional import RankAboveSizeWarning, preconditioner, refactor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "studies"))
 import rank_above_size  # noqa: E402  (benchmarks/studies/rank_above_size.py prints a table in docs/theory.md)
 from numerics import errors  # noqa: E402  (benchmarks/numerics.py prints a table in docs/theory.md)
 
@@ -274,29 +275,3 @@ def test_eager_shortcut_equals_the_general_kernel(frame) -> None:
     # a non-finite Gram anywhere: the whole stack goes to the general kernel (NaN for that pair)
     out = eager_kernel(X, Y, 1.4e-14, frame, general)
     assert torch.isnan(out[0][4]).all() and torch.allclose(out[0][0], ref[0][0], rtol=1e-9)
-
-
-@pytest.mark.parametrize("chunk", [1, 3 * 6 * 10, 1 << 17])
-@pytest.mark.parametrize("gated", [None, True, False])
-def test_apply_many_matches_one_product_per_tensor(monkeypatch, chunk, gated) -> None:
-    """``reflora.step.apply_many`` (stacked, chunked, transposed layouts, scalar transforms, a traced
-    step's gate) writes exactly ``T x`` / ``x T`` into every tensor, whatever the chunk size."""
-    import reflora.step as core
-
-    monkeypatch.setattr(core, "CHUNK_NUMEL", chunk)
-    g = torch.Generator().manual_seed(0)
-    r = 6
-    left_x = [torch.randn(r, 10, generator=g, dtype=torch.float64) for _ in range(7)]
-    right_x = [torch.randn(12, r, generator=g, dtype=torch.float64) for _ in range(5)]
-    right_t = [torch.randn(r, 9, generator=g, dtype=torch.float64).mT for _ in range(4)]  # a transposed layout
-    scal_x = [torch.randn(8, r, generator=g, dtype=torch.float64) for _ in range(3)]
-    TL, TR, TT = (torch.randn(n, r, r, generator=g, dtype=torch.float64) for n in (7, 5, 4))
-    TS = torch.rand(3, 1, 1, generator=g, dtype=torch.float64) + 0.5
-    before = [x.clone() for x in left_x + right_x + right_t + scal_x]
-    want = [t @ x for t, x in zip(TL, left_x)] + [x @ t for t, x in zip(TR, right_x)]
-    want += [x @ t for t, x in zip(TT, right_t)] + [t * x for t, x in zip(TS, scal_x)]
-    gate = None if gated is None else torch.tensor(gated)
-    core.apply_many([(left_x[:4], TL[:4]), (left_x[4:], TL[4:]), (scal_x, TS)],
-                    [(right_x, TR), (right_t, TT)], gate)
-    for got, w, b in zip(left_x + right_x + right_t + scal_x, want, before):
-        torch.testing.assert_close(got, b if gated is False else w, rtol=1e-14, atol=1e-14)

@@ -1,5 +1,5 @@
 """The docstring examples run, and the demo shows what it claims. (The README's and the docs'
-code blocks run in tests/test_docs_site.py.)"""
+code blocks run in tests/project/test_docs_site.py.)"""
 
 from __future__ import annotations
 
