@@ -155,7 +155,7 @@ def _attach_zero(zero: tuple[Any, torch.optim.Optimizer], pairs: list[LoRAPair],
     pair_list = validate(pairs, config=cfg, trained=True)  # (the factors are not in `inner`)
     pair_list = localize(pair_list, cfg.variant)
     cfg = cfg.with_space(resolve_space(inner, zero, pair_list, cfg) if cfg.space == "auto" else cfg.space)
-    cfg.check_zero()
+    cfg.check_zero_diagnostics()
     check_zero_factors(wrapper, pair_list)
     cfg.check_zero_space(qualname(wrapper))
     check_not_attached(inner, pair_list, hint="")

@@ -165,7 +165,7 @@ def check_second_moment(rule: object, name: str = "second_moment") -> str:
     return rule  # type: ignore[return-value]
 
 
-def rank_above_size(r: int, m: int, n: int) -> bool:
+def exceeds_layer_size(r: int, m: int, n: int) -> bool:
     """Whether a pair of rank ``r`` on an ``m -> n`` layer has more directions than ``B A`` can use."""
     return r > min(m, n)
 
@@ -250,14 +250,14 @@ class RefLoRAConfig:
     # -- rules that need a fact from outside the options ------------------------------------
     def leaves_out(self, r: int, m: int, n: int) -> bool:
         """``rank_above_size="skip"``: whether a pair of this shape is left to the bare optimizer."""
-        return self.rank_above_size == "skip" and rank_above_size(r, m, n)
+        return self.rank_above_size == "skip" and exceeds_layer_size(r, m, n)
 
     def refuses_parameter_space(self, r: int, m: int, n: int) -> bool:
         """Whether parameter space cannot refactor a pair of this shape with these options: the
         eigh-free solver cannot tell dead directions from live ones; on a direction dead in one
         factor its ``P`` is conditioned like 1e3-1e6, and refactoring by it every step sent the
         factors to NaN in every case measured."""
-        return self.solver == "newton_schulz" and self.variant == "full" and rank_above_size(r, m, n)
+        return self.solver == "newton_schulz" and self.variant == "full" and exceeds_layer_size(r, m, n)
 
     def check_pair(self, name: str, r: int, m: int, n: int) -> None:
         """Raise for a pair of this shape that this configuration (space resolved) cannot handle."""
@@ -285,7 +285,7 @@ class RefLoRAConfig:
             stacklevel=stacklevel,
         )
 
-    def check_zero(self) -> None:
+    def check_zero_diagnostics(self) -> None:
         """Raise for options the DeepSpeed ZeRO path (gradient hooks during backward, see
         :class:`reflora.strategies.ZeroGradientStrategy`) cannot honour."""
         if self.diagnostics_interval:

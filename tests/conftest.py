@@ -12,9 +12,19 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+# two threads per process at most, and the cores shared between pytest-xdist's workers. Under
+# xdist the processes the tests start (the bench CLI, the examples) get the same share, and idle
+# OpenMP threads sleep instead of spinning: on oversubscribed cores spinning threads slowed such
+# runs down by 5-10x
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
@@ -41,9 +51,7 @@ settings.register_profile(  # make test-fast: the inner loop
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
 
-# two threads per process at most, and the cores shared between pytest-xdist's workers
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+torch.set_num_threads(_THREADS)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
