@@ -1,6 +1,6 @@
 """Pairs named by their keys in a parameter dict, for :mod:`reflora.func` (``torch.func`` training).
 
-:func:`pairs_of` names the pairs discovery finds in a module by their keys in
+:func:`reflora.func.pairs_of` names the pairs discovery finds in a module by their keys in
 ``dict(model.named_parameters())``, the keys ``torch.func.functional_call`` and
 ``torch.func.stack_module_state`` use; :func:`as_param_pairs` normalises what a user passes.
 """
@@ -90,7 +90,7 @@ def pairs_of(
 
 def as_param_pairs(pairs: Any) -> tuple[ParamPair, ...]:
     """``pairs`` of :mod:`reflora.func` as :class:`ParamPair` s: found in an ``nn.Module``
-    (:func:`pairs_of`), or normalised from ``ParamPair`` s and ``(name_of_A, name_of_B)`` tuples
+    (:func:`reflora.func.pairs_of`), or normalised from ``ParamPair`` s and ``(name_of_A, name_of_B)`` tuples
     and checked (:func:`reflora.pairs.validate`); ``None``: no pairs."""
     if pairs is None:
         return ()

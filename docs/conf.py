@@ -37,7 +37,7 @@ napoleon_use_ivar = True  # an "Attributes:" section must not re-declare a docum
 # unresolved on purpose; everything inside reflora must resolve.
 _EXTERNAL = (
     r"(torch|typing|typing_extensions|collections|contextlib|dataclasses|enum|importlib|numpy|peft|"
-    r"transformers|timm|torch_geometric|deepspeed|bitsandbytes|torchao|trl|accelerate|argparse|pathlib)(\..*)?"
+    r"transformers|timm|torch_geometric|deepspeed|bitsandbytes|torchao|trl|accelerate|argparse|pathlib|abc)(\..*)?"
 )
 _BUILTINS = (
     r"(int|float|bool|str|bytes|dict|list|tuple|set|frozenset|object|type|None|callable|Callable|Any|"
@@ -47,7 +47,7 @@ _BUILTINS = (
 )
 # Annotations autodoc cannot link: a re-exported class named by its short name in a signature,
 # parts of subscripted generics it splits, and private helper classes.
-_UNLINKABLE = r"(LoRAPair|tuple\[.*|reflora(\.\w+)*\._\w+)"
+_UNLINKABLE = r"(LoRAPair|Chunks|Metrics|tuple\[.*|reflora(\.\w+)*\._\w+)"
 nitpick_ignore_regex = [
     (r"py:.*", _EXTERNAL),
     (r"py:.*", _BUILTINS),

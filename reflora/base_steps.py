@@ -1,6 +1,6 @@
 r"""The base optimizer steps of :mod:`reflora.func`: a table of pure functions over parameter dicts.
 
-Each entry of :data:`BASE_STEPS` is one ``torch.optim`` optimizer written out of place, following
+Each entry of :data:`reflora.base_steps.BASE_STEPS` is one ``torch.optim`` optimizer written out of place, following
 its single-tensor kernel op for op (``_single_tensor_adam`` with decoupled weight decay,
 ``_single_tensor_sgd``) and tested equal to it in float64: a frozen hyperparameter record,
 validated when built as ``torch.optim`` validates its constructor arguments; the names of the
@@ -155,6 +155,7 @@ class BaseStep:
     step: Callable[..., tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]]
 
 
+#: The base steps of :mod:`reflora.func`, by the name its constructors give (``"adamw"``, ``"sgd"``).
 BASE_STEPS: dict[str, BaseStep] = {
     "adamw": BaseStep(
         torch.optim.AdamW,

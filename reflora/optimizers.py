@@ -164,7 +164,7 @@ def resolve_space(
 ) -> Literal["gradient", "parameter"]:
     """``space="auto"``: :func:`reflora.default_space`, then the fallbacks the pairs force:
     sharded (FSDP2 ``DTensor``) factors with a transport that cannot move their state shard by
-    shard, a pair parameter space cannot refactor (:meth:`RefLoRAConfig.refuses_parameter_space`),
+    shard, a pair parameter space cannot refactor (:meth:`reflora.RefLoRAConfig.refuses_parameter_space`),
     and (with a warning) state the transport cannot move."""
     if zero is not None or default_space(opt) == "gradient":
         if zero is None and get_state_transport(opt) is None:

@@ -303,7 +303,7 @@ def validate(
         optimizer: every factor must be one of its parameters.
         config: its pair rules: ``rank_above_size="skip"`` leaves pairs with ``r > min(m, n)``
             out (one warning naming them; an error if none is left), and a pair the resolved
-            space cannot handle raises (:meth:`RefLoRAConfig.check_pair`).
+            space cannot handle raises (:meth:`reflora.RefLoRAConfig.check_pair`).
         trained: every factor must require a gradient.
         left_to: who steps the pairs left out (for the warning).
 

@@ -1,7 +1,7 @@
 r"""The RefLoRA step, written once, over lists of pairs and tensors (arXiv 2505.18877).
 
 Per same-shape group of pairs: the Grams (O((m + n) r^2), float64) or squared norms, one batched
-r x r kernel (:func:`reflora._kernels.group_kernel`), then the r x r results applied to the
+r x r kernel (``reflora._kernels.group_kernel``), then the r x r results applied to the
 factors, the gradients and each kind of optimizer state (:data:`reflora.transport.STATE_KINDS`)
 in float32 or wider and written back with ``copy_``. Front-ends only gather and scatter:
 

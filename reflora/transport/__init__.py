@@ -21,7 +21,7 @@ mixes the two. Each optimizer class declares, per state key, what kind of quanti
 
 A kind applies to state tensors shaped like their parameter only: a ``"first"`` or
 ``"second"`` key holding anything else (Adafactor-style 1-D or factored row / column moments)
-raises :class:`UnsupportedOptimizerError` before anything is modified, because there is no
+raises :class:`reflora.UnsupportedOptimizerError` before anything is modified, because there is no
 element-wise map for it and silently leaving it in the old coordinates would be wrong. Scalar
 state (step counters) belongs under ``"keep"``; a key the spec does not declare raises too.
 

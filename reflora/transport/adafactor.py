@@ -2,7 +2,7 @@ r"""Adafactor's state follows the factors: torch's ``Adafactor`` and transformer
 
 Adafactor keeps the second moment of a matrix factored, ``v ~ R C / mean(R)`` (row means ``R``
 and column means ``C``), so it is not shaped like its parameter and no element-wise map moves
-it. These transports map the factored estimate in factored form (:func:`_factored_second_moments`)
+it. These transports map the factored estimate in factored form (``_factored_second_moments``)
 and, for transformers' optimizer, its momentum of normalised updates with it.
 """
 
@@ -146,7 +146,7 @@ class HFAdafactorTransport(_AdafactorTransport):
     r"""transformers' Adafactor: ``exp_avg_sq_row`` ``(rows,)`` / ``exp_avg_sq_col`` ``(cols,)``.
 
     The factored moment is the same estimate as torch's, stored without the kept dims (shared
-    math: :func:`_factored_second_moments`); its unfactored ``exp_avg_sq`` (1-D parameters only)
+    math: ``_factored_second_moments``); its unfactored ``exp_avg_sq`` (1-D parameters only)
     is an element-wise second moment. ``step`` and ``RMS`` (recomputed from the parameter before
     use) are kept.
 

@@ -5,14 +5,14 @@ was accumulated in the old coordinates and must follow. One :class:`StateTranspo
 class says how; the step core (:func:`reflora.step.refactor_groups`) calls, for each group of
 same-shape pairs:
 
-1. :meth:`StateTransport.check` on every factor that holds state, before anything is modified
+1. :meth:`~reflora.transport.StateTransport.check` on every factor that holds state, before anything is modified
    (a transport never fails half-way through a model);
-2. :meth:`StateTransport.fold`: the state it can move as products ``x_A <- T_A x_A``,
+2. :meth:`~reflora.transport.StateTransport.fold`: the state it can move as products ``x_A <- T_A x_A``,
    ``x_B <- x_B T_B``, which the core folds into the products it applies to the factors and
    gradients anyway (``None``: nothing to fold);
-3. :meth:`StateTransport.move`: everything :meth:`~StateTransport.fold` did not take, in place.
+3. :meth:`~reflora.transport.StateTransport.move`: everything :meth:`~reflora.transport.StateTransport.fold` did not take, in place.
 
-The kinds of per-parameter state are one table, :data:`STATE_KINDS` (``"first"``, ``"second"``,
+The kinds of per-parameter state are one table, :data:`reflora.transport.STATE_KINDS` (``"first"``, ``"second"``,
 ``"keep"``); a new kind (a parameter-space iterate, say) is a new entry there, and every
 transport that declares its keys by kind (:class:`reflora.transport.SpecTransport`) then moves it.
 """
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 StateKind = Literal["first", "second", "keep"]
-#: ``[(tensors of one shape, stacked r x r transforms)]``: products to apply (see :meth:`StateTransport.fold`).
+#: ``[(tensors of one shape, stacked r x r transforms)]``: products to apply (see :meth:`reflora.transport.StateTransport.fold`).
 Chunks = list[tuple[list[Tensor], Tensor]]
 
 
@@ -122,7 +122,7 @@ class StateTransport(abc.ABC):
     """How one optimizer class's per-parameter state follows a parameter-space refactor.
 
     Implementations: :class:`reflora.transport.SpecTransport` (state declared key by key with a
-    kind of :data:`STATE_KINDS`), :class:`reflora.transport.FunctionTransport` (a function of
+    kind of :data:`reflora.transport.STATE_KINDS`), :class:`reflora.transport.FunctionTransport` (a function of
     the stacked state), the Adafactor transports (factored second moments) and the low-bit ones
     (:mod:`reflora.transport.lowbit`: quantized state). A new optimizer needs :meth:`move`;
     :meth:`check` and :attr:`kinds` are what make it safe and let ``space="auto"`` choose.

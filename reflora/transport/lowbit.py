@@ -173,7 +173,7 @@ class BitsAndBytesTransport(LowBitTransport):
     """bitsandbytes' ``Optimizer1State`` / ``Optimizer2State`` optimizers.
 
     ``state1`` (and ``state2``) hold the moments: ``uint8`` codes with ``qmap`` / ``absmax``
-    (block-wise, :data:`BNB_BLOCKSIZE` elements a block) for tensors of at least
+    (block-wise, :data:`reflora.transport.lowbit.BNB_BLOCKSIZE` elements a block) for tensors of at least
     ``min_8bit_size`` elements under an 8-bit optimizer, float32 otherwise (paged 32-bit
     optimizers, small tensors). AdEMAMix stacks its fast and slow first moments in ``state1``
     ``(2, *shape)``; they are moved as ``state1.0`` and ``state1.1``.

@@ -1,7 +1,7 @@
 """The registry of state transports, keyed by optimizer class (nearest registered base class wins).
 
 Optimizers of optional packages (transformers' ``Adafactor``, bitsandbytes, torchao) are matched
-by qualified class name on first lookup (:func:`register_lazy_state_transport`), so that
+by qualified class name on first lookup (:func:`reflora.transport.register_lazy_state_transport`), so that
 ``import reflora`` imports none of those packages.
 """
 

@@ -37,14 +37,14 @@ TransportFn = Callable[
 
 class StackedTransport(StateTransport):
     """A transport that moves a group's state stacked per key: :meth:`move` stacks, calls
-    :meth:`transform`, writes back. Subclasses give :meth:`transform` and :meth:`selects`."""
+    :meth:`transform`, writes back. Subclasses give :meth:`transform` and :meth:`reflora.transport.StackedTransport.selects`."""
 
     def transform(
         self, T: Transform, sA: Mapping[str, Tensor], sB: Mapping[str, Tensor], ctx: TransportContext
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The group's new state from the stacked old one: ``(new_state_A, new_state_B)``.
 
-        ``sA`` / ``sB`` hold the keys :meth:`selects` chose, stacked over the group: tensors shaped
+        ``sA`` / ``sB`` hold the keys :meth:`reflora.transport.StackedTransport.selects` chose, stacked over the group: tensors shaped
         like their parameter in the core's layout (``(G, [E,] r, m)`` / ``(G, [E,] n, r)``; ``T``
         is stacked the same way), others (factored moments) as stored. Keys missing from the
         result are left unchanged.
@@ -105,7 +105,7 @@ class SpecTransport(StackedTransport):
     :data:`reflora.transport.STATE_KINDS`.
 
     A ``"first"`` or ``"second"`` kind applies to state shaped like its parameter only: a key
-    holding anything else (a 1-D or factored moment) raises :class:`UnsupportedOptimizerError`
+    holding anything else (a 1-D or factored moment) raises :class:`reflora.UnsupportedOptimizerError`
     before anything is modified. Scalar state belongs under ``"keep"``; a key the spec does not
     declare raises too. Its state can be moved shard by shard, and folded into the core's
     products where every kind of it is a product.
@@ -156,7 +156,7 @@ class SpecTransport(StackedTransport):
     ) -> tuple[Chunks, Chunks] | None:
         """Every key as products (``"first"`` like the gradients, ``"second"`` by the ``"square"``
         rule or not at all); ``None`` for the ``"reset"`` rule, pairs with and without state in
-        one group, and state that is not parameter-shaped (which :meth:`move` then refuses)."""
+        one group, and state that is not parameter-shaped (which :meth:`~reflora.transport.StateTransport.move` then refuses)."""
         if rule == "reset":
             return None
         states = [(optimizer.state.get(p.A), optimizer.state.get(p.B)) for p in pairs]
@@ -212,7 +212,7 @@ class SpecTransport(StackedTransport):
 
 class FunctionTransport(StackedTransport):
     """A function of a group's stacked state, ``fn(transform, state_A, state_B, ctx) ->
-    (new_state_A, new_state_B)`` (see :meth:`StackedTransport.transform`), with an optional
+    (new_state_A, new_state_B)`` (see :meth:`reflora.transport.StackedTransport.transform`), with an optional
     ``check(state, param, ctx, where)`` that raises for state the function could not move.
 
     Every state tensor with at least one dimension is passed (factored ones included); scalar
