@@ -37,7 +37,8 @@ napoleon_use_ivar = True  # an "Attributes:" section must not re-declare a docum
 # unresolved on purpose; everything inside reflora must resolve.
 _EXTERNAL = (
     r"(torch|typing|typing_extensions|collections|contextlib|dataclasses|enum|importlib|numpy|peft|"
-    r"transformers|timm|torch_geometric|deepspeed|bitsandbytes|torchao|trl|accelerate|argparse|pathlib|abc)(\..*)?"
+    r"transformers|timm|torch_geometric|deepspeed|bitsandbytes|torchao|trl|accelerate|argparse|pathlib|abc|"
+    r"pytorch_lightning|lightning)(\..*)?"
 )
 _BUILTINS = (
     r"(int|float|bool|str|bytes|dict|list|tuple|set|frozenset|object|type|None|callable|Callable|Any|"

@@ -1,8 +1,10 @@
 """The methods ``reflora bench`` compares: plain LoRA, its best-known neighbours (through PEFT and
 pytorch-optimizer, as they ship), LoRA variants with and without RefLoRA on top, and every
 RefLoRA mode. All train the same parameters from the same start, with the same batches, and none
-clips gradients: LoRA-RITE's own clipping (``clip_unmagnified_grad``) and update skipping
-(``update_skipping``) are switched off, since no other method gets them."""
+clips gradients: ``lora-rite`` switches LoRA-RITE's own clipping (``clip_unmagnified_grad``) and
+update skipping (``update_skipping``) off, since no other method gets a global clip. They are part
+of LoRA-RITE's update rule as its authors ship it, though (pytorch-optimizer's defaults have them
+on), so ``lora-rite-shipped`` runs it with every default, for a comparison fair to it."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ METHODS = {
     "reflora-s": "RefLoRA-S: scalar, parameter space (exact state transport)",
     "reflora-s-grad": "RefLoRA-S: scalar, gradient space",
     "lora-rite": "LoRA-RITE (pytorch-optimizer LoRARite on the pairs, AdamW on the rest; no clipping)",
+    "lora-rite-shipped": "LoRA-RITE with pytorch-optimizer's defaults (its unmagnified-gradient clipping and update skipping on)",
     "rslora": "rsLoRA (PEFT use_rslora: scaling alpha/sqrt(r)), AdamW",
     "rslora+reflora": "rsLoRA + RefLoRA (attach's defaults)",
     "dora": "DoRA (PEFT use_dora), AdamW",
@@ -106,11 +109,13 @@ def make_optimizer(method: str, model: nn.Module, lr: float, **attach_kw):
     params = [p for p in model.parameters() if p.requires_grad]
     if method in ("lora", "rslora", "dora"):
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), None
-    if method == "lora-rite":
+    if method in ("lora-rite", "lora-rite-shipped"):
         try:
             import pytorch_optimizer  # noqa: F401
         except ImportError as exc:
             raise MethodUnavailable("LoRA-RITE needs pytorch-optimizer>=4.1: pip install 'reflora[bench]'") from exc
+        if method == "lora-rite-shipped":  # LoRARite's own defaults for clipping and skipping
+            return lora_rite(model, lr, clip_unmagnified_grad=1.0, update_skipping=1.0), None
         return lora_rite(model, lr), None
     if method in ("rslora+reflora", "dora+reflora"):
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

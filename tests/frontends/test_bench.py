@@ -134,7 +134,7 @@ def test_bench_mf_methods_mapping() -> None:
     from reflora.bench.cli import MF_COUNTERPARTS, mf_methods
 
     # LoRA+, LoRA-RITE and the rsLoRA / DoRA models have no plain-gradient-descent form on mf
-    no_mf = ["lora+", "lora-rite", "rslora", "rslora+reflora", "dora", "dora+reflora"]
+    no_mf = ["lora+", "lora-rite", "lora-rite-shipped", "rslora", "rslora+reflora", "dora", "dora+reflora"]
     assert set(MF_COUNTERPARTS) | set(no_mf) == set(METHODS)
     assert set(MF_COUNTERPARTS.values()) == set(mf.METHODS)
     assert mf_methods(list(METHODS)) == (list(mf.METHODS), [m for m in METHODS if m in no_mf])

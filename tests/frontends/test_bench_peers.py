@@ -373,3 +373,22 @@ def test_the_gate_tables_in_the_docs_are_what_gate_rates_prints() -> None:
             shown_on.setdefault(m["name"], set()).add(page)
     assert all("rank-deficient.md" in shown_on.get(name, ()) for name in files), shown_on
     assert shown_on["lm-r64-rates"] == {"results.md", "rank-deficient.md"}, shown_on  # as before the vision table
+
+
+def test_lora_rite_shipped_keeps_pytorch_optimizers_defaults() -> None:
+    """The peer as its authors ship it: LoRARite's unmagnified-gradient clipping and update
+    skipping on (``lora-rite`` turns them off so that no method clips)."""
+    pytest.importorskip("pytorch_optimizer")
+    import inspect
+
+    from peft import LoraConfig, get_peft_model
+    from pytorch_optimizer import LoRARite
+
+    from reflora.bench.methods import make_optimizer
+
+    defaults = inspect.signature(LoRARite.__init__).parameters
+    model = get_peft_model(nn.Sequential(nn.Linear(12, 10)), LoraConfig(r=3, target_modules=["0"]))
+    opt, _ = make_optimizer("lora-rite-shipped", model, 1e-2)
+    group = opt.optimizers[0].param_groups[0]
+    assert group["clip_unmagnified_grad"] == defaults["clip_unmagnified_grad"].default > 0
+    assert group["update_skipping"] == defaults["update_skipping"].default > 0

