@@ -13,11 +13,13 @@ JOBS   ?= $(shell nproc 2>/dev/null || echo 1)
 OK5    := || test $$? -eq 5
 
 # The inner loop (under a minute on 2 cores): the golden trajectories, the configuration and
-# layout checks, attach / reflora.func / diagnostics, few hypothesis examples, no compile, no
+# layout checks, attach / reflora.func / diagnostics and the core modules behind attach (pairs,
+# step, optimizers, runner, cache, handle, checkpoint), few hypothesis examples, no compile, no
 # multi-process tests. `make test` runs everything.
 FAST_TESTS ?= tests/core/test_golden.py tests/core/test_config.py tests/core/test_layout.py \
 	tests/frontends/test_attach.py tests/frontends/test_func.py tests/core/test_functional_errors.py \
-	tests/core/test_diagnostics.py
+	tests/core/test_diagnostics.py tests/core/test_pairs.py tests/core/test_step.py tests/core/test_optimizers.py \
+	tests/core/test_runner.py tests/core/test_cache.py tests/core/test_handle.py tests/core/test_checkpoint.py
 
 .PHONY: demo test test-fast docs install clean
 
