@@ -57,7 +57,8 @@ from typing import Any, Callable, Iterable, Literal, Optional, overload
 from torch import Tensor, nn
 
 from reflora.adapters.traced import Candidate, DiscoveryReport, factor_name, trace_pairs
-from reflora.pairs import LoRAPair, UnusedPairWarning, canonical_name, check_ranks, validate
+from reflora.functional import check_ranks
+from reflora.pairs import LoRAPair, UnusedPairWarning, canonical_name, validate
 
 __all__ = [
     "Candidate",

@@ -56,7 +56,7 @@ These functions are not meant to be differentiated through.
 from __future__ import annotations
 
 import warnings
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -71,6 +71,7 @@ __all__ = [
     "RefactoredWithGrads",
     "Transform",
     "apply_transform",
+    "check_ranks",
     "map_first_moments",
     "map_second_moments",
     "precondition",
@@ -151,6 +152,20 @@ def _broadcast_batch(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] 
     return tuple(reversed(out))
 
 
+def check_ranks(a_shape: Sequence[int], b_shape: Sequence[int], name: str | None = None) -> int:
+    """The rank ``r`` of ``A`` ``(..., r, m)`` and ``B`` ``(..., n, r)`` (core layout); raises if they
+    disagree (the factors are swapped, or not a pair). The one rank check of a pair: the pure API,
+    :class:`reflora.LoRAPair` and :func:`reflora.adapters.mark_pair` call it."""
+    r, rb = a_shape[-2], b_shape[-1]
+    if r != rb:
+        where = "" if name is None else f"pair {name!r}: "
+        raise ValueError(
+            f"{where}A has rank {r} (shape {tuple(a_shape)}) but B has rank {rb} (shape {tuple(b_shape)}); "
+            "expected A of shape (..., r, m) and B of shape (..., n, r)"
+        )
+    return r
+
+
 def _check_pair(A: object, B: object) -> tuple[Tensor, Tensor]:
     A = _check_tensor("A", A)
     B = _check_tensor("B", B)
@@ -168,11 +183,7 @@ def _check_pair(A: object, B: object) -> tuple[Tensor, Tensor]:
                 f"{name} has shape {_shape(t)}, an empty matrix; expected {dims} with r, m, n >= 1 "
                 "(a rank-0 adapter has nothing to refactor: drop it)"
             )
-    if A.shape[-2] != B.shape[-1]:
-        raise ValueError(
-            f"A has rank {A.shape[-2]} (shape {_shape(A)}) but B has rank {B.shape[-1]} "
-            f"(shape {_shape(B)}); expected A of shape (..., r, m) and B of shape (..., n, r)"
-        )
+    check_ranks(_shape(A), _shape(B))
     if A.dtype != B.dtype:
         raise TypeError(
             f"A has dtype {A.dtype} but B has dtype {B.dtype}; cast both to one dtype"

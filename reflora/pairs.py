@@ -34,12 +34,13 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Protocol, Sequence
+from typing import Any, Iterable, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from reflora.config import RefLoRAConfig
+from reflora.functional import check_ranks
 
 __all__ = [
     "EXPERT_LAYOUTS",
@@ -49,7 +50,6 @@ __all__ = [
     "UnusedPairWarning",
     "batch_key",
     "canonical_name",
-    "check_ranks",
     "from_core",
     "to_core",
     "validate",
@@ -250,19 +250,6 @@ def from_core(t: Tensor, layout: str, shape: torch.Size | tuple[int, ...], exper
 
 
 # ------------------------------------------------------------------------------- validity
-
-
-def check_ranks(a_shape: Sequence[int], b_shape: Sequence[int], name: str | None = None) -> int:
-    """The rank ``r`` of ``A`` ``(..., r, m)`` and ``B`` ``(..., n, r)`` (core layout); raises if they
-    disagree (the factors are swapped, or not a pair)."""
-    r, rb = a_shape[-2], b_shape[-1]
-    if r != rb:
-        where = "" if name is None else f"pair {name!r}: "
-        raise ValueError(
-            f"{where}A has rank {r} (shape {tuple(a_shape)}) but B has rank {rb} (shape {tuple(b_shape)}); "
-            "expected A of shape (..., r, m) and B of shape (..., n, r)"
-        )
-    return r
 
 
 def batch_key(device: Any, dtype: torch.dtype, experts: int, shape: tuple[int, int, int],
