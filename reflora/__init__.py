@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from reflora import diagnostics, distributed, func, functional, lowbit, transport
 from reflora.attaching import attach
-from reflora.config import RefLoRAConfig, UnstableOptionWarning, UnsupportedOptimizerError
+from reflora.config import DivergenceWarning, RefLoRAConfig, UnstableOptionWarning, UnsupportedOptimizerError
 from reflora.functional import precondition, preconditioner, refactor, refactor_transform
 from reflora.handle import RefLoRAHandle
 from reflora.optimizers import GradientSpaceFallbackWarning, default_space
@@ -18,6 +18,7 @@ from reflora.transport import register_state_transport
 __version__ = "0.3.0"
 
 __all__ = [
+    "DivergenceWarning",
     "GradientSpaceFallbackWarning",
     "LoRAPair",
     "RefLoRAConfig",

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from reflora._linalg import (
     balanced_metric,
+    block_metric,
     compute_dtype,
     live_metric,
     mm,
@@ -40,6 +41,7 @@ from reflora.config import check_resolved, check_solver
 
 __all__ = [
     "compiled_full_kernel",
+    "decomposable",
     "eager_kernel",
     "full_kernel",
     "grams",
@@ -57,17 +59,31 @@ def grams(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return mm(Ac, Ac.mT), mm(Bc.mT, Bc)
 
 
-def _finite_only(X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(finite, X, Y)`` with non-finite pairs' Grams zeroed (kept away from ``eigh``, which
-    could raise, and from the iteration); their outputs are set to NaN by :func:`_nan_where`."""
+def decomposable(X: Tensor, Y: Tensor) -> Tensor:
+    """Per pair (shape ``X.shape[:-2]``): whether its Grams are finite and small enough to
+    decompose, ``max|X| * max|Y| < sqrt(finfo.max)`` (1.3e154 in float64). Beyond that ``eigh``
+    overflows inside (LAPACK raises "failed to converge"); ``||B A||`` is then about 1e77 or
+    more, a run that has diverged."""
+    big = torch.finfo(X.dtype).max ** 0.5
+    # the product of the two maxima overflows to inf (so fails the test) rather than wrapping
+    return X.abs().flatten(-2).amax(-1) * Y.abs().flatten(-2).amax(-1) < big
+
+
+def _finite_only(X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(finite, safe, X, Y)``: pairs with finite Grams, pairs also small enough to decompose
+    (:func:`decomposable`), and the Grams with the others zeroed (kept away from ``eigh``, which
+    could raise, and from the iteration). :func:`_guarded` sets the outputs of non-finite pairs
+    to NaN and of finite pairs too large to decompose to the identity (no refactor)."""
     finite = torch.isfinite(X).flatten(-2).all(-1) & torch.isfinite(Y).flatten(-2).all(-1)
-    finite = finite[..., None, None]
-    return finite, torch.where(finite, X, 0.0), torch.where(finite, Y, 0.0)
+    safe = (finite & decomposable(torch.where(finite[..., None, None], X, 0.0), torch.where(finite[..., None, None], Y, 0.0)))
+    safe_ = safe[..., None, None]
+    return finite[..., None, None], safe_, torch.where(safe_, X, 0.0), torch.where(safe_, Y, 0.0)
 
 
-def _nan_where(finite: Tensor, out: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+def _guarded(finite: Tensor, safe: Tensor, out: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     nan = torch.full((), float("nan"), dtype=out[0].dtype, device=out[0].device)
-    return tuple(torch.where(finite, t, nan) for t in out)
+    eye = torch.eye(out[0].shape[-1], dtype=out[0].dtype, device=out[0].device)
+    return tuple(torch.where(safe, t, torch.where(finite, eye, nan)) for t in out)
 
 
 def full_kernel(
@@ -79,16 +95,20 @@ def full_kernel(
     leaves the pairs that fail :func:`reflora._linalg.resolved_gate` as they are).
     ``solver="newton_schulz"``: :func:`reflora._linalg.newton_schulz_metric` (matmuls only,
     symmetric frame only; ``frame="paper"`` and ``resolved > 0`` raise). A non-finite factor shows up as a
-    non-finite Gram (NaN/Inf propagate through the product); such pairs get NaN outputs.
+    non-finite Gram (NaN/Inf propagate through the product); such pairs get NaN outputs. A pair
+    whose Grams are finite but too large to decompose (:func:`decomposable`: the run has diverged)
+    gets the identity.
     """
     solver, frame = check_solver(solver, frame)
-    finite, X, Y = _finite_only(X, Y)
+    finite, safe, X, Y = _finite_only(X, Y)
     if solver == "newton_schulz":
         check_resolved(resolved, "full", solver)
         out = newton_schulz_metric(X, Y, eps)
+    elif frame == "block":
+        out = block_metric(X, Y, eps)[:4]
     else:
         out = balanced_metric(X, Y, eps, frame, resolved)[:4]
-    return _nan_where(finite, out)  # type: ignore[return-value]
+    return _guarded(finite, safe, out)  # type: ignore[return-value]
 
 
 def metric_kernel(
@@ -100,8 +120,8 @@ def metric_kernel(
     if solver == "eigh":
         return full_kernel(X, Y, eps, "symmetric", solver, resolved)[2:]
     check_resolved(resolved, "full", solver)
-    finite, X, Y = _finite_only(X, Y)
-    return _nan_where(finite, newton_schulz_geomean(X, Y, eps)[:2])  # type: ignore[return-value]
+    finite, safe, X, Y = _finite_only(X, Y)
+    return _guarded(finite, safe, newton_schulz_geomean(X, Y, eps)[:2])  # type: ignore[return-value]
 
 
 def scalar_kernel(a_sq: Tensor, b_sq: Tensor) -> tuple[Tensor, Tensor]:
@@ -142,6 +162,7 @@ def eager_kernel(
         out, ok = live_metric(X, Y, eps, frame, metric, resolved)  # a non-finite Gram gives NaN sigma^2: not ok
     except torch.linalg.LinAlgError:  # or LAPACK refuses it
         return general(X, Y)
+    ok = ok & decomposable(X, Y)  # pairs too large to decompose: the general kernel's guard
     if bool(ok.all()):
         return out
     lead, r = X.shape[:-2], X.shape[-1]

@@ -8,10 +8,13 @@ with condition number 1e3 has already lost the small eigenvalues (docs/theory.md
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["balanced_metric", "compute_dtype", "live_metric", "newton_schulz_geomean", "newton_schulz_metric", "newton_schulz_sqrt", "resolved_gate", "sym_eigh"]
+__all__ = ["BLOCK_FLOOR", "balanced_metric", "block_metric", "compute_dtype", "live_metric", "newton_schulz_geomean", "newton_schulz_metric", "newton_schulz_sqrt", "resolved_gate", "sym_eigh"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -226,6 +229,71 @@ def balanced_metric(
         any_live = any_live & resolved_gate(sig2, resolved)
     any_live = any_live[..., None, None]
     left, right, S, S_inv = (torch.where(any_live, t, eye) for t in (left, right, S, S_inv))
+    return left, right, S, S_inv, live.sum(-1)
+
+
+# ------------------------------------------------------------------------------- block frame
+
+#: ``frame="block"``: directions whose singular value is below this fraction of the largest are
+#: floored there and share the blocks of the needed ones (docs/rank-deficient.md).
+BLOCK_FLOOR = 0.1
+
+
+@functools.lru_cache(maxsize=None)
+def _block_table(r: int) -> Tensor:
+    """``(r, r, r)`` float64: entry ``k - 1`` is the block frame ``F`` for ``k`` needed directions.
+
+    Column ``j < k`` is ``1 / sqrt(n_j)`` on block ``j`` (contiguous coordinates, ``n_j = r // k``
+    or one more); the other columns are the higher orthonormal DCT-II columns of each block, in
+    turn. ``k = r`` is the identity (the paper frame)."""
+    out = torch.zeros(r, r, r, dtype=torch.float64)
+    for k in range(1, r + 1):
+        start, extra = 0, k
+        for j in range(k):
+            n = r // k + (1 if j < r % k else 0)
+            i = torch.arange(n, dtype=torch.float64)
+            C = torch.cos(math.pi * (i[:, None] + 0.5) * i[None, :] / n) * math.sqrt(2.0 / n)
+            out[k - 1, start:start + n, j] = 1.0 / math.sqrt(n)
+            out[k - 1, start:start + n, extra:extra + n - 1] = C[:, 1:]
+            extra += n - 1
+            start += n
+    return out
+
+
+def block_metric(X: Tensor, Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""The block frame (``frame="block"``): ``(left, right, S, S_inv, live)`` like :func:`balanced_metric`.
+
+    In the basis ``Z`` of :func:`live_basis` (``Z^{-1} X Z^{-T} = I``, ``Z^T Y Z = diag(sigma^2)``,
+    ``sigma`` descending), direction ``j`` of ``A`` is scaled to length ``d_j`` and of ``B`` to
+    ``sigma_j / d_j``, with ``d_j^2 = max(sigma_j, 0.1 sigma_1)``: the needed directions
+    (``sigma_j >= 0.1 sigma_1``, ``k`` of them) are balanced, the others floored, never collapsed.
+    Then ``left = F diag(d s) Z^{-1}``, ``right = Z diag(s / d) F^T`` with ``F`` the block frame of
+    ``k`` (:func:`_block_table`): each needed direction is spread evenly over its own block of about
+    ``r / k`` coordinates, the others fill the blocks' remaining (DCT) columns. ``s_j = \pm 1`` aligns
+    ``Z``'s columns with ``F``'s. ``k = r`` is the paper frame. A pair with no live direction, or
+    with a rank-deficient ``A``, gets the identity. Traceable: ``F`` is gathered by ``k`` from a
+    constant table.
+    """
+    cd = X.dtype
+    r = X.shape[-1]
+    eye = torch.eye(r, dtype=cd, device=X.device)
+    lam_a, sig2, Z, live = live_basis(X, Y, eps)
+    sig2, Z, live = sig2.flip(-1), Z.flip(-1), live.flip(-1)  # descending sigma
+    sig = sig2.sqrt()
+    top = BLOCK_FLOOR * sig[..., :1]
+    d2 = torch.maximum(torch.where(live, sig, 0.0), top)
+    k = (live & (sig >= top)).sum(-1).clamp_min(1)
+    F = _block_table(r).to(dtype=cd, device=X.device)[k - 1]
+    full_rank = lam_a[..., 0] > 1e-12 * lam_a[..., -1]
+    Zs = torch.where(full_rank[..., None, None], Z, eye)
+    Zi = torch.linalg.solve(Zs, eye.expand_as(Zs))
+    sgn = torch.where((F * Zs).sum(-2) >= 0, 1.0, -1.0).to(cd)
+    d = d2.clamp_min(torch.finfo(cd).tiny).sqrt()
+    left = F @ ((d * sgn).unsqueeze(-1) * Zi)
+    right = (Zs * (sgn / d).unsqueeze(-2)) @ F.mT
+    S, S_inv = left.mT @ left, right @ right.mT
+    act = (live.any(-1) & full_rank)[..., None, None]
+    left, right, S, S_inv = (torch.where(act, t, eye) for t in (left, right, S, S_inv))
     return left, right, S, S_inv, live.sum(-1)
 
 

@@ -47,7 +47,7 @@ def attach(
     eps: float | None = None,
     second_moment: Literal["square", "keep", "reset"] = "square",
     compile: bool = False,
-    frame: Literal["paper", "symmetric"] | None = None,
+    frame: Literal["paper", "symmetric", "block"] | None = None,
     rank_above_size: Literal["skip", "act"] = "skip",
     solver: Literal["eigh", "newton_schulz"] = "eigh",
     diagnostics_interval: int = 0,
@@ -84,7 +84,11 @@ def attach(
         frame: parameter space: which ``P`` with ``P P^T = S``: ``"paper"`` (the paper's closed
             form, canonical signs and ties) or ``"symmetric"`` (``S^{1/2}``). ``None``
             (default): ``"paper"`` with ``solver="eigh"``, ``"symmetric"`` with
-            ``"newton_schulz"`` (``"paper"`` with it raises).
+            ``"newton_schulz"`` (``"paper"`` with it raises). ``"block"`` (opt-in, Adam-family
+            optimizers, parameter space, no gate): balances the directions of ``B A`` above a
+            tenth of its largest singular value, floors the others there, and spreads each over
+            its own block of coordinates; a deviation from the paper for adapters whose rank
+            exceeds the task's need (docs/rank-deficient.md says where it wins and loses).
         rank_above_size: pairs with ``r > min(m, n)``: ``"skip"`` (default) leaves them to the
             bare optimizer with one warning naming them; ``"act"`` applies RefLoRA to their
             live directions.

@@ -26,6 +26,7 @@ __all__ = [
     "SECOND_MOMENT_RULES",
     "SOLVERS",
     "SPACES",
+    "DivergenceWarning",
     "UnstableOptionWarning",
     "UnsupportedOptimizerError",
     "VARIANTS",
@@ -43,7 +44,7 @@ Space = Literal["auto", "gradient", "parameter"]
 
 VARIANTS = ("full", "scalar")
 SPACES = ("auto", "gradient", "parameter")
-FRAMES = ("paper", "symmetric")
+FRAMES = ("paper", "symmetric", "block")
 SOLVERS = ("eigh", "newton_schulz")
 SECOND_MOMENT_RULES = ("square", "keep", "reset")
 RANK_ABOVE_SIZE = ("skip", "act")
@@ -60,6 +61,10 @@ DEFAULT_GATE_WARMUP = 3
 
 class UnstableOptionWarning(UserWarning):
     """An option was measured to diverge where plain training converges (the message says where)."""
+
+
+class DivergenceWarning(UserWarning):
+    """A pair's factors became non-finite or too large to decompose: the run has diverged."""
 
 
 class UnsupportedOptimizerError(TypeError):
@@ -101,6 +106,11 @@ def check_solver(solver: object, frame: object = None) -> tuple[str, str]:
     if frame is None:
         return solver, "paper" if solver == "eigh" else "symmetric"  # type: ignore[return-value]
     frame = check_frame(frame)
+    if frame == "block" and solver != "eigh":
+        raise ValueError(
+            "frame='block' is built on the eigendecompositions of solver='eigh'; use solver='eigh' (the default) "
+            f"with frame='block', or frame='symmetric' with solver={solver!r}"
+        )
     if solver == "newton_schulz" and frame == "paper":
         raise ValueError(
             "frame='paper' needs the eigenbasis of the balanced Gram, which solver='newton_schulz' "
@@ -200,7 +210,7 @@ class RefLoRAConfig:
     interval: int = 1
     eps: float | None = None
     second_moment: Literal["square", "keep", "reset"] = "square"
-    frame: Literal["paper", "symmetric"] | None = None
+    frame: Literal["paper", "symmetric", "block"] | None = None
     solver: Literal["eigh", "newton_schulz"] = "eigh"
     rank_above_size: Literal["skip", "act"] = "skip"
     resolved: float | None = None
@@ -224,11 +234,28 @@ class RefLoRAConfig:
         set_("frame", frame)
         if self.eps is not None:
             set_("eps", check_eps(self.eps, torch.float64))
+        if frame == "block":
+            self._check_block()
+            set_("resolved", 0.0)  # the block frame floors unresolved directions instead of gating
         set_("resolved", resolve_resolved(self.resolved, self.variant, solver))
         if self.warmup_steps is None:  # the gate's warmup where the gate is on
             set_("warmup_steps", DEFAULT_GATE_WARMUP if self.resolved > 0 else 0)
         if self.rank_above_size not in RANK_ABOVE_SIZE:
             raise ValueError(f"rank_above_size must be 'skip' or 'act'; got {self.rank_above_size!r}")
+
+    def _check_block(self) -> None:
+        if self.variant != "full":
+            raise ValueError("frame='block' is a frame of the full variant; use variant='full' with frame='block'")
+        if self.resolved not in (None, 0, 0.0):
+            raise ValueError(
+                f"frame='block' has no resolution gate (it floors the unresolved directions instead); leave "
+                f"resolved unset with frame='block' (got resolved={self.resolved!r})"
+            )
+        if self.space == "gradient":
+            raise ValueError(
+                "frame='block' acts through the coordinates of the refactored factors, which gradient space does "
+                "not change; use space='parameter' (or 'auto' with an optimizer that has a state transport)"
+            )
 
     def with_space(self, space: Literal["gradient", "parameter"]) -> RefLoRAConfig:
         """This configuration with ``space`` resolved."""
@@ -271,9 +298,19 @@ class RefLoRAConfig:
             )
 
     def warn_if_unstable(self, optimizer_name: str, keeps_second_moments: bool, stacklevel: int = 3) -> None:
-        """One :class:`UnstableOptionWarning` for an option measured to diverge with an optimizer
-        whose transport does (``keeps_second_moments``) or does not keep element-wise second
-        moments: ``second_moment="reset"`` in parameter space under one that does."""
+        """One :class:`UnstableOptionWarning` for an option measured to diverge, or to lose, with an
+        optimizer whose transport does (``keeps_second_moments``) or does not keep element-wise
+        second moments: ``second_moment="reset"`` in parameter space under one that does, and
+        ``frame="block"`` under one that does not (its frame only matters to per-coordinate steps)."""
+        if self.frame == "block" and not keeps_second_moments:
+            warnings.warn(
+                f"frame='block' under {optimizer_name}: its frame only matters to optimizers with per-coordinate "
+                "steps (Adam's family); here it is the floored balance, which lost to the paper's form under SGD "
+                "(docs/rank-deficient.md). Use the default, or resolved=0.0",
+                UnstableOptionWarning,
+                stacklevel=stacklevel,
+            )
+            return
         if self.space != "parameter" or self.second_moment != "reset" or not keeps_second_moments:
             return
         warnings.warn(

@@ -81,7 +81,7 @@ __all__ = [
 ]
 
 Variant = Literal["full", "scalar"]
-Frame = Literal["paper", "symmetric"]
+Frame = Literal["paper", "symmetric", "block"]
 Solver = Literal["eigh", "newton_schulz"]
 SecondMomentRule = Literal["square", "keep", "reset"]
 
@@ -302,7 +302,10 @@ def refactor_transform(
             canonical sign and tie rule) or ``"symmetric"`` (``S^{1/2}``, closest to the
             identity). ``None`` (default): ``"paper"`` with ``solver="eigh"``, ``"symmetric"``
             with ``solver="newton_schulz"`` (which cannot produce the paper frame: passing
-            ``frame="paper"`` with it raises ``ValueError``).
+            ``frame="paper"`` with it raises ``ValueError``). ``"block"``
+            (:func:`reflora._linalg.block_metric`, ``solver="eigh"``, ``resolved=0``): balanced
+            on the directions above a tenth of the largest singular value only, the others
+            floored there; not the paper's optimum, an opt-in for ranks above the task's need.
         solver: ``"eigh"`` (default: symmetric eigendecompositions, exact dead-direction
             handling) or ``"newton_schulz"`` (matrix products only, a fixed number of steps:
             no eigensolver, which is slow for small batched matrices on GPUs; dead directions
@@ -333,6 +336,8 @@ def refactor_transform(
     eps_ = check_eps(eps, A.dtype)
     solver, frame = check_solver(solver, frame)
     resolved = check_resolved(resolved, variant, solver)
+    if frame == "block" and (resolved or variant == "scalar"):
+        raise ValueError("frame='block' is a gate-free frame of the full variant; use variant='full' and resolved=0 with it")
     _warn_rank_above_size(A, B)
     if variant == "scalar":
         return _scalar_transform(A, B)
@@ -427,7 +432,7 @@ def refactor(
             mapped into the new coordinates (``P^{-1} grad_A``, ``grad_B P``).
         variant: ``"full"`` (RefLoRA) or ``"scalar"`` (RefLoRA-S).
         eps: live-direction threshold, see :func:`refactor_transform`.
-        frame: ``"paper"``, ``"symmetric"`` or ``None`` (the solver's: ``"paper"`` for eigh,
+        frame: ``"paper"``, ``"symmetric"``, ``"block"`` or ``None`` (the solver's: ``"paper"`` for eigh,
             ``"symmetric"`` for Newton-Schulz), see :func:`refactor_transform`.
         solver: ``"eigh"`` (default) or ``"newton_schulz"``, see :func:`refactor_transform`.
         resolved: the resolution gate, see :func:`refactor_transform` (default 0: the paper).

@@ -165,7 +165,10 @@ def resolve_space(
     """``space="auto"``: :func:`reflora.default_space`, then the fallbacks the pairs force:
     sharded (FSDP2 ``DTensor``) factors with a transport that cannot move their state shard by
     shard, a pair parameter space cannot refactor (:meth:`reflora.RefLoRAConfig.refuses_parameter_space`),
-    and (with a warning) state the transport cannot move."""
+    and (with a warning) state the transport cannot move. ``frame="block"`` acts in parameter space
+    only: any optimizer with a transport gets it (and attach raises where it cannot)."""
+    if cfg.frame == "block" and zero is None and get_state_transport(opt) is not None:
+        return "parameter"
     if zero is not None or default_space(opt) == "gradient":
         if zero is None and get_state_transport(opt) is None:
             warnings.warn(

@@ -9,6 +9,8 @@ selected with ``torch.where``, and one graph serves every step.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -17,7 +19,8 @@ from torch import Tensor
 
 from reflora import step as core
 from reflora.cache import MetricCache
-from reflora.config import RefLoRAConfig
+from reflora._kernels import decomposable
+from reflora.config import DivergenceWarning, RefLoRAConfig
 from reflora.diagnostics import Recorder
 from reflora.distributed import any_sharded
 from reflora.pairs import LoRAPair, UnusedPairWarning
@@ -28,6 +31,8 @@ __all__ = ["StepCounter", "StepRunner", "scaler_proceeds", "scaler_skips"]
 
 # eager steps after which a pair that never had a gradient is named in a warning
 GRADIENT_CHECK_STEPS = 3
+# how often an accelerator's eager step checks for divergence (a host sync); CPU steps: every step
+DIVERGENCE_CHECK_EVERY = 50
 
 
 def _found_inf(optimizer: torch.optim.Optimizer, kwargs: dict[str, Any] | None) -> Any:
@@ -61,6 +66,16 @@ def scaler_proceeds(optimizer: torch.optim.Optimizer, kwargs: dict[str, Any] | N
     if isinstance(found_inf, Tensor):
         return found_inf.eq(0).all()
     return not found_inf
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning raised here at the first frame outside reflora and
+    torch (the user's ``opt.step()`` call, however deep the hooks are nested)."""
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class StepCounter:
@@ -129,6 +144,7 @@ class StepRunner:
         self.recorder = recorder
         # pairs that have had no gradient yet, checked in the first eager steps (then None)
         self._never_grad: set[int] | None = set(range(len(pairs)))
+        self._diverged_named = False  # one DivergenceWarning per handle
 
     def run(self, optimizer: torch.optim.Optimizer, kwargs: dict[str, Any] | None) -> None:
         """This step's work on the gradients now present: eager, or traced inside ``torch.compile``."""
@@ -231,7 +247,35 @@ class StepRunner:
     def compute_metrics(self, jobs: list[list[LoRAPair]], transform: bool) -> list[tuple[Tensor, ...]]:
         """:func:`reflora.step.group_metrics` of ``jobs``, with this step's Grams shown to the recorder."""
         cfg = self.config
-        return core.group_metrics(jobs, cfg, transform, lambda pairs, X, Y: self.recorder.on_grams(pairs, X, Y, cfg.eps))
+
+        def on_grams(pairs: list[LoRAPair], X: Tensor, Y: Tensor) -> None:
+            self.recorder.on_grams(pairs, X, Y, cfg.eps)
+            self._check_divergence(pairs, X, Y)
+
+        return core.group_metrics(jobs, cfg, transform, on_grams)
+
+    def _check_divergence(self, pairs: list[LoRAPair], X: Tensor, Y: Tensor) -> None:
+        """One :class:`~reflora.config.DivergenceWarning` naming the pairs whose Grams are non-finite
+        or too large to decompose (the kernel leaves those: NaN, or the identity). Eager steps
+        only; a host sync, so on an accelerator only every :data:`DIVERGENCE_CHECK_EVERY` steps."""
+        if self._diverged_named or torch.compiler.is_compiling():
+            return
+        if X.device.type != "cpu" and self.counter.value % DIVERGENCE_CHECK_EVERY:
+            return
+        bad = ~decomposable(X, Y)
+        bad = bad.flatten(1).any(-1) if bad.dim() > 1 else bad  # experts: any expert of the pair
+        if not bool(bad.any()):
+            return
+        self._diverged_named = True
+        names = [p.name for p, b in zip(pairs, bad.tolist()) if b]
+        shown = ", ".join(repr(n) for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        warnings.warn(
+            f"the run has diverged at step {self.counter.value}: lower the learning rate (or clip the gradients). "
+            f"RefLoRA pair(s) {shown} have non-finite factors or factors too large to decompose; RefLoRA leaves "
+            "them to the bare optimizer",
+            DivergenceWarning,
+            stacklevel=_caller_level(),
+        )
 
     def gradient_metrics(self, work: list[tuple[int, list[int]]], refresh: bool) -> list[tuple[Tensor, Tensor]]:
         """``(S, S^{-1})`` for each ``(group index, members)`` of an eager gradient-space step,

@@ -30,6 +30,10 @@ BAD = [
     ({"resolved": 1.0}, ValueError, r"resolved must be in \[0, 1\)"),
     ({"variant": "scalar", "resolved": 0.1}, ValueError, "variant='scalar'"),
     ({"rank_above_size": "drop"}, ValueError, "rank_above_size must be 'skip' or 'act'"),
+    ({"frame": "block", "resolved": 0.1}, ValueError, "frame='block' has no resolution gate"),
+    ({"frame": "block", "solver": "newton_schulz"}, ValueError, "frame='block' is built on"),
+    ({"frame": "block", "variant": "scalar"}, ValueError, "frame='block' is a frame of the full variant"),
+    ({"frame": "block", "space": "gradient"}, ValueError, "frame='block' acts through the coordinates"),
 ]
 
 
