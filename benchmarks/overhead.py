@@ -247,7 +247,7 @@ def training_step(rank: int, repeats: int, layers: int, seq: int, batch: int) ->
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     pairs = reflora.adapters.find_pairs(model)
 
-    modes = [*MODES, ("full", "gradient", "compile"), ("reference", "per-layer"), ("floor", "grams-f64"),
+    modes = [*MODES, ("full", "gradient", "compile"), ("full", "parameter", "block"), ("reference", "per-layer"), ("floor", "grams-f64"),
              ("floor", "touch-once"), ("floor", "default")]
     hook_time = {m: [] for m in modes}
     raw = [(p.A, p.B) for p in pairs]
@@ -275,7 +275,8 @@ def training_step(rank: int, repeats: int, layers: int, seq: int, batch: int) ->
                     _hook_timer(h, hook_time[mode], inner)
                 else:
                     # a fresh handle every step: warmup_steps=0, or the default's warmup would time a no-op
-                    h = reflora.attach(opt, pairs, variant=mode[0], space=mode[1], compile=len(mode) == 3, warmup_steps=0)
+                    extra = {"compile": {"compile": True}, "block": {"frame": "block"}}.get(mode[2] if len(mode) == 3 else "", {})
+                    h = reflora.attach(opt, pairs, variant=mode[0], space=mode[1], warmup_steps=0, **extra)
                     _hook_timer(h, hook_time[mode])
             t0 = time.perf_counter()
             step()

@@ -41,6 +41,7 @@ METHODS = {
     "default": ("default (resolved=0.1, warmup 3)", "reflora-param", None),
     "no-warmup": ("gate without warmup (warmup_steps=0)", "reflora-param", {"warmup_steps": 0}),
     "paper": ("resolved=0 (the paper)", "reflora-param", {"resolved": 0.0}),
+    "block": ("frame='block'", "reflora-param", {"frame": "block"}),
 }
 #: names in runs saved before the default's 3-step warmup (2026-12-03) -> their names now: the
 #: default of then is the gate without warmup; "default, warmup_steps=3" runs were the default of now
