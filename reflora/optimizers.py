@@ -174,7 +174,7 @@ def resolve_space(
             warnings.warn(
                 f"space='auto' runs RefLoRA in gradient space for {qualname(opt)}, which has no registered state "
                 "transport; if its state is Adam-like (second moments), parameter space usually does better: "
-                f"declare the state with reflora.register_state_transport({type(opt).__name__}, {{...}}), or pass "
+                f"declare the state with reflora.register_state_transport({type(opt).__name__}, {example_spec(opt)}), or pass "
                 "space='gradient' to keep this and silence the notice",
                 GradientSpaceFallbackWarning,
                 stacklevel=3,
@@ -204,16 +204,35 @@ def resolve_space(
     return "parameter"
 
 
+#: state keys whose kind their name gives away (the example in the unregistered-optimizer error)
+_KNOWN_KINDS = {
+    "step": "keep", "exp_avg": "first", "momentum_buffer": "first", "grad_avg": "first", "exp_avg_slow": "first",
+    "exp_avg_sq": "second", "max_exp_avg_sq": "second", "sum": "second", "square_avg": "second",
+    "z": "iterate", "p0": "iterate",
+}
+
+
+def example_spec(opt: torch.optim.Optimizer) -> str:
+    """A ``register_state_transport`` spec for ``opt`` from the keys its state holds now (kinds
+    guessed from the names, ``'?'`` where the name says nothing), or an Adam-like template."""
+    keys = sorted({k for st in opt.state.values() for k in st})
+    if not keys:
+        return "{'exp_avg': 'first', 'exp_avg_sq': 'second', ...}"
+    return "{" + ", ".join(f"{k!r}: {_KNOWN_KINDS.get(k, '?')!r}" for k in keys[:8]) + "}"
+
+
 def transport_for(opt: torch.optim.Optimizer, pairs: list[LoRAPair]) -> StateTransport:
     """Parameter space: the transport of ``opt``; raises unless it can move these pairs' state."""
     transport = get_state_transport(opt)
     if transport is None:
         raise UnsupportedOptimizerError(
             f"space='parameter' needs a state transport for {type(opt).__name__}, and none is registered: declare "
-            f"its state with reflora.register_state_transport({type(opt).__name__}, {{'exp_avg': 'first', "
-            "'exp_avg_sq': 'second', ...}), or use space='gradient' (any optimizer; the registered ones: "
-            "reflora.transport.registered_optimizers())"
+            f"its state with reflora.register_state_transport({type(opt).__name__}, {example_spec(opt)}), or use "
+            "space='gradient' (the registered ones: reflora.transport.registered_optimizers())"
         )
+    refused = transport.refusal(opt)
+    if refused is not None:
+        raise UnsupportedOptimizerError(refused)
     refusal = transport.sharded_refusal(opt)
     if refusal is not None and any_sharded(pairs):
         raise UnsupportedOptimizerError(refusal)

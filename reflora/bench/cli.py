@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from reflora.bench import mf
-from reflora.bench.methods import METHODS
+from reflora.bench.methods import BASE_OPTIMIZERS, METHODS
 from reflora.bench.report import best_rate_table, best_rates, describe_rank, markdown_table, plot_mf, plot_task, task_table
 from reflora.bench.runner import Run, run_one
 from reflora.bench.tasks import TASKS
@@ -70,6 +70,10 @@ def add_arguments(p) -> None:
                         "rate; --methods selects and orders the rows) instead of the full tables")
     p.add_argument("--baseline", default="lora", choices=list(METHODS), metavar="METHOD",
                    help="with --markdown: the method every other is paired with (default: lora, plain LoRA)")
+    p.add_argument("--optimizer", default="adamw", choices=list(BASE_OPTIMIZERS),
+                   help="the base optimizer of plain LoRA and the RefLoRA modes (default adamw; the other methods are "
+                        "built on AdamW and are reported n/a under another); its rates are the task's, scaled "
+                        "(reflora.bench.methods.BASE_OPTIMIZERS)")
     p.add_argument("--no-vmap", action="store_true",
                    help="run every member of the lr sweep one by one (default: one torch.func.vmap'ed program per "
                         "method and seed on the vision and graph tasks)")
@@ -155,7 +159,7 @@ def _mf_report(entry: dict, out: Path | None) -> None:
 def _task_report(name: str, entry: dict, runs: list, out: Path | None) -> None:
     """Print a task's tables (and write its plot into ``out``) from its results entry and runs."""
     print(f"\n== {name}: {describe_rank(entry['description'], entry.get('rank'))}")
-    print(f"   AdamW, {entry['steps']} steps, {entry['seeds']} seed(s) at the shared lr {entry['shared_lr']:g}, grid "
+    print(f"   {BASE_OPTIMIZERS[entry.get('optimizer', 'adamw')][0]}, {entry['steps']} steps, {entry['seeds']} seed(s) at the shared lr {entry['shared_lr']:g}, grid "
           f"{entry['grid']} ({entry['grid_seeds']} seed(s) each); Δ = paired per-seed difference vs plain LoRA, mean "
           "[95% t-interval] (wins W / losses L; a lower loss wins); steps→LoRA = steps to reach plain LoRA's final "
           "training loss (EMA); overhead = ms/step vs plain LoRA; state MB = optimizer state")
@@ -395,6 +399,9 @@ def bench(args) -> int:
         args.methods = list(METHODS if args.full else DEFAULT_METHODS)
     tasks = list(args.tasks)
     mf_note = None
+    if args.optimizer != "adamw" and "mf" in tasks:
+        tasks.remove("mf")
+        print(f"note: mf skipped: it is the paper's plain gradient descent, not --optimizer {args.optimizer}")
     if "mf" in tasks:
         mf_names, unmatched = mf_methods(args.methods)
         if not mf_names:
@@ -421,7 +428,8 @@ def bench(args) -> int:
     report: dict = {
         "command": "reflora bench " + ("--full " if args.full else "") + ("--no-vmap " if args.no_vmap else "")
                    + (f"--rank {args.rank} " if args.rank is not None else "")
-                   + ("--shared-lr-only " if args.shared_lr_only else "") + "--tasks " + " ".join(args.tasks)
+                   + ("--shared-lr-only " if args.shared_lr_only else "")
+                   + (f"--optimizer {args.optimizer} " if args.optimizer != "adamw" else "") + "--tasks " + " ".join(args.tasks)
                    + " --methods " + " ".join(args.methods),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
@@ -435,6 +443,8 @@ def bench(args) -> int:
         if args.rank is not None and args.rank != task.rank:
             task = dataclasses.replace(task, rank=args.rank, description=describe_rank(task.description, args.rank))
             key = f"{name}-r{args.rank}"  # a task at another rank is another entry (merged with --from-results)
+        if args.optimizer != "adamw":  # so is a task under another optimizer
+            key = f"{key}-{args.optimizer}"
         pretrain = None
         if name.startswith("lm"):
             from reflora.bench.tasks import lm_base
@@ -453,12 +463,12 @@ def bench(args) -> int:
         # the sweep's other rates: one vmapped program per (method, seed) where the model allows it;
         # that program also trains the shared rate, as a check against the one-by-one run
         vm_methods = ([m for m in args.methods if m in VMAP_METHODS]
-                      if task.vmappable and len(grid) > 1 and not args.no_vmap else [])
+                      if task.vmappable and len(grid) > 1 and not args.no_vmap and args.optimizer == "adamw" else [])
         jobs = [(m, lr, s) for s in range(seeds) for lr in grid for m in args.methods
                 if (lr == task.shared_lr or s < grid_seeds) and not (m in vm_methods and lr != task.shared_lr)]
         runs = []
         for m, lr, s in tqdm(jobs, desc=f"{name}", unit="run", leave=False, disable=None):
-            runs.append(run_one(task, m, lr, s, steps))
+            runs.append(run_one(task, m, lr, s, steps, optimizer=args.optimizer))
         programs = []
         for m, s in tqdm([(m, s) for s in range(grid_seeds) for m in vm_methods], desc=f"{name} (vmap)",
                          unit="program", leave=False, disable=None):
@@ -472,12 +482,12 @@ def bench(args) -> int:
             have = {(r.method, r.lr, r.seed) for r in runs}
             extra = [(m, lr, s) for m, lr in chosen.items() for s in range(seeds) if (m, lr, s) not in have]
             for m, lr, s in tqdm(extra, desc=f"{name} (best rates)", unit="run", leave=False, disable=None):
-                runs.append(run_one(task, m, lr, s, steps))
+                runs.append(run_one(task, m, lr, s, steps, optimizer=args.optimizer))
         runs.sort(key=lambda r: args.methods.index(r.method))  # stable: the table's rows in --methods order
         vm = vmap_summary(programs, runs, task.shared_lr) if programs else None
         entry = {"description": task.description, "rank": task.rank, "steps": steps, "seeds": seeds, "grid_seeds": grid_seeds,
                  "shared_lr": task.shared_lr, "grid": list(grid), "metric": task.metric,
-                 "lower_is_better": task.lower_is_better, "pretrain": pretrain,
+                 "lower_is_better": task.lower_is_better, "pretrain": pretrain, "optimizer": args.optimizer,
                  "runs": [r.as_dict() for r in runs], "vmap": vm}
         report["tasks"][key] = entry
         _task_report(key, entry, runs, None if args.no_plots else out)

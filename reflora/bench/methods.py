@@ -13,7 +13,8 @@ from torch import nn
 
 import reflora
 
-__all__ = ["LORA_OPTIONS", "METHODS", "JointOptimizer", "MethodUnavailable", "lora_rite", "make_optimizer"]
+__all__ = ["BASE_OPTIMIZERS", "LORA_OPTIONS", "METHODS", "JointOptimizer", "MethodUnavailable", "base_optimizer",
+           "lora_rite", "make_optimizer"]
 
 # name -> description shown in tables
 METHODS = {
@@ -44,6 +45,25 @@ MODES = {
     "reflora-s": ("scalar", "parameter"),
     "reflora-s-grad": ("scalar", "gradient"),
 }
+
+
+#: ``--optimizer`` name -> (description, learning-rate scale against the task's AdamW rates). The
+#: scale moves the task's rate grid to where each optimizer's rates usually lie (Muon's and
+#: schedule-free SGD's are larger, Lion's smaller); Prodigy estimates its own step size, so its
+#: grid is the task's divided by the shared rate (lr 1 at the shared rate, Prodigy's default).
+BASE_OPTIMIZERS = {
+    "adamw": ("torch.optim.AdamW", 1.0),
+    "muon": ("torch.optim.Muon on the LoRA factors, AdamW on the rest", 10.0),
+    "adamw-schedulefree": ("schedulefree.AdamWScheduleFree", 1.0),
+    "sgd-schedulefree": ("schedulefree.SGDScheduleFree", 100.0),
+    "lion": ("pytorch_optimizer.Lion", 0.3),
+    "adopt": ("pytorch_optimizer.ADOPT", 1.0),
+    "ademamix": ("pytorch_optimizer.AdEMAMix", 1.0),
+    "prodigy": ("pytorch_optimizer.Prodigy", None),
+    "soap": ("pytorch_optimizer.SOAP", 1.0),
+}
+#: the methods that run under every ``--optimizer`` (the others are built on AdamW)
+ANY_OPTIMIZER = ("lora", "reflora", "reflora-param", "reflora-s", "reflora-s-grad")
 
 
 class MethodUnavailable(RuntimeError):
@@ -99,13 +119,62 @@ def lora_rite(model: nn.Module, lr: float, **kw) -> JointOptimizer:
     return JointOptimizer(rite, torch.optim.AdamW(rest, lr=lr, weight_decay=0.0) if rest else None)
 
 
-def make_optimizer(method: str, model: nn.Module, lr: float, **attach_kw):
+def base_optimizer(name: str, model: nn.Module, lr: float, shared_lr: float | None = None):
+    """``(optimizer, the optimizer holding the LoRA factors)`` for ``--optimizer name`` on ``model``'s
+    trainable parameters at the task's rate ``lr`` (scaled by :data:`BASE_OPTIMIZERS`)."""
+    if name not in BASE_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(BASE_OPTIMIZERS)}; got {name!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    scale = BASE_OPTIMIZERS[name][1]
+    lr_ = lr * scale if scale is not None else lr / (shared_lr or lr)
+    if name == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr_, weight_decay=0.0)
+        return opt, opt
+    if name == "muon":
+        from reflora.adapters import find_pairs
+
+        ids = {id(t) for p in find_pairs(model) for t in (p.A, p.B)}
+        factors = [p for p in params if id(p) in ids]
+        rest = [p for p in params if id(p) not in ids]
+        if any(p.dim() != 2 for p in factors):
+            raise MethodUnavailable("torch.optim.Muon takes 2-D parameters only; this task's LoRA factors are not all 2-D")
+        muon = torch.optim.Muon(factors, lr=lr_, weight_decay=0.0)
+        return JointOptimizer(muon, torch.optim.AdamW(rest, lr=lr, weight_decay=0.0) if rest else None), muon
+    try:
+        if name in ("adamw-schedulefree", "sgd-schedulefree"):
+            import schedulefree
+
+            cls = schedulefree.AdamWScheduleFree if name == "adamw-schedulefree" else schedulefree.SGDScheduleFree
+            opt = cls(params, lr=lr_, weight_decay=0.0)
+            opt.train()  # schedule-free optimizers start in eval mode
+            return opt, opt
+        import pytorch_optimizer as po
+    except ImportError as exc:
+        raise MethodUnavailable(f"--optimizer {name} needs its package: pip install 'reflora[bench]'") from exc
+    cls = {"lion": po.Lion, "adopt": po.ADOPT, "ademamix": po.AdEMAMix, "prodigy": po.Prodigy, "soap": po.SOAP}[name]
+    opt = cls(params, lr=lr_, weight_decay=0.0)
+    return opt, opt
+
+
+def make_optimizer(method: str, model: nn.Module, lr: float, optimizer: str = "adamw", shared_lr: float | None = None,
+                   **attach_kw):
     """``(optimizer, handle or None)`` for ``method`` on ``model``'s trainable parameters.
 
+    ``optimizer``: the base optimizer (:data:`BASE_OPTIMIZERS`; not ``"adamw"``: the methods of
+    :data:`ANY_OPTIMIZER` only, RefLoRA attached to the optimizer that holds the factors).
     ``attach_kw`` go to :func:`reflora.attach` (``interval=``, ``warmup_steps=``, ...): RefLoRA
     methods only."""
     if attach_kw and method not in MODES and not method.endswith("+reflora"):
         raise ValueError(f"attach options {sorted(attach_kw)} apply to the RefLoRA methods only; got method {method!r}")
+    if optimizer != "adamw":
+        if method not in ANY_OPTIMIZER:
+            raise MethodUnavailable(f"{method} is built on AdamW; under --optimizer {optimizer} the bench runs "
+                                    f"{', '.join(ANY_OPTIMIZER)}")
+        opt, holder = base_optimizer(optimizer, model, lr, shared_lr)
+        if method == "lora":
+            return opt, None
+        variant, space = MODES[method]
+        return opt, reflora.attach(holder, model, variant=variant, space=space, **attach_kw)
     params = [p for p in model.parameters() if p.requires_grad]
     if method in ("lora", "rslora", "dora"):
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), None

@@ -80,16 +80,19 @@ def _mean_abs_imbalance(model) -> float:
     return float(statistics.fmean(abs(r["imbalance"]) for r in rows))
 
 
-def run_one(task: Task, method: str, lr: float, seed: int, steps: int, attach_kw: dict | None = None) -> Run:
+def run_one(task: Task, method: str, lr: float, seed: int, steps: int, attach_kw: dict | None = None,
+            optimizer: str = "adamw") -> Run:
     """Train ``task``'s model with ``method`` (``attach_kw``: extra :func:`reflora.attach` options
-    of a RefLoRA method) and score it."""
+    of a RefLoRA method; ``optimizer``: the base optimizer, see
+    :data:`reflora.bench.methods.BASE_OPTIMIZERS`) and score it. A schedule-free optimizer is
+    switched to ``eval()`` (its averaged point) for scoring."""
     t_start = time.perf_counter()
     run = Run(task.name, method, lr, seed)
     torch.manual_seed(seed)
     try:
         model = task.build(seed, **LORA_OPTIONS.get(method, {}))
         model.train()
-        opt, handle = make_optimizer(method, model, lr, **(attach_kw or {}))
+        opt, handle = make_optimizer(method, model, lr, optimizer=optimizer, shared_lr=task.shared_lr, **(attach_kw or {}))
     except MethodUnavailable as exc:
         run.error = str(exc)
         return run
@@ -114,6 +117,8 @@ def run_one(task: Task, method: str, lr: float, seed: int, steps: int, attach_kw
     run.ms_per_step = 1e3 * statistics.median(times[1:] or times)
     run.state_mb = _state_mb(opt, handle)
     if not run.error:
+        if callable(getattr(opt, "eval", None)):  # schedule-free: score the averaged point x
+            opt.eval()
         run.metric = task.evaluate(model, seed, "test")
         run.val_metric = task.evaluate(model, seed, "val")
     run.seconds = time.perf_counter() - t_start

@@ -16,6 +16,8 @@ mixes the two. Each optimizer class declares, per state key, what kind of quanti
   exists for a non-diagonal ``P``; the ``second_moment`` rule of :func:`reflora.attach` decides
   (``"square"`` by default, exact for the scalar variant; see
   :func:`reflora.functional.map_second_moments`).
+* ``"iterate"``: a point in parameter space (schedule-free's ``z``, Prodigy's initial point
+  ``p0``). Mapped like the factor itself: ``P^T x_A``, ``x_B P^{-T}``.
 * ``"keep"``: left alone (step counters, and quantities already invariant to a rescaling, such
   as RMSprop's momentum of normalised updates).
 
@@ -50,12 +52,14 @@ from reflora.transport.adafactor import HFAdafactorTransport, TorchAdafactorTran
 from reflora.transport.base import (
     STATE_KINDS,
     StateKind,
+    RefusedTransport,
     StateKindMap,
     StateTransport,
     TransportContext,
     UnsupportedOptimizerError,
     qualname,
 )
+from reflora.transport.catalog import CATALOG, MUON
 from reflora.transport.lowbit import LAZY_TRANSPORTS
 from reflora.transport.registry import (
     check_transportable,
@@ -71,6 +75,7 @@ from reflora.transport.spec import FunctionTransport, SpecTransport, StackedTran
 __all__ = [
     "STATE_KINDS",
     "FunctionTransport",
+    "RefusedTransport",
     "SpecTransport",
     "StackedTransport",
     "StateKind",
@@ -106,5 +111,9 @@ if hasattr(torch.optim, "Adafactor"):
     register_state_transport(torch.optim.Adafactor, TorchAdafactorTransport())
 register_lazy_state_transport("transformers", "Adafactor", HFAdafactorTransport(),
                               display="transformers.optimization.Adafactor")
+if hasattr(torch.optim, "Muon"):
+    register_state_transport(torch.optim.Muon, MUON)
 for _package, _name, _transport in LAZY_TRANSPORTS:
     register_lazy_state_transport(_package, _name, _transport)
+for _package, _name, _spec in CATALOG:
+    register_lazy_state_transport(_package, _name, _spec)

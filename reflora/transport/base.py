@@ -13,7 +13,7 @@ same-shape pairs:
 3. :meth:`~reflora.transport.StateTransport.move`: everything :meth:`~reflora.transport.StateTransport.fold` did not take, in place.
 
 The kinds of per-parameter state are one table, :data:`reflora.transport.STATE_KINDS` (``"first"``, ``"second"``,
-``"keep"``); a new kind (a parameter-space iterate, say) is a new entry there, and every
+``"iterate"``, ``"keep"``); a new kind is a new entry there, and every
 transport that declares its keys by kind (:class:`reflora.transport.SpecTransport`) then moves it.
 """
 
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from reflora.config import UnsupportedOptimizerError
-from reflora.functional import Transform, map_first_moments, map_second_moments
+from reflora.functional import Transform, apply_transform, map_first_moments, map_second_moments
 
 if TYPE_CHECKING:
     from reflora.pairs import LoRAPair
@@ -37,13 +37,14 @@ __all__ = [
     "Chunks",
     "StateKind",
     "StateKindMap",
+    "RefusedTransport",
     "StateTransport",
     "TransportContext",
     "UnsupportedOptimizerError",
     "qualname",
 ]
 
-StateKind = Literal["first", "second", "keep"]
+StateKind = Literal["first", "second", "iterate", "keep"]
 #: ``[(tensors of one shape, stacked r x r transforms)]``: products to apply (see :meth:`reflora.transport.StateTransport.fold`).
 Chunks = list[tuple[list[Tensor], Tensor]]
 
@@ -114,6 +115,12 @@ STATE_KINDS: dict[str, StateKindMap] = {
         apply=lambda T, a, b, rule: None if rule == "keep" else map_second_moments(T, a, b, rule=rule),
         product=_second_product,
     ),
+    # a parameter-space iterate (schedule-free's z, Prodigy's p0, a reference's x / y): mapped like
+    # the factor itself, P^T x_A, x_B P^{-T}, so that every iterate of the pair keeps its product
+    "iterate": StateKindMap(
+        apply=lambda T, a, b, rule: tuple(apply_transform(T, a, b)),
+        product=lambda left, right, rule: (left, right),
+    ),
     "keep": StateKindMap(apply=lambda T, a, b, rule: None, product=lambda left, right, rule: None),
 }
 
@@ -157,6 +164,11 @@ class StateTransport(abc.ABC):
             "state (SGD, Adam, AdamW, ...)"
         )
 
+    def refusal(self, optimizer: torch.optim.Optimizer) -> str | None:
+        """Why this optimizer's state can never be moved (``space="parameter"`` raises it at
+        ``attach``; ``space="auto"`` picks gradient space without a notice), or ``None``."""
+        return None
+
     def check(self, state: Mapping[str, Any], param: Tensor, ctx: TransportContext, where: str) -> None:
         """Raise if this parameter's raw ``state`` dict could not be moved (before anything is
         modified; ``where`` names the factor for the message). The default accepts everything."""
@@ -186,3 +198,26 @@ class StateTransport(abc.ABC):
                 state = optimizer.state.get(param)
                 if state:
                     self.check(state, param, ctx, f"factor {label} of pair {pair.name!r}")
+
+
+class RefusedTransport(StateTransport):
+    """An optimizer whose state no refactor can move (a Shampoo-family preconditioner, whose
+    Kronecker factors of ``A``'s gradient have no closed-form map): registered so that
+    ``space="auto"`` picks gradient space silently and ``space="parameter"`` raises ``reason``."""
+
+    def __init__(self, reason: str, display: str | None = None) -> None:
+        self.reason = reason
+        self.display = display
+
+    def __repr__(self) -> str:
+        return f"RefusedTransport({self.reason[:40]!r}...)"
+
+    @property
+    def kinds(self) -> Mapping[str, StateKind]:
+        return {}
+
+    def refusal(self, optimizer: torch.optim.Optimizer) -> str | None:
+        return self.reason
+
+    def move(self, optimizer, pairs, T, rule, gate=None) -> None:  # noqa: D102 - never reached
+        raise UnsupportedOptimizerError(self.reason)

@@ -188,8 +188,8 @@ class SpecTransport(StackedTransport):
         return on_a, on_b
 
     def selects(self, key: str, values: list[Any]) -> bool:
-        # exactly the "first" / "second" keys (check has made sure they are parameter-shaped)
-        return self.spec.get(key) in ("first", "second") and all(isinstance(v, Tensor) for v in values)
+        # exactly the "first" / "second" / "iterate" keys (check has made sure they are parameter-shaped)
+        return self.spec.get(key) in ("first", "second", "iterate") and all(isinstance(v, Tensor) for v in values)
 
     def transform(self, T, sA, sB, ctx):
         outA: dict[str, Tensor] = {}
