@@ -45,7 +45,7 @@ CASES = [
     ),
     ("rank 0", lambda: refactor(torch.randn(0, 16), torch.randn(8, 0)), ValueError, r"A has shape \(0, 16\), an empty matrix; expected \(\.\.\., r, m\) with r, m, n >= 1"),
     ("empty B", lambda: refactor(torch.randn(4, 16), torch.randn(0, 4)), ValueError, r"B has shape \(0, 4\), an empty matrix"),
-    ("unknown frame", lambda: refactor(A, B, frame="eigen"), ValueError, r"frame must be one of \('paper', 'symmetric'\); got 'eigen'"),
+    ("unknown frame", lambda: refactor(A, B, frame="eigen"), ValueError, r"frame must be one of \('paper', 'symmetric', 'block'\); got 'eigen'"),
     ("unknown variant", lambda: refactor(A, B, variant="diag"), ValueError, r"variant must be one of \('full', 'scalar'\); got 'diag'"),
     ("eps wrong type", lambda: refactor(A, B, eps="1e-6"), TypeError, r"eps must be a float or None; got str"),
     ("eps negative", lambda: refactor(A, B, eps=-1.0), ValueError, r"eps must be in \[0, 1\); got -1.0"),

@@ -226,7 +226,7 @@ def test_rank_above_size_is_skipped_by_default_with_a_warning() -> None:
         reflora.attach(torch.optim.SGD([A1, B1], lr=0.1), [(A1, B1)])
     with pytest.raises(ValueError, match=r"rank_above_size must be 'skip' or 'act'; got 'drop'"):
         reflora.attach(torch.optim.SGD([A2, B2], lr=0.1), [(A2, B2)], rank_above_size="drop")
-    with pytest.raises(ValueError, match=r"frame must be one of \('paper', 'symmetric'\); got 'eigen'"):
+    with pytest.raises(ValueError, match=r"frame must be one of \('paper', 'symmetric', 'block'\); got 'eigen'"):
         reflora.attach(torch.optim.SGD([A2, B2], lr=0.1), [(A2, B2)], frame="eigen")
 
 
