@@ -257,6 +257,63 @@ class RefLoRAHandle:
                         del registered[id(t)]
         self._removed = True
 
+    def follow(self, target: Any) -> list[str]:
+        """Move an averaged copy of the model (EMA or SWA weights) with every refactor.
+
+        A parameter-space refactor replaces ``(A, B)`` by ``(P^T A, B P^{-T})``: ``B A`` is kept,
+        but an average of past factors kept elsewhere (``torch.optim.swa_utils.AveragedModel``,
+        timm's ``ModelEmaV3``, Lightning's ``WeightAveraging``) would from then on mix two
+        factorizations, and its product drift from the average of the products. After
+        ``follow``, each refactor maps the copies like the factors (they are points in parameter
+        space, the ``"iterate"`` kind of :data:`reflora.transport.STATE_KINDS`), on their own
+        device, so the averaged model's ``B_avg A_avg`` is kept too. Several copies may follow.
+        In gradient space the factors are never refactored and there is nothing to do.
+
+        Args:
+            target: the averaged model (an ``nn.Module``: its pairs are found like ``attach``'s)
+                or its pairs. Each of this handle's pairs is matched by name, allowing one
+                common prefix (``AveragedModel`` names its copy ``module.<name>``), and must
+                have the same shapes and layout.
+
+        Returns:
+            the names of the pairs that now follow, in this handle's order.
+        """
+        from reflora.adapters import as_pairs
+
+        others = as_pairs(target)
+        by_name = {f.name: f for f in others}
+        first = self.pairs[0].name
+        prefixes = sorted({f.name[: len(f.name) - len(first)] for f in others if f.name.endswith(first)}, key=len)
+        matched = None
+        for prefix in (x for x in prefixes if x == "" or x.endswith(".")):
+            got = [by_name.get(prefix + p.name) for p in self.pairs]
+            if all(g is not None for g in got):
+                matched = got
+                break
+        if matched is None and len(others) == len(self.pairs) and all(
+                p.name == f"pair{i}" for i, p in enumerate(self.pairs)):
+            matched = list(others)  # the handle's pairs were given unnamed (tuples): by position
+        if matched is None:
+            missing = [p.name for p in self.pairs if not any(f.name.endswith(p.name) for f in others)]
+            raise ValueError(
+                f"follow: the target has no pair matching {(missing[0] if missing else first)!r} (of {len(self.pairs)} "
+                f"attached pairs; the target's: {sorted(by_name)[:4]}{'...' if len(by_name) > 4 else ''}); pass the "
+                "averaged copy of the model this handle was attached to (or its pairs, with the same names)"
+            )
+        own = {id(t) for p in self.pairs for t in (p.A, p.B)}
+        for p, f in zip(self.pairs, matched):
+            if id(f.A) in own or id(f.B) in own:
+                raise ValueError(f"follow: pair {f.name!r} is one of this handle's own pairs; pass the averaged copy, not the model")
+            if (f.A.shape, f.B.shape, f.layout, f.experts) != (p.A.shape, p.B.shape, p.layout, p.experts):
+                raise ValueError(
+                    f"follow: pair {f.name!r} has shapes {tuple(f.A.shape)}, {tuple(f.B.shape)} (layout {f.layout}) where "
+                    f"{p.name!r} has {tuple(p.A.shape)}, {tuple(p.B.shape)} (layout {p.layout}); the averaged copy must "
+                    "have the attached model's adapters"
+                )
+        for p, f in zip(self.pairs, matched):
+            self.runner.followers.setdefault(id(p), []).append(f)
+        return [p.name for p in self.pairs]
+
     @property
     def removed(self) -> bool:
         """Whether :meth:`remove` was called."""

@@ -137,6 +137,8 @@ class StepRunner:
         self.optimizer = optimizer
         self.pairs = pairs
         self.groups = groups
+        # id(pair) -> the pairs that follow it (averaged copies: RefLoRAHandle.follow)
+        self.followers: dict[int, list[LoRAPair]] = {}
         self.config = config
         self.transport = transport
         self.counter = counter
@@ -313,7 +315,7 @@ class StepRunner:
         jobs = [pairs for pairs in jobs if pairs]
         core.refactor_groups(
             jobs, self.compute_metrics(jobs, transform=True), self.optimizer, self.transport,
-            self.config.second_moment, gate,
+            self.config.second_moment, gate, self.followers,
         )
 
     def check_state(self, pairs: Any) -> None:

@@ -22,7 +22,7 @@ and the old value kept where the gate is false (:func:`copy_gated`).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -335,9 +335,13 @@ def precondition_one(grad: Tensor, pair: LoRAPair, role: str, S: Tensor, S_inv: 
 def refactor_groups(
     jobs: list[list[LoRAPair]], transforms: list[tuple[Tensor, ...]], optimizer: torch.optim.Optimizer,
     transport: StateTransport, rule: str, gate: Tensor | None = None,
+    followers: Mapping[int, Sequence[LoRAPair]] | None = None,
 ) -> None:
     """Refactor every group of ``jobs`` by its ``(left, right) = (P^T, P^{-T})``: factors,
-    gradients and the optimizer state (through ``transport``; second moments by ``rule``).
+    gradients and the optimizer state (through ``transport``; second moments by ``rule``), and
+    the pairs that follow a pair (``followers``, by ``id`` of the pair: the copies of an
+    averaged model, see :meth:`reflora.RefLoRAHandle.follow`) like the factors, on their own
+    device.
 
     Two phases: every group's transform and everything it will touch are gathered (and the
     state checked) first, then written. A transport that cannot move some state raises before
@@ -360,6 +364,16 @@ def refactor_groups(
         transport.check_pairs(optimizer, unfolded, rule)
     # every group's factors, gradients and folded state in one call (see apply_many)
     apply_many([c for plan in plans for c in plan[3]], [c for plan in plans for c in plan[4]], gate)
+    if followers:
+        # an averaged copy of a factor is a point in parameter space (the "iterate" kind): P^T A_avg,
+        # B_avg P^{-T}, so that the average keeps its own product
+        on_a, on_b = [], []
+        for pairs, left, right, *_ in plans:
+            for k, pair in enumerate(pairs):
+                for f in followers.get(id(pair), ()):
+                    on_a.append(([f.a()], left[k:k + 1].to(f.A.device)))
+                    on_b.append(([f.b()], right[k:k + 1].to(f.B.device)))
+        apply_many(on_a, on_b, gate)
     for pairs, left, right, _, _, folded in plans:
         if folded:
             continue

@@ -31,6 +31,11 @@ Strategies (``docs/lightning.md``): single device, DDP (and ``ddp_spawn``) and F
 FSDP1 strategy (``FSDPStrategy``) and DeepSpeed strategy are refused with an error naming the
 alternative. ``automatic_optimization=False`` works: ``self.optimizers().step()`` steps the same
 hooked optimizer.
+
+Weight averaging: with Lightning's ``WeightAveraging`` / ``EMAWeightAveraging`` or
+``StochasticWeightAveraging`` among the callbacks, their averaged copy of the module follows
+every parameter-space refactor (:meth:`reflora.RefLoRAHandle.follow`), so the average keeps its
+own ``B A`` instead of mixing two factorizations.
 """
 
 from __future__ import annotations
@@ -131,6 +136,11 @@ class RefLoRACallback(pl.Callback):
         for i, opt, members in self._split(trainer.optimizers, pairs):
             self.handles.append(attach(opt, members, **kwargs))
             self._optimizer_index.append(i)
+        # an averaged copy (EMA / SWA callbacks, built in their setup) follows every refactor
+        for average in _averaged_models(trainer):
+            for handle in self.handles:
+                if handle.space == "parameter":
+                    handle.follow(average)
         if self._pending is not None:
             self._load(self._pending)
             self._pending = None
@@ -222,6 +232,15 @@ class RefLoRACallback(pl.Callback):
             if diag is not None:
                 values.update(summarize(diag["pairs"], prefix=prefix))
         pl_module.log_dict(values, on_step=True, on_epoch=False, logger=True, prog_bar=False)
+
+
+def _averaged_models(trainer: Any) -> list[torch.nn.Module]:
+    """The averaged copies kept by the Trainer's weight-averaging callbacks (``WeightAveraging``
+    and its ``EMAWeightAveraging``, ``StochasticWeightAveraging``), once their ``setup`` built them."""
+    kinds = tuple(getattr(pl.callbacks, name) for name in ("WeightAveraging", "StochasticWeightAveraging")
+                  if hasattr(pl.callbacks, name))
+    return [c._average_model for c in trainer.callbacks
+            if isinstance(c, kinds) and getattr(c, "_average_model", None) is not None]
 
 
 def _acted(t: int, warmup: int, interval: int) -> int:

@@ -68,15 +68,24 @@ def _factors(module):
     return {n: p.detach().clone() for n, p in module.net.named_parameters() if p.requires_grad}
 
 
-def _by_hand(args, steps, attach_kw=None, autocast=None, scaler=False):
+def _by_hand(args, steps, attach_kw=None, autocast=None, scaler=False, ema=None):
     """The same optimizer steps written out: batches of 8 in order, ``accumulate`` backward passes
-    of ``loss / accumulate`` per step, the scheduler stepped after each optimizer step."""
+    of ``loss / accumulate`` per step, the scheduler stepped after each optimizer step; with
+    ``ema=(decay, follow)`` the factors of an EMA of the module updated after each step (and
+    following the refactors if ``follow``) are returned instead."""
     module = ls.Module(args)
     net = module.net
     opt_cfg = module.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    average = None
+    if ema is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
+
+        average = AveragedModel(module, avg_fn=get_ema_avg_fn(ema[0]), use_buffers=True)
     if attach_kw is not None:
-        reflora.attach(opt, [(net.l0.lora_A, net.l0.lora_B), (net.l1.lora_A, net.l1.lora_B)], **attach_kw)
+        handle = reflora.attach(opt, [(net.l0.lora_A, net.l0.lora_B), (net.l1.lora_A, net.l1.lora_B)], **attach_kw)
+        if average is not None and ema[1]:
+            handle.follow([(m.lora_A, m.lora_B) for m in (average.module.net.l0, average.module.net.l1)])
     ds = ls.data(net.l0.lora_A.dtype)
     loader = iter(torch.utils.data.DataLoader(ds, batch_size=ls.GLOBAL_BATCH))
     amp = torch.amp.GradScaler("cpu") if scaler else None
@@ -93,6 +102,10 @@ def _by_hand(args, steps, attach_kw=None, autocast=None, scaler=False):
         else:
             opt.step()
         sched.step()
+        if average is not None:
+            average.update_parameters(module)
+    if average is not None:
+        net = average.module.net
     return {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
 
 
@@ -113,6 +126,30 @@ def test_callback_equals_a_hand_written_loop(optimizer, manual, accumulate, tmp_
     _same(_factors(module), want)
     bare = _by_hand(args, 4)
     assert any(not torch.allclose(_factors(module)[k], bare[k]) for k in bare), "RefLoRA did not act"
+
+
+@pytest.mark.parametrize("kind", ["ema", "swa"])
+def test_a_weight_averaging_callbacks_copy_follows_the_refactors(kind, tmp_path) -> None:
+    """Lightning's EMAWeightAveraging keeps an averaged copy of the module: it follows every
+    parameter-space refactor, like handle.follow in a hand-written loop (and unlike a copy that
+    does not follow). StochasticWeightAveraging's copy is followed too."""
+    args = _args(optimizer="adamw")
+    if kind == "swa":
+        module = ls.Module(args)
+        swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1)
+        cb = RefLoRACallback(space="parameter", resolved=0.0, warmup_steps=0)
+        _trainer(2, [cb, swa], tmp_path).fit(module)
+        assert cb.handle.runner.followers and all(
+            any(f.A is p for p in swa._average_model.parameters()) for fs in cb.handle.runner.followers.values() for f in fs)
+        return
+    module = ls.Module(args)
+    attach_kw = dict(space="parameter", resolved=0.0, warmup_steps=0)
+    cb = RefLoRACallback(**attach_kw)
+    _trainer(4, [cb, pl.callbacks.EMAWeightAveraging(decay=0.7)], tmp_path).fit(module)
+    got = _factors(module)  # on_train_end copies the average into the module
+    _same(got, _by_hand(args, 4, attach_kw, ema=(0.7, True)), rtol=1e-12, atol=1e-14)
+    drifted = _by_hand(args, 4, attach_kw, ema=(0.7, False))
+    assert any(not torch.allclose(got[k], drifted[k]) for k in got), "the refactors never reached the average"
 
 
 def _checkpoint_after_one_epoch(args, tmp_path, callbacks, precision="32-true"):
