@@ -139,8 +139,8 @@ def report(name: str, data: dict) -> str:
                      f"{sum(d < 0 for d in dl)}W {sum(d > 0 for d in dl)}L)   acc {statistics.fmean(x[1] for x in ok):.3f} "
                      f"({statistics.fmean(da):+.3f}, {sum(d > 0 for d in da)}W {sum(d < 0 for d in da)}L)")
     gm = {s: _gmean(v) for s, v in ratios.items() if v}
-    lines.append(f"  geometric mean of (a)'s ratios: gradient {gm['gradient']:.3g}, parameter {gm['parameter']:.3g}"
-                 f" -> {min(gm, key=gm.get)}")
+    shown = ", ".join(f"{s} {gm[s]:.3g}" if s in gm else f"{s} refused" for s in ratios)
+    lines.append(f"  geometric mean of (a)'s ratios: {shown} -> {min(gm, key=gm.get)}")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from reflora.bench.methods import LORA_OPTIONS, MethodUnavailable, make_optimizer
+from reflora.config import UnsupportedOptimizerError
 from reflora.diagnostics import diagnose
 from reflora.bench.tasks import Task
 
@@ -93,7 +94,7 @@ def run_one(task: Task, method: str, lr: float, seed: int, steps: int, attach_kw
         model = task.build(seed, **LORA_OPTIONS.get(method, {}))
         model.train()
         opt, handle = make_optimizer(method, model, lr, optimizer=optimizer, shared_lr=task.shared_lr, **(attach_kw or {}))
-    except MethodUnavailable as exc:
+    except (MethodUnavailable, UnsupportedOptimizerError) as exc:  # n/a, with the reason (SOAP's parameter space)
         run.error = str(exc)
         return run
     times = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -338,3 +339,34 @@ def test_bench_rank_option_sets_every_tasks_rank(tmp_path, capsys) -> None:
     assert {p.shape[0] for p in find_pairs(task.build(0))} == {8}
     assert main(["bench", "--tasks", "graph", "--rank", "0", "--out", str(tmp_path)]) == 2
     assert "--rank must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_optimizer_option_runs_the_modes_under_another_optimizer(tmp_path, capsys) -> None:
+    """``--optimizer``: plain LoRA and the RefLoRA modes run under the named base optimizer (another
+    results entry, recorded in the JSON and the header); AdamW-built methods are n/a with the
+    reason; mf (the paper's plain gradient descent) is skipped with a note; SOAP's parameter
+    space is refused with the transport's reason; an unknown name is a usage error."""
+    pytest.importorskip("schedulefree")
+    from reflora.__main__ import main
+
+    assert main(["bench", "--tasks", "mf", "graph", "--methods", "lora", "reflora-param", "lora+",
+                 "--optimizer", "adamw-schedulefree", "--steps", "5", "--seeds", "1", "--shared-lr-only",
+                 "--no-plots", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mf skipped" in out and "schedulefree.AdamWScheduleFree" in out
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert list(report["tasks"]) == ["graph-adamw-schedulefree"] and "--optimizer adamw-schedulefree" in report["command"]
+    entry = report["tasks"]["graph-adamw-schedulefree"]
+    runs = {r["method"]: r for r in entry["runs"]}
+    assert entry["optimizer"] == "adamw-schedulefree"
+    assert not runs["lora"]["error"] and not runs["reflora-param"]["error"]
+    assert math.isfinite(runs["reflora-param"]["final_loss"]) and runs["reflora-param"]["final_loss"] != runs["lora"]["final_loss"]
+    assert "built on AdamW" in runs["lora+"]["error"]
+
+    pytest.importorskip("pytorch_optimizer")
+    assert main(["bench", "--tasks", "graph", "--methods", "lora", "reflora-param", "--optimizer", "soap",
+                 "--steps", "2", "--seeds", "1", "--shared-lr-only", "--no-plots", "--out", str(tmp_path / "soap")]) == 0
+    runs = {r["method"]: r for r in json.loads((tmp_path / "soap" / "results.json").read_text())["tasks"]["graph-soap"]["runs"]}
+    assert not runs["lora"]["error"] and "under SOAP" in runs["reflora-param"]["error"]
+    with pytest.raises(SystemExit):
+        main(["bench", "--optimizer", "adagrad-of-tomorrow"])
