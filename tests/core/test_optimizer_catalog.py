@@ -3,6 +3,7 @@ refactor keeps B A and moves every state key by its kind; the Shampoo family is 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -165,3 +166,43 @@ def test_auto_space_per_optimizer() -> None:
         po.AdEMAMix: "parameter", po.Prodigy: "parameter", po.SOAP: "gradient",
     }
     assert {cls: reflora.default_space(cls) for cls in want} == want
+
+
+@pytest.mark.parametrize("saved_in", ["train", "eval"])
+def test_schedule_free_checkpoint_saved_in_either_mode_resumes_exactly(saved_in) -> None:
+    """A checkpoint (factors, optimizer, handle) taken in train() or eval() mode resumes to the
+    uninterrupted run: the handle's state does not depend on the mode, and schedule-free's
+    param groups record which point the saved factors are."""
+
+    def start():
+        A, B, X, Y = _problem(2)
+        opt = schedulefree.AdamWScheduleFree([A, B], lr=1e-2, warmup_steps=2)
+        opt.train()
+        return A, B, X, Y, opt, reflora.attach(opt, [(A, B)], resolved=0.0, warmup_steps=1)
+
+    def steps(A, B, X, Y, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            _loss(A, B, X, Y).backward()
+            opt.step()
+
+    A, B, X, Y, opt, handle = start()
+    steps(A, B, X, Y, opt, 5)
+    if saved_in == "eval":
+        opt.eval()
+    saved = {"A": A.detach().clone(), "B": B.detach().clone(), "opt": copy.deepcopy(opt.state_dict()),
+             "handle": copy.deepcopy(handle.state_dict())}
+    opt.train()
+    steps(A, B, X, Y, opt, 5)
+
+    A2, B2, X, Y, opt2, handle2 = start()
+    with torch.no_grad():
+        A2.copy_(saved["A"])
+        B2.copy_(saved["B"])
+    opt2.load_state_dict(saved["opt"])
+    handle2.load_state_dict(saved["handle"])
+    opt2.train()
+    steps(A2, B2, X, Y, opt2, 5)
+    assert handle2.step_count == handle.step_count == 10
+    torch.testing.assert_close(A2, A, rtol=0, atol=0)
+    torch.testing.assert_close(B2, B, rtol=0, atol=0)
