@@ -303,7 +303,7 @@ def refactor_transform(
             identity). ``None`` (default): ``"paper"`` with ``solver="eigh"``, ``"symmetric"``
             with ``solver="newton_schulz"`` (which cannot produce the paper frame: passing
             ``frame="paper"`` with it raises ``ValueError``). ``"block"``
-            (:func:`reflora._linalg.block_metric`, ``solver="eigh"``, ``resolved=0``): balanced
+            (``reflora._linalg.block_metric``, ``solver="eigh"``, ``resolved=0``): balanced
             on the directions above a tenth of the largest singular value only, the others
             floored there; not the paper's optimum, an opt-in for ranks above the task's need.
         solver: ``"eigh"`` (default: symmetric eigendecompositions, exact dead-direction
