@@ -46,9 +46,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --upgrade pip setuptools wheel
-	# --no-compile: no .pyc for every module of every extra up front (44 s of a 2-minute install);
-	# Python compiles what is imported, once, on first import
-	$(PY) -m pip install --no-compile -e ".[dev]"
+	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
 clean:
