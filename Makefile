@@ -7,8 +7,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.reflora-installed
 PYTEST_ARGS ?=
-# pytest-xdist workers: one per core
+# pytest-xdist workers: one per core; work stealing (an idle worker takes tests queued on a busy
+# one), so that a few long tests do not leave a worker idle at the end of the phase
 JOBS   ?= $(shell nproc 2>/dev/null || echo 1)
+XDIST  := -n $(JOBS) --dist worksteal
 # pytest's exit code 5 (no test selected, e.g. by PYTEST_ARGS in one phase) is not a failure
 OK5    := || test $$? -eq 5
 
@@ -29,11 +31,11 @@ demo: $(STAMP)
 # Two phases: everything but the multi-process tests on $(JOBS) pytest-xdist workers, then the
 # multi-process tests (marker `distributed`: they start their own processes) one at a time.
 test: $(STAMP)
-	$(PY) -m pytest -n $(JOBS) --phase=parallel $(PYTEST_ARGS) $(OK5)
+	$(PY) -m pytest $(XDIST) --phase=parallel $(PYTEST_ARGS) $(OK5)
 	$(PY) -m pytest --phase=serial $(PYTEST_ARGS) $(OK5)
 
 test-fast: $(STAMP)
-	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -n $(JOBS) -m "not slow and not compile and not distributed" $(FAST_TESTS) $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q $(XDIST) -m "not slow and not compile and not distributed" $(FAST_TESTS) $(PYTEST_ARGS)
 
 # The documentation site (Sphinx + MyST); -W -n: every warning and every broken reference fails.
 docs: $(STAMP)

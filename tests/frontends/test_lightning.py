@@ -311,14 +311,23 @@ def _script(tmp_path, name, *argv) -> dict:
     return torch.load(out, weights_only=False)
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """The script's one-process run (``lightning_script.py OUT --steps 4``), in this process: the
+    same module, callback and Trainer settings."""
+    module, _, cb = _fit(_args(), 4, tmp_path_factory.mktemp("one"),
+                         reflora_kw=dict(warmup_steps=1, log_diagnostics=True))
+    return {"factors": _factors(module), "step_count": cb.handle.step_count}
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_processes_equal_each_other_and_one_process(strategy, tmp_path) -> None:
+def test_two_processes_equal_each_other_and_one_process(strategy, one_process, tmp_path) -> None:
     """DDP (replicated factors) and FSDP2 through ModelParallelStrategy (sharded factors, both
     placements of the rank dimension): each rank of 2 holds the factors of the 1-process run
     (float64; the global batch is the same, split over the ranks)."""
-    one = _script(tmp_path, "one", "--steps", "4")
+    one = one_process
     two = _script(tmp_path, strategy, "--strategy", strategy, "--devices", "2", "--steps", "4")
     assert two["step_count"] == one["step_count"] == 4
     for rank in two["ranks"]:

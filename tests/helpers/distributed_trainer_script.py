@@ -10,6 +10,10 @@ each listed mode in turn without checkpoints (OUT.<i>: one Trainer per mode in o
 continues from one of them, with --then-resume it then builds model, Trainer and callback anew
 in the same processes and resumes from checkpoint-3 (OUT.resumed). Rank 0 writes the losses, the trained LoRA factors (gathered whole,
 after training) and what it saw of the sharding to OUT.json / OUT.pt.
+
+With ``--runs JSON`` (a list of argument lists, each one run's OUT and options as above) one launch
+runs them all in turn, so that the processes and their imports are paid once; a run that raises
+writes ``{"error": traceback}`` to its OUT and the next one starts.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import traceback
 import warnings
 
 import torch
@@ -44,11 +49,19 @@ def data(n=48, seq=12):
     return [{"input_ids": ids, "labels": ids.clone()} for ids in torch.randint(0, 64, (n, seq), generator=g)]
 
 
-def enable_fsdp_on_cpu() -> None:
+_GATE = {"patched": False, "lifted": False}
+
+
+def enable_fsdp_on_cpu(lifted: bool = True) -> None:
     """accelerate (1.15) turns its FSDP plugin on only for GPU-like backends: on CPU processes
     (``DistributedType.MULTI_CPU``) a Trainer given an FSDP config silently trains under DDP.
-    This lifts that one gate, so that Trainer's FSDP2 path (``fully_shard`` by accelerate, its
-    sharded checkpoints and resume) runs on gloo here; nothing else of accelerate is changed."""
+    This lifts that one gate (or, with ``lifted=False``, puts it back for the runs that follow),
+    so that Trainer's FSDP2 path (``fully_shard`` by accelerate, its sharded checkpoints and
+    resume) runs on gloo here; nothing else of accelerate is changed. Every Trainer builds its
+    accelerator state anew (TrainingArguments resets it), so the flag holds per run."""
+    _GATE["lifted"] = lifted
+    if _GATE["patched"]:
+        return
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
@@ -56,16 +69,17 @@ def enable_fsdp_on_cpu() -> None:
 
     def patched(self, *args, fsdp_plugin=None, **kwargs):
         init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        if _GATE["lifted"] and fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
 
     AcceleratorState.__init__ = patched
+    _GATE["patched"] = True
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
-    ap.add_argument("out")
+    ap.add_argument("out", nargs="?", help="where rank 0 writes its results (unused with --runs)")
     ap.add_argument("--backend", choices=["ddp", "fsdp2", "single"], default="ddp")
     ap.add_argument("--variant", default="full")
     ap.add_argument("--space", default="gradient")
@@ -74,7 +88,7 @@ def main() -> None:
     ap.add_argument("--resume-from", default=None)
     ap.add_argument("--then-resume", action="store_true",
                     help="after training, build everything anew and resume from checkpoint-3 (OUT.resumed)")
-    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--run-dir", default=None, help="Trainer's output_dir (unused with --runs)")
     ap.add_argument("--cpu-fsdp-gate", action="store_true",
                     help="lift accelerate's GPU-only gate on its FSDP plugin (see enable_fsdp_on_cpu)")
     ap.add_argument("--preshard", action="store_true",
@@ -83,9 +97,40 @@ def main() -> None:
                     help="comma-separated variant/space: train each in turn (OUT.<i>), no checkpoints")
     ap.add_argument("--float64", action="store_true", help="train in float64 (equivalence to round-off)")
     ap.add_argument("--batch", type=int, default=2, help="sequences per process and step")
+    ap.add_argument("--runs", default=None,
+                    help="JSON list of argument lists (OUT and options, as above): run each in turn in this launch")
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     a = ap.parse_args()
-    if a.cpu_fsdp_gate:
-        enable_fsdp_on_cpu()
+    if a.runs is None:
+        run(a, ap)
+    else:
+        for argv in json.loads(a.runs):
+            one = ap.parse_args(argv)
+            if one.runs is not None:
+                ap.error("--runs: a run's arguments cannot hold --runs")
+            try:
+                run(one, ap)
+            except Exception:
+                if int(os.environ.get("RANK", "0")) == 0:
+                    with open(one.out, "w") as fh:
+                        json.dump({"error": traceback.format_exc()}, fh)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        # a process group left to interpreter shutdown can abort the process ("terminate called
+        # without an active exception" from gloo's threads): close it
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
+    if a.out is None or a.run_dir is None:
+        ap.error("each run needs OUT and --run-dir")
+    enable_fsdp_on_cpu(a.cpu_fsdp_gate)
     if a.modes:
         for i, mode in enumerate(a.modes.split(",")):
             a.variant, a.space = mode.split("/")
@@ -94,13 +139,6 @@ def main() -> None:
         train(a, a.resume_from, a.out)
     if a.then_resume:
         train(a, os.path.join(a.run_dir, "checkpoint-3"), a.out + ".resumed")
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        # a process group left to interpreter shutdown can abort the process ("terminate called
-        # without an active exception" from gloo's threads): close it
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def train(a, resume_from: str | None, out: str) -> None:
