@@ -74,9 +74,11 @@ def _finite_only(X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     (:func:`decomposable`), and the Grams with the others zeroed (kept away from ``eigh``, which
     could raise, and from the iteration). :func:`_guarded` sets the outputs of non-finite pairs
     to NaN and of finite pairs too large to decompose to the identity (no refactor)."""
-    finite = torch.isfinite(X).flatten(-2).all(-1) & torch.isfinite(Y).flatten(-2).all(-1)
-    safe = (finite & decomposable(torch.where(finite[..., None, None], X, 0.0), torch.where(finite[..., None, None], Y, 0.0)))
-    safe_ = safe[..., None, None]
+    # one reduction per Gram: a NaN or inf entry makes its maximum NaN or inf (amax propagates
+    # NaN), so the maxima tell both tests (:func:`decomposable`'s product is then NaN or inf: unsafe)
+    ax, ay = X.abs().flatten(-2).amax(-1), Y.abs().flatten(-2).amax(-1)
+    finite = torch.isfinite(ax) & torch.isfinite(ay)
+    safe_ = (ax * ay < torch.finfo(X.dtype).max ** 0.5)[..., None, None]
     return finite[..., None, None], safe_, torch.where(safe_, X, 0.0), torch.where(safe_, Y, 0.0)
 
 

@@ -138,6 +138,35 @@ def test_kernel_leaves_pairs_too_large_to_decompose_and_keeps_non_finite_nan() -
         assert torch.isnan(right[2]).all()
 
 
+def _guard_cases() -> tuple[torch.Tensor, torch.Tensor]:
+    """Grams of 6 pairs: normal, NaN in X, inf in Y, -inf in X, finite but too large (the product
+    of the maxima overflows float64), and finite, large, still decomposable."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 3, 3, generator=g, dtype=torch.float64)
+    Y = torch.randn(6, 3, 3, generator=g, dtype=torch.float64)
+    X[1, 0, 0], Y[2, 1, 1], X[3, 2, 0] = float("nan"), float("inf"), -float("inf")
+    X[4], Y[4] = X[4] * 1e300, Y[4] * 1e300
+    X[5], Y[5] = X[5] * 1e70, Y[5] * 1e70
+    return X, Y
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.compile)], ids=["eager", "compiled"])
+def test_guard_tells_non_finite_from_too_large(compiled) -> None:
+    """The kernel's guard (one maximum per Gram): NaN and inf pairs are non-finite, a finite pair
+    whose maxima's product overflows is finite but unsafe, and compiled code (inductor's
+    reductions) tells them apart as eager does."""
+    from reflora._kernels import _finite_only
+
+    X, Y = _guard_cases()
+    guard = torch.compile(_finite_only, fullgraph=True) if compiled else _finite_only
+    finite, safe, Xs, Ys = guard(X, Y)
+    assert finite.flatten().tolist() == [True, False, False, False, True, True]
+    assert safe.flatten().tolist() == [True, False, False, False, False, True]
+    assert safe.flatten().tolist() == decomposable(X, Y).tolist()
+    assert torch.equal(Xs[[1, 2, 3, 4]], torch.zeros(4, 3, 3, dtype=torch.float64))
+    assert torch.equal(Xs[[0, 5]], X[[0, 5]]) and torch.equal(Ys[[0, 5]], Y[[0, 5]])
+
+
 @pytest.mark.compile
 def test_block_frame_compiled_kernel_matches_eager() -> None:
     """compile=True runs the block frame's kernel (its frame gathered from a constant table by k)
