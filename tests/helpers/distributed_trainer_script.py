@@ -19,6 +19,7 @@ writes ``{"error": traceback}`` to its OUT and the next one starts.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import traceback
@@ -120,9 +121,12 @@ def main() -> None:
                         json.dump({"error": traceback.format_exc()}, fh)
     import torch.distributed as dist
 
+    # a Trainer sits in reference cycles, so its DDP / FSDP wrapper (holding gloo work objects)
+    # would otherwise be freed during interpreter shutdown, where gloo's threads can abort the
+    # process ("terminate called without an active exception"): free it while Python is alive
+    gc.collect()
     if dist.is_initialized():
-        # a process group left to interpreter shutdown can abort the process ("terminate called
-        # without an active exception" from gloo's threads): close it
+        # the same for the process group: close it
         dist.barrier()
         dist.destroy_process_group()
 
@@ -139,6 +143,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
         train(a, a.resume_from, a.out)
     if a.then_resume:
         train(a, os.path.join(a.run_dir, "checkpoint-3"), a.out + ".resumed")
+    gc.collect()  # this run's Trainers, before the next run builds its own
 
 
 def train(a, resume_from: str | None, out: str) -> None:
