@@ -64,9 +64,19 @@ def decomposable(X: Tensor, Y: Tensor) -> Tensor:
     decompose, ``max|X| * max|Y| < sqrt(finfo.max)`` (1.3e154 in float64). Beyond that ``eigh``
     overflows inside (LAPACK raises "failed to converge"); ``||B A||`` is then about 1e77 or
     more, a run that has diverged."""
-    big = torch.finfo(X.dtype).max ** 0.5
-    # the product of the two maxima overflows to inf (so fails the test) rather than wrapping
-    return X.abs().flatten(-2).amax(-1) * Y.abs().flatten(-2).amax(-1) < big
+    return _small_enough(*_maxima(X, Y))
+
+
+def _maxima(X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per pair: ``max|X|`` and ``max|Y|``; NaN or inf where the Gram has a NaN or inf entry (amax
+    propagates NaN)."""
+    return X.abs().flatten(-2).amax(-1), Y.abs().flatten(-2).amax(-1)
+
+
+def _small_enough(ax: Tensor, ay: Tensor) -> Tensor:
+    """:func:`decomposable` from the maxima: their product (which overflows to inf, and is NaN or
+    inf for a non-finite Gram, so fails the test rather than wrapping) under ``sqrt(finfo.max)``."""
+    return ax * ay < torch.finfo(ax.dtype).max ** 0.5
 
 
 def _finite_only(X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -74,11 +84,9 @@ def _finite_only(X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     (:func:`decomposable`), and the Grams with the others zeroed (kept away from ``eigh``, which
     could raise, and from the iteration). :func:`_guarded` sets the outputs of non-finite pairs
     to NaN and of finite pairs too large to decompose to the identity (no refactor)."""
-    # one reduction per Gram: a NaN or inf entry makes its maximum NaN or inf (amax propagates
-    # NaN), so the maxima tell both tests (:func:`decomposable`'s product is then NaN or inf: unsafe)
-    ax, ay = X.abs().flatten(-2).amax(-1), Y.abs().flatten(-2).amax(-1)
+    ax, ay = _maxima(X, Y)  # one reduction per Gram tells both tests
     finite = torch.isfinite(ax) & torch.isfinite(ay)
-    safe_ = (ax * ay < torch.finfo(X.dtype).max ** 0.5)[..., None, None]
+    safe_ = _small_enough(ax, ay)[..., None, None]
     return finite[..., None, None], safe_, torch.where(safe_, X, 0.0), torch.where(safe_, Y, 0.0)
 
 
