@@ -36,6 +36,7 @@ from reflora.integrations.transformers import STATE_FILE  # noqa: E402
 pytestmark = pytest.mark.distributed
 SCRIPT = str(Path(__file__).resolve().parents[1] / "helpers" / "distributed_trainer_script.py")
 BIN = Path(sys.executable).parent
+TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2"]
 
 
 def _free_port() -> int:
@@ -68,7 +69,7 @@ def _env_without_rank(tmp: Path) -> dict:
 def _run(tmp: Path, launcher: str, name: str, args: list[str], timeout: float = 120) -> dict:
     out = tmp / f"{name}.json"
     if launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2"]
+        cmd = list(TORCHRUN)
     else:
         # accelerate's torchrun-based launcher; its MULTI_CPU launcher expects mpirun. The script
         # passes use_cpu=True to TrainingArguments, so the processes run on CPU with gloo.
@@ -135,7 +136,7 @@ def pooled(request, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("trainer")
     runs = [[str(tmp / f"{name}.json"), "--run-dir", str(tmp / f"{name}-run"), *args] for name, args, _ in parts]
     env = _env_without_rank(tmp)
-    cmds = [[str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", SCRIPT, "--runs", json.dumps(runs)]]
+    cmds = [[*TORCHRUN, SCRIPT, "--runs", json.dumps(runs)]]
     envs, logs = [env], [tmp / "pooled.log"]
     if any(name == "modes" for name, *_ in parts):
         # one process on the same global batches of 4, launched alongside
